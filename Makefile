@@ -1,0 +1,32 @@
+# The two set-up commands of the README. Each creates .venv and installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint bench
+
+$(VENV)/.installed-main: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(VENV)/.installed-main $@
+
+# The main job: a tiny CPU smoke run of the model (init, sharded forward, export, reload).
+run: $(VENV)/.installed-main
+	$(PY) train.py --config=configs/tiny.py
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks.model_forward

@@ -1,0 +1,61 @@
+"""The attention seam: every attention call of the model goes through `attention()`.
+
+Implementations are registered by name in `IMPLS`; the model picks one with `ModelConfig.attention_impl`.
+All take the same arguments and masking convention, so a Pallas kernel can replace the XLA path without
+the model changing:
+
+* q [B, T, N, H], k and v [B, S, K, H] with N a multiple of K (grouped-query attention; K/V are never
+  copied per query head);
+* q_segment_ids [B, T] and kv_segment_ids [B, S], int32: query i may attend to key j only if both carry
+  the same segment id and that id is not 0 (0 marks padding). Distinct positive ids pack several
+  sequences in one row;
+* causality is by index, with the T queries aligned to the last T of the S keys (query i sits at key
+  index i + S - T), which covers full-sequence forwards (S == T) and cached prefill/decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from attnrl_jax.typing import Array
+
+
+def attention_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+    """Boolean [B, T, S] mask: same non-zero segment and causal (queries aligned to the last T keys)."""
+    t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None] + (s - t)
+    causal = q_idx >= jnp.arange(s)[None, :]  # [T, S]
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
+    return causal[None] & same & (kv_segment_ids[:, None, :] != 0)
+
+
+def xla_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+    """Softmax attention with float32 logits and softmax, written as plain XLA einsums."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    mask = attention_mask(q_segment_ids, kv_segment_ids)[:, None, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # A query with no visible key (a padding row) gets zeros rather than a uniform average.
+    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(b, t, n, h)
+
+
+IMPLS: dict[str, Callable[..., Array]] = {"xla": xla_attention}
+
+
+def attention(
+    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, *, impl: str = "xla"
+) -> Array:
+    """Dispatches to the attention implementation `impl` (see the module docstring for the contract)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(IMPLS)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
+    return IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids)

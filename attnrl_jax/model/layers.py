@@ -1,0 +1,39 @@
+"""Qwen2 building blocks as pure functions: RMSNorm, rotary embeddings, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnrl_jax.typing import Array
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm with float32 statistics, scaled in the input dtype (as transformers' Qwen2RMSNorm)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """Rotary cos/sin tables for integer `positions` [B, T], each [B, T, H] in float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates x [B, T, N, H] by the half-split (GPT-NeoX) convention that Qwen2 uses."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def swiglu(x: Array, gate: Array, up: Array, down: Array) -> Array:
+    """down(silu(x @ gate) * (x @ up)) for x [B, T, D], gate/up [D, F], down [F, D]."""
+    g = jnp.einsum("btd,df->btf", x, gate)
+    u = jnp.einsum("btd,df->btf", x, up)
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down)

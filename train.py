@@ -1,0 +1,29 @@
+"""Entry point: `python train.py --config=configs/<name>.py [--config.a.b=value ...]`.
+
+Kept thin on purpose: flags, then the config, then one call into the library.
+"""
+
+import sys
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        sys.exit("error: --config=configs/<name>.py is required")
+    from attnrl_jax import smoke
+
+    try:
+        smoke.run(_CONFIG.value)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -76,7 +76,8 @@ class ModelConfig:
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}"
+                f"model.num_heads={self.num_heads} is not a multiple of "
+                f"model.num_kv_heads={self.num_kv_heads}"
             )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:

@@ -1,0 +1,94 @@
+"""On 8 forced CPU devices (see conftest.py): a 2x4 mesh shards parameters as the rules table says, and
+the sharded forward equals the unsharded one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import padded_batch, tiny_hf_model
+from jax.sharding import PartitionSpec as P
+
+from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+from attnrl_jax.model import ModelConfig, forward, init_params, init_sharded_params, param_axes
+from attnrl_jax.model.hf_io import load_checkpoint
+
+# 8 query heads, 2 KV heads: the tensor axis of 4 splits query heads but must leave KV heads replicated.
+CFG = ModelConfig.tiny(vocab_size=128, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert jax.device_count() == 8, "conftest.py forces 8 CPU devices"
+    return make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+
+
+def test_mesh_from_config(mesh):
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert dict(make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="needs 6 devices, but 8 are available"):
+        make_mesh(MeshConfig(data=1, fsdp=3, tensor=2))
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        MeshConfig(data=-1, fsdp=-1)
+
+
+def test_parameters_are_sharded_as_the_rules_say(mesh):
+    params = init_sharded_params(CFG, jax.random.key(0), Sharder(mesh))
+    expected = {
+        "embed": P("tensor", "fsdp"),
+        "lm_head": P("tensor", "fsdp"),
+        "final_norm": P(None),
+    }
+    layers = {
+        "q": P(None, "fsdp", "tensor", None),
+        "q_bias": P(None, "tensor", None),
+        "k": P(None, "fsdp", None, None),  # 2 KV heads cannot be split 4 ways: replicated
+        "k_bias": P(None, None, None),
+        "o": P(None, "tensor", None, "fsdp"),
+        "gate": P(None, "fsdp", "tensor"),
+        "down": P(None, "tensor", "fsdp"),
+        "attn_norm": P(None, None),
+    }
+    for name, spec in expected.items():
+        assert params[name].sharding.spec == spec, name
+    for name, spec in layers.items():
+        assert params["layers"][name].sharding.spec == spec, name
+    # Each device really holds only its block.
+    q = params["layers"]["q"]
+    assert {s.data.shape for s in q.addressable_shards} == {(CFG.num_layers, 32, 2, CFG.head_dim)}
+    gate = params["layers"]["gate"]
+    assert {s.data.shape for s in gate.addressable_shards} == {(CFG.num_layers, 32, 32)}
+
+
+def test_sharded_forward_equals_unsharded(mesh):
+    params = init_params(CFG, jax.random.key(1))
+    sharder = Sharder(mesh)
+    shardings = sharder.tree_shardings(param_axes(CFG), params)
+    sharded_params = jax.device_put(params, shardings)
+    tokens, mask = padded_batch(CFG.vocab_size, [16, 9, 12, 5], 16)
+    ref = forward(params, jnp.asarray(tokens), cfg=CFG, segment_ids=jnp.asarray(mask))
+
+    batch_sharding = sharder.sharding(("batch", "length"), tokens.shape)
+    fn = jax.jit(lambda p, t, m: forward(p, t, cfg=CFG, segment_ids=m, sharder=sharder))
+    out = fn(sharded_params, jax.device_put(tokens, batch_sharding), jax.device_put(mask, batch_sharding))
+    assert out.sharding.spec == P("fsdp", None, "tensor")  # logits carry the activation rules too
+    assert float(jnp.abs(out - ref).max()) <= 1e-5
+
+
+def test_checkpoint_loads_straight_onto_the_mesh(tmp_path, mesh):
+    tiny_hf_model(vocab=128, hidden=64, heads=8, kv_heads=2).save_pretrained(tmp_path)
+    sharder = Sharder(mesh)
+    cfg, sharded, _ = load_checkpoint(str(tmp_path), sharder)
+    _, single, _ = load_checkpoint(str(tmp_path))
+    assert sharded["layers"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert sharded["embed"].sharding.spec == P("tensor", "fsdp")
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_mesh_is_a_no_op():
+    sharder = Sharder()
+    x = jnp.ones((4, 3))
+    assert sharder.constrain(x, ("batch", "act_embed")) is x
+    assert sharder.spec(("batch", "embed")) == P(None, None)
+    with pytest.raises(KeyError, match="logical axis 'nonsense' has no rule"):
+        sharder.spec(("nonsense",))

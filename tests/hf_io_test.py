@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from helpers import tiny_hf_model
 from safetensors.numpy import load_file, save_file
 
 from attnrl_jax.model import ModelConfig, init_params
 from attnrl_jax.model.hf_io import check_tokenizer_vocab, load_checkpoint, save_checkpoint
+from helpers import tiny_hf_model
 
 
 @pytest.fixture

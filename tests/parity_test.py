@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import padded_batch, tiny_hf_model, torch_logits
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
 from attnrl_jax.model import ModelConfig, count_params, forward, init_params
 from attnrl_jax.model.hf_io import INDEX_FILE, load_checkpoint, save_checkpoint
+from helpers import padded_batch, tiny_hf_model, torch_logits
 
 LENGTHS = [11, 7, 3]  # a right-padded batch of unequal lengths
 TOTAL = 11

@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import padded_batch, tiny_hf_model
 from jax.sharding import PartitionSpec as P
 
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.model import ModelConfig, forward, init_params, init_sharded_params, param_axes
 from attnrl_jax.model.hf_io import load_checkpoint
+from helpers import padded_batch, tiny_hf_model
 
 # 8 query heads, 2 KV heads: the tensor axis of 4 splits query heads but must leave KV heads replicated.
 CFG = ModelConfig.tiny(vocab_size=128, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2)

@@ -11,6 +11,12 @@ the model changing:
   sequences in one row;
 * causality is by index, with the T queries aligned to the last T of the S keys (query i sits at key
   index i + S - T), which covers full-sequence forwards (S == T) and cached prefill/decode.
+
+Every implementation returns the output and the per-row log-sum-exp of the scaled logits [B, N, T]
+(float32, +inf for a row that sees no key), which the FCI computation reuses.
+
+"xla" is plain XLA einsums (materialises [B, N, T, S] logits); "pallas" is the flash-attention kernel of
+`attnrl_jax.kernels` (compiled on GPU/TPU, interpreted on CPU), which never holds a T x S array.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ def attention_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
     return causal[None] & same & (kv_segment_ids[:, None, :] != 0)
 
 
-def xla_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+def xla_attention(
+    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array
+) -> tuple[Array, Array]:
     """Softmax attention with float32 logits and softmax, written as plain XLA einsums.
 
     The G query heads that share a KV head are folded into the query axis ([B, K, G*T, H]), so each score
@@ -48,22 +56,44 @@ def xla_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment
     logits = logits.reshape(b, kv_heads, g, t, s)
     mask = attention_mask(q_segment_ids, kv_segment_ids)[:, None, None]  # [B, 1, 1, T, S]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    seen = mask.any(axis=-1, keepdims=True)
+    lse = jnp.where(seen, jax.nn.logsumexp(logits, axis=-1, keepdims=True), jnp.inf)  # [B, K, G, T, 1]
     # A query with no visible key (a padding row) gets zeros rather than a uniform average.
-    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).reshape(b, kv_heads, g * t, s)
+    probs = jnp.where(mask, jnp.exp(logits - lse), 0.0).reshape(b, kv_heads, g * t, s)
     out = jnp.einsum("bkqs,bksh->bkqh", probs.astype(v.dtype), vt)  # [B, K, G*T, H]
-    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    return out, lse.reshape(b, n, t)
 
 
-IMPLS: dict[str, Callable[..., Array]] = {"xla": xla_attention}
+def pallas_attention(
+    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array
+) -> tuple[Array, Array]:
+    """The Pallas flash-attention kernel (interpreted where no GPU/TPU compiler is present)."""
+    from attnrl_jax.kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+IMPLS: dict[str, Callable[..., tuple[Array, Array]]] = {"xla": xla_attention, "pallas": pallas_attention}
 
 
 def attention(
-    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, *, impl: str = "xla"
-) -> Array:
-    """Dispatches to the attention implementation `impl` (see the module docstring for the contract)."""
+    q: Array,
+    k: Array,
+    v: Array,
+    q_segment_ids: Array,
+    kv_segment_ids: Array,
+    *,
+    impl: str = "xla",
+    return_lse: bool = False,
+):
+    """Dispatches to the attention implementation `impl` (see the module docstring for the contract).
+
+    Returns the output [B, T, N, H], or (output, lse [B, N, T]) with `return_lse`.
+    """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(IMPLS)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
-    return IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids)
+    out, lse = IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids)
+    return (out, lse) if return_lse else out

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -37,7 +37,8 @@ class ModelConfig:
       dtype: compute dtype of activations and matmuls; logits and log-softmax are always float32.
       remat: rematerialisation of each layer in the backward pass ("none", "full", or "dots" to save
         matmul outputs).
-      attention_impl: name of the attention implementation behind the seam in `attention.py`.
+      attention_impl: the attention implementation behind the seam in `attention.py` ("xla" or
+        "pallas"); FCI uses the matching implementation (Pallas kernel or query-chunked XLA).
       bos_token_id, eos_token_id: written back on export.
     """
 

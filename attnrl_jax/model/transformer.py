@@ -18,6 +18,7 @@ compile time flat in depth):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -120,10 +121,27 @@ def count_params(params_or_shapes) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params_or_shapes))
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["step_ids", "step_lens"],
+    meta_fields=["num_steps", "delta"],
+)
+@dataclasses.dataclass(frozen=True)
+class FciSpec:
+    """What a forward computes FCI for: per-token step ids and lengths [B, T], the number of step buckets
+    (steps past it are merged into the last) and the step gap Delta."""
+
+    step_ids: Array
+    step_lens: Array
+    num_steps: int
+    delta: int
+
+
 def _layer(
-    cfg: ModelConfig, sharder: Sharder, x: Array, lp: Params, cos: Array, sin: Array, seg: Array
-) -> Array:
-    """One decoder layer on x [B, T, D]."""
+    cfg: ModelConfig, sharder: Sharder, x: Array, lp: Params, cos: Array, sin: Array, seg: Array, fci=None
+):
+    """One decoder layer on x [B, T, D]; with an FciSpec also returns this layer's per-head FCI sums
+    [B, N, num_steps] (before zeroing)."""
     dtype = jnp.dtype(cfg.dtype)
     lp = jax.tree.map(lambda p: p.astype(dtype), lp)
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
@@ -133,12 +151,20 @@ def _layer(
     q = sharder.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = sharder.constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = sharder.constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-    a = attention(q, k, v, seg, seg, impl=cfg.attention_impl)  # [B, T, N, H]
+    a, lse = attention(q, k, v, seg, seg, impl=cfg.attention_impl, return_lse=True)  # [B, T, N, H]
     x = x + jnp.einsum("btnh,nhd->btd", a, lp["o"])
     x = sharder.constrain(x, ("batch", "length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     x = x + swiglu(h, lp["gate"], lp["up"], lp["down"])
-    return sharder.constrain(x, ("batch", "length", "act_embed"))
+    x = sharder.constrain(x, ("batch", "length", "act_embed"))
+    if fci is None:
+        return x, None
+    from attnrl_jax.kernels.fci import fci_step_sums
+
+    y = fci_step_sums(
+        q, k, lse, fci.step_ids, fci.step_lens, fci.num_steps, delta=fci.delta, impl=cfg.attention_impl
+    )
+    return x, sharder.constrain(y, ("batch", "act_heads", None))
 
 
 def _remat(fn, policy: str):
@@ -162,6 +188,41 @@ def default_positions(segment_ids: Array) -> Array:
     return jnp.where(segment_ids != 0, idx - start_idx, 0).astype(jnp.int32)
 
 
+def _decoder(params, tokens, cfg, segment_ids, positions, sharder, fci=None, per_head=False):
+    """Embedding, scanned layers and final norm. Returns (h [B, T, D], running max of the per-head FCI
+    over layers and heads [B, C] or None, per-layer per-head FCI [L, B, N, C] or None)."""
+    sharder = sharder or Sharder()
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if positions is None:
+        positions = default_positions(segment_ids)
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+    x = sharder.constrain(x, ("batch", "length", "act_embed"))
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    layer = _remat(functools.partial(_layer, cfg, sharder), cfg.remat)
+
+    if fci is None:
+
+        def body(x, lp):
+            return layer(x, lp, cos, sin, segment_ids)[0], None
+
+        x, _ = jax.lax.scan(body, x, params["layers"])
+        fci_max = fci_layers = None
+    else:
+
+        def body(carry, lp):
+            x, running = carry
+            x, y = layer(x, lp, cos, sin, segment_ids, fci)  # y [B, N, C]
+            return (x, jnp.maximum(running, y.max(axis=1))), (y if per_head else None)
+
+        init = (x, jnp.zeros((tokens.shape[0], fci.num_steps), jnp.float32))
+        (x, fci_max), fci_layers = jax.lax.scan(body, init, params["layers"])
+    h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    return h, fci_max, fci_layers
+
+
 def hidden_states(
     params: Params,
     tokens: Array,
@@ -182,24 +243,7 @@ def hidden_states(
       positions: [B, T] rotary positions. Default: `default_positions(segment_ids)`.
       sharder: logical-axis sharding of the activations; None for no constraints.
     """
-    sharder = sharder or Sharder()
-    if segment_ids is None:
-        segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
-    if positions is None:
-        positions = default_positions(segment_ids)
-    dtype = jnp.dtype(cfg.dtype)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
-    x = sharder.constrain(x, ("batch", "length", "act_embed"))
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-
-    layer = _remat(functools.partial(_layer, cfg, sharder), cfg.remat)
-
-    def body(x, lp):
-        return layer(x, lp, cos, sin, segment_ids), None
-
-    x, _ = jax.lax.scan(body, x, params["layers"])
-    return rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    return _decoder(params, tokens, cfg, segment_ids, positions, sharder)[0]
 
 
 def lm_head(params: Params, cfg: ModelConfig) -> Array:
@@ -244,3 +288,55 @@ def token_log_probs(
     logits = forward(params, tokens, cfg=cfg, segment_ids=segment_ids, positions=positions, sharder=sharder)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def forward_with_fci(
+    params: Params,
+    tokens: Array,
+    step_ids: Array,
+    think_step: Array,
+    *,
+    cfg: ModelConfig,
+    num_steps: int,
+    delta: int = 4,
+    targets: Array | None = None,
+    positions: Array | None = None,
+    sharder: Sharder | None = None,
+    per_head: bool = False,
+) -> dict[str, Array]:
+    """One forward pass that returns the logits (or log-probs of `targets`) and every row's step FCI.
+
+    FCI follows ALGORITHM.md section 5.2: for each layer and head, the attention that each step receives
+    from steps at least `delta` later (mean over the query and key tokens of each step pair, summed over
+    query steps), maximised over all layers and heads, with the zeroing rules applied (the prompt, the
+    first response step, and, when a `</think>` is present, its step and everything after).
+
+    Args:
+      params, tokens, cfg, positions, sharder: as `forward`; one sequence (prompt + response) per row.
+      step_ids: [B, T] per-token step ids: 0 for the prompt, c >= 1 for response step c, -1 for padding
+        (padding also masks attention).
+      think_step: [B] 1-based step holding the last `</think>`, or -1.
+      num_steps: C, the length of the FCI vectors (steps 0..C-1; steps past it merge into bucket C-1).
+      delta: the step gap Delta (4).
+      targets: [B, T] token ids; when given, "log_probs" [B, T] (float32) replaces "logits".
+      per_head: also return "fci_per_head" [L, B, N, C], the per-layer, per-head sums before zeroing.
+
+    Returns:
+      dict with "logits" [B, T, V] or "log_probs" [B, T], "fci" [B, C], and optionally "fci_per_head".
+    """
+    from attnrl_jax.kernels.fci import step_lengths, zero_steps
+
+    step_ids = step_ids.astype(jnp.int32)
+    fci = FciSpec(step_ids, step_lengths(step_ids), num_steps, delta)
+    segment_ids = (step_ids >= 0).astype(jnp.int32)
+    h, fci_max, fci_layers = _decoder(params, tokens, cfg, segment_ids, positions, sharder, fci, per_head)
+    logits = logits_from_hidden(params, h, cfg=cfg, sharder=sharder)
+    out = {"fci": zero_steps(fci_max, think_step)}
+    if targets is None:
+        out["logits"] = logits
+    else:
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        out["log_probs"] = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if per_head:
+        out["fci_per_head"] = fci_layers
+    return out

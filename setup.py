@@ -23,7 +23,13 @@ setup(
     version="0.1.0",
     description="AttnRL (attention-guided process-supervised RL for reasoning models) in JAX",
     python_requires=">=3.10",
-    packages=["attnrl_jax", "attnrl_jax.algo", "attnrl_jax.model", "attnrl_jax.kernels"],
+    packages=[
+        "attnrl_jax",
+        "attnrl_jax.algo",
+        "attnrl_jax.model",
+        "attnrl_jax.rewards",
+        "attnrl_jax.kernels",
+    ],
     package_dir={"attnrl_jax.kernels": "kernels"},
     install_requires=[
         "jax>=0.10",

@@ -28,6 +28,7 @@ setup(
         "attnrl_jax.algo",
         "attnrl_jax.model",
         "attnrl_jax.rewards",
+        "attnrl_jax.sampling",
         "attnrl_jax.kernels",
     ],
     package_dir={"attnrl_jax.kernels": "kernels"},

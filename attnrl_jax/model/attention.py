@@ -29,17 +29,23 @@ import jax.numpy as jnp
 from attnrl_jax.typing import Array
 
 
-def attention_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
-    """Boolean [B, T, S] mask: same non-zero segment and causal (queries aligned to the last T keys)."""
+def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offsets: Array | None = None) -> Array:
+    """Boolean [B, T, S] mask: same non-zero segment and causal.
+
+    Query t of row b sits at key index q_offsets[b] + t; by default every row's queries are aligned to the
+    last T keys (q_offsets = S - T).
+    """
     t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-    q_idx = jnp.arange(t)[:, None] + (s - t)
-    causal = q_idx >= jnp.arange(s)[None, :]  # [T, S]
+    if q_offsets is None:
+        q_offsets = jnp.full(q_segment_ids.shape[:1], s - t, jnp.int32)
+    q_idx = q_offsets[:, None, None] + jnp.arange(t)[None, :, None]
+    causal = q_idx >= jnp.arange(s)[None, None, :]  # [B, T, S]
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
-    return causal[None] & same & (kv_segment_ids[:, None, :] != 0)
+    return causal & same & (kv_segment_ids[:, None, :] != 0)
 
 
 def xla_attention(
-    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array
+    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, q_offsets: Array | None = None
 ) -> tuple[Array, Array]:
     """Softmax attention with float32 logits and softmax, written as plain XLA einsums.
 
@@ -54,7 +60,7 @@ def xla_attention(
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     logits = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * (h**-0.5)
     logits = logits.reshape(b, kv_heads, g, t, s)
-    mask = attention_mask(q_segment_ids, kv_segment_ids)[:, None, None]  # [B, 1, 1, T, S]
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_offsets)[:, None, None]  # [B, 1, 1, T, S]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     seen = mask.any(axis=-1, keepdims=True)
     lse = jnp.where(seen, jax.nn.logsumexp(logits, axis=-1, keepdims=True), jnp.inf)  # [B, K, G, T, 1]
@@ -86,8 +92,13 @@ def attention(
     *,
     impl: str = "xla",
     return_lse: bool = False,
+    q_offsets: Array | None = None,
 ):
     """Dispatches to the attention implementation `impl` (see the module docstring for the contract).
+
+    `q_offsets` [B] places each row's queries at key index q_offsets[b] + t (a KV cache with per-row
+    lengths); it is served by the XLA path, which is the reference for cached decoding (a Pallas decode
+    kernel is not written yet).
 
     Returns the output [B, T, N, H], or (output, lse [B, N, T]) with `return_lse`.
     """
@@ -95,5 +106,8 @@ def attention(
         raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(IMPLS)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
-    out, lse = IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids)
+    if q_offsets is not None:
+        out, lse = xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offsets)
+    else:
+        out, lse = IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids)
     return (out, lse) if return_lse else out

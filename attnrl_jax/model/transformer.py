@@ -137,26 +137,36 @@ class FciSpec:
     delta: int
 
 
+def _qkv(cfg: ModelConfig, sharder: Sharder, lp: Params, x: Array, cos: Array, sin: Array):
+    """Pre-norm and the rotated q [B, T, N, H], k and v [B, T, K, H] of one layer."""
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, lp["q"]) + lp["q_bias"]
+    k = jnp.einsum("btd,dkh->btkh", h, lp["k"]) + lp["k_bias"]
+    v = jnp.einsum("btd,dkh->btkh", h, lp["v"]) + lp["v_bias"]
+    q = sharder.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
+    k = sharder.constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
+    v = sharder.constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    return q, k, v
+
+
+def _out_and_mlp(cfg: ModelConfig, sharder: Sharder, lp: Params, x: Array, a: Array) -> Array:
+    """Output projection of the attention a [B, T, N, H], residual, and the MLP block."""
+    x = x + jnp.einsum("btnh,nhd->btd", a, lp["o"])
+    x = sharder.constrain(x, ("batch", "length", "act_embed"))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    x = x + swiglu(h, lp["gate"], lp["up"], lp["down"])
+    return sharder.constrain(x, ("batch", "length", "act_embed"))
+
+
 def _layer(
     cfg: ModelConfig, sharder: Sharder, x: Array, lp: Params, cos: Array, sin: Array, seg: Array, fci=None
 ):
     """One decoder layer on x [B, T, D]; with an FciSpec also returns this layer's per-head FCI sums
     [B, N, num_steps] (before zeroing)."""
-    dtype = jnp.dtype(cfg.dtype)
-    lp = jax.tree.map(lambda p: p.astype(dtype), lp)
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, lp["q"]) + lp["q_bias"]  # [B, T, N, H]
-    k = jnp.einsum("btd,dkh->btkh", h, lp["k"]) + lp["k_bias"]  # [B, T, K, H]
-    v = jnp.einsum("btd,dkh->btkh", h, lp["v"]) + lp["v_bias"]
-    q = sharder.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
-    k = sharder.constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
-    v = sharder.constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    lp = jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.dtype)), lp)
+    q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
     a, lse = attention(q, k, v, seg, seg, impl=cfg.attention_impl, return_lse=True)  # [B, T, N, H]
-    x = x + jnp.einsum("btnh,nhd->btd", a, lp["o"])
-    x = sharder.constrain(x, ("batch", "length", "act_embed"))
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    x = x + swiglu(h, lp["gate"], lp["up"], lp["down"])
-    x = sharder.constrain(x, ("batch", "length", "act_embed"))
+    x = _out_and_mlp(cfg, sharder, lp, x, a)
     if fci is None:
         return x, None
     from attnrl_jax.kernels.fci import fci_step_sums
@@ -340,3 +350,111 @@ def forward_with_fci(
     if per_head:
         out["fci_per_head"] = fci_layers
     return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# KV-cache forward (prefill and decode)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, [L, B, S, K, H] each, and the valid length of each row [B]."""
+
+    k: Array
+    v: Array
+    lengths: Array
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, sharder: Sharder | None = None) -> KVCache:
+    """An empty cache of `size` positions per row, in the compute dtype."""
+    sharder = sharder or Sharder()
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    zeros = sharder.constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES)
+    return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+
+
+def forward_cached(
+    params: Params,
+    tokens: Array,
+    cache: KVCache,
+    *,
+    cfg: ModelConfig,
+    valid: Array | None = None,
+    key_steps: Array | None = None,
+    num_steps: int = 0,
+    sharder: Sharder | None = None,
+) -> tuple[Array, KVCache, Array | None]:
+    """Runs `tokens` [B, T] after each row's cached tokens and appends their keys/values to the cache.
+
+    Token t of row b sits at position cache.lengths[b] + t; `valid` [B, T] (default: all) marks real
+    tokens (right padding), and each row's length grows by its number of valid tokens. Attention is causal
+    over the cache (the XLA path of the attention seam, with per-row query offsets).
+
+    With `key_steps` [B, S] (the step id of every cache position, -1 for none) and `num_steps` C, also
+    returns the attention mass that each new token pays to each key step, [L, B, N, T, C] summed over the
+    tokens of the step: the per-token rows of the attention matrix that FCI accumulates while decoding.
+
+    Returns:
+      (final hidden states [B, T, D], the updated cache, the attention mass or None)
+    """
+    sharder = sharder or Sharder()
+    b, t = tokens.shape
+    valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+    dtype = jnp.dtype(cfg.dtype)
+    positions = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    new_lengths = cache.lengths + valid.sum(axis=1).astype(jnp.int32)
+    kv_seg = (jnp.arange(cache.size)[None, :] < new_lengths[:, None]).astype(jnp.int32)  # [B, S]
+    q_seg = valid.astype(jnp.int32)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    rows = jnp.arange(b)[:, None]
+    write_pos = jnp.where(valid, positions, cache.size)  # padding writes fall outside and are dropped
+    track = key_steps is not None
+
+    def body(carry, xs):
+        x, ck, cv = carry
+        lp, li = xs
+        lp = jax.tree.map(lambda p: p.astype(dtype), lp)
+        q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
+        ck = ck.at[li, rows, write_pos].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[li, rows, write_pos].set(v.astype(cv.dtype), mode="drop")
+        k_all, v_all = ck[li], cv[li]  # [B, S, K, H]
+        a, lse = attention(q, k_all, v_all, q_seg, kv_seg, return_lse=True, q_offsets=cache.lengths)
+        x = _out_and_mlp(cfg, sharder, lp, x, a)
+        mass = (
+            _step_mass(q, k_all, lse, q_seg, kv_seg, cache.lengths, key_steps, num_steps) if track else None
+        )
+        return (x, ck, cv), mass
+
+    xs = (params["layers"], jnp.arange(cfg.num_layers))
+    (x, ck, cv), mass = jax.lax.scan(body, (x, cache.k, cache.v), xs)
+    h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    return h, KVCache(ck, cv, new_lengths), mass
+
+
+def _step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
+    """[B, N, T, C]: sum over the keys of each step of the attention probabilities exp(s - lse)."""
+    from attnrl_jax.model.attention import attention_mask
+
+    b, t, n, h = q.shape
+    kv_heads = k_all.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k_all, preferred_element_type=jnp.float32) * h**-0.5
+    s = s.reshape(b, n, t, -1)
+    mask = attention_mask(q_seg, kv_seg, offsets)[:, None]  # [B, 1, T, S]
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    ids = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), num_steps)  # none -> dropped
+
+    def one_row(p_row, ids_row):  # [N, T, S], [S] -> [N, T, C]
+        summed = jax.ops.segment_sum(jnp.moveaxis(p_row, -1, 0), ids_row, num_segments=num_steps + 1)
+        return jnp.moveaxis(summed[:num_steps], 0, -1)
+
+    return jax.vmap(one_row)(p, ids)

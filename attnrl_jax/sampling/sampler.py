@@ -1,0 +1,198 @@
+"""Host-side sampler: strings, chat template and tokenizer on the host; arrays only on the device.
+
+`Sampler.generate` samples n responses per prompt (with their FCI); `Sampler.sample_mixed` samples new
+prompts' initial responses and earlier responses' tree continuations in one device call (ALGORITHM.md
+sections 3, 6 and 10). Batch and prefix shapes are rounded up to buckets so that repeated calls reuse one
+compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnrl_jax.algo.segmentation import SeparatorTable
+from attnrl_jax.mesh import Sharder
+from attnrl_jax.model.config import ModelConfig
+from attnrl_jax.sampling.loop import EOS, LoopSettings, generate
+from attnrl_jax.typing import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One generated row (initial response or continuation)."""
+
+    tokens: np.ndarray  # sampled tokens, stop token included
+    logprobs: np.ndarray  # float32 behaviour log-probs at the sampling temperature
+    entropies: np.ndarray
+    finish_reason: str  # "eos" or "length"
+    text: str | None = None
+    fci: np.ndarray | None = None  # [num_steps + 1] step FCI (index 0 = prompt), initial responses only
+    step_ids: np.ndarray | None = None  # 1-based step of each token
+    think_step: int = -1
+    needs_fallback: bool = False  # no "\n\n" separator: FCI of the fallback segmentation not computed
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuationRequest:
+    """Continuations of one response: T samples from each offset (tokens of the response before the cut)."""
+
+    prompt: Sequence[int]
+    response: Sequence[int]
+    offsets: Sequence[int]
+    samples_per_offset: int = 2
+
+
+def _bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+class Sampler:
+    """Generation with one model graph, on the host side.
+
+    Args:
+      params, cfg: the model.
+      tokenizer: a transformers tokenizer (chat template, decoding, separator table, EOS).
+      settings: loop settings (max new tokens, sampling, FCI buckets, Delta).
+      sharder: mesh sharding of activations (params should already be placed).
+      stop_ids: extra stop token ids (the tokenizer's EOS is always one).
+      min_batch, min_prefix: the smallest batch and prefix buckets.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        cfg: ModelConfig,
+        tokenizer,
+        settings: LoopSettings,
+        *,
+        sharder: Sharder | None = None,
+        stop_ids: Sequence[int] = (),
+        min_batch: int = 8,
+        min_prefix: int = 64,
+        separators: SeparatorTable | None = None,
+    ):
+        self.params, self.cfg, self.tokenizer, self.settings = params, cfg, tokenizer, settings
+        self.sharder = sharder or Sharder()
+        self.table = separators or SeparatorTable.from_tokenizer(tokenizer, cfg.vocab_size)
+        eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+        self.stop_ids = sorted(set(eos) | set(stop_ids))
+        if not self.stop_ids:
+            raise ValueError("no stop token: the tokenizer has no EOS and no stop_ids were given")
+        self.min_batch, self.min_prefix = min_batch, min_prefix
+
+    def encode_prompt(self, content: str) -> list[int]:
+        """A user message through the tokenizer's chat template (generation prompt added)."""
+        out = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+        )
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int] | str], n: int = 1, seed: int = 0
+    ) -> list[list[Sample]]:
+        """n samples per prompt (token ids, or strings put through the chat template), with FCI."""
+        return self.sample_mixed(prompts, n, [], seed)[0]
+
+    def sample_mixed(
+        self,
+        prompts: Sequence[Sequence[int] | str],
+        n: int,
+        continuations: Sequence[ContinuationRequest],
+        seed: int = 0,
+    ) -> tuple[list[list[Sample]], list[list[list[Sample]]]]:
+        """One device call: n initial responses per prompt, and every continuation request.
+
+        Returns (initial[prompt][sample], continuations[request][offset][sample]).
+        """
+        prompts = [self.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
+        sources, rows = [], []  # rows: (source, prefix length, fci, key id)
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            sources.append(prompt)
+            rows += [(len(sources) - 1, len(prompt), True, ("init", i, j)) for j in range(n)]
+        for i, req in enumerate(continuations):
+            if not req.offsets:
+                continue
+            cut = max(req.offsets)
+            if not 0 <= min(req.offsets) or cut > len(req.response):
+                raise ValueError(
+                    f"continuation request {i}: offsets {list(req.offsets)} outside a "
+                    f"{len(req.response)}-token response"
+                )
+            sources.append(list(req.prompt) + list(req.response[:cut]))  # the longest prefix, prefilled once
+            for k, o in enumerate(req.offsets):
+                rows += [
+                    (len(sources) - 1, len(req.prompt) + o, False, ("cont", i, k, j))
+                    for j in range(req.samples_per_offset)
+                ]
+        out = self._run(sources, rows, seed)
+        initial = [[out[("init", i, j)] for j in range(n)] for i in range(len(prompts))]
+        conts = [
+            [[out[("cont", i, k, j)] for j in range(req.samples_per_offset)] for k in range(len(req.offsets))]
+            for i, req in enumerate(continuations)
+        ]
+        return initial, conts
+
+    def _run(self, sources, rows, seed) -> dict:
+        r_bucket = _bucket(len(sources), self.min_batch)
+        b_bucket = _bucket(len(rows), self.min_batch)
+        p_bucket = _bucket(max(len(s) for s in sources), self.min_prefix)
+        pad = (
+            0
+            if self.tokenizer is None or self.tokenizer.pad_token_id is None
+            else self.tokenizer.pad_token_id
+        )
+        src = np.full((r_bucket, p_bucket), pad, np.int32)
+        src_lens = np.ones(r_bucket, np.int32)
+        for i, s in enumerate(sources):
+            src[i, : len(s)] = s
+            src_lens[i] = len(s)
+        row_src = np.zeros(b_bucket, np.int32)
+        row_len = np.ones(b_bucket, np.int32)
+        row_fci = np.zeros(b_bucket, bool)
+        for b, (s, length, fci, _) in enumerate(rows):
+            row_src[b], row_len[b], row_fci[b] = s, length, fci
+        base = jax.random.key(seed)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b_bucket))
+        stop = np.tile(np.asarray(self.stop_ids, np.int32), (b_bucket, 1))
+        out = generate(
+            self.params,
+            jnp.asarray(src),
+            jnp.asarray(src_lens),
+            jnp.asarray(row_src),
+            jnp.asarray(row_len),
+            keys,
+            jnp.asarray(row_fci),
+            jnp.asarray(stop),
+            jnp.asarray(self.table.double_newline),
+            jnp.int32(self.table.think_end_id),
+            cfg=self.cfg,
+            settings=self.settings,
+            sharder=self.sharder,
+        )
+        out = jax.tree.map(np.asarray, out)
+        results = {}
+        for b, (_, _, fci, key) in enumerate(rows):
+            n = int(out["lengths"][b])
+            tokens = out["tokens"][b, :n]
+            results[key] = Sample(
+                tokens=tokens,
+                logprobs=out["logprobs"][b, :n],
+                entropies=out["entropies"][b, :n],
+                finish_reason="eos" if out["finish_reason"][b] == EOS else "length",
+                text=None
+                if self.tokenizer is None
+                else self.tokenizer.decode(tokens, skip_special_tokens=True),
+                fci=out["fci"][b, : int(out["num_steps"][b]) + 1] if fci else None,
+                step_ids=out["step_ids"][b, :n] if fci else None,
+                think_step=int(out["think_step"][b]) if fci else -1,
+                needs_fallback=bool(out["needs_fallback"][b]),
+            )
+        return results

@@ -1,0 +1,365 @@
+"""The jitted sampler: cache decoding against full recomputation, FCI while decoding against the forward
+pass and the dense formula (with a real tokenizer's separators), forked continuations, top-k/top-p
+statistics, finished rows, compilation reuse and sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from attnrl_jax.algo import SeparatorTable, segment
+from attnrl_jax.kernels.fci import fci_reference
+from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+from attnrl_jax.model import ModelConfig, forward, forward_with_fci, init_params, param_axes
+from attnrl_jax.sampling import (
+    ContinuationRequest,
+    LoopSettings,
+    Sampler,
+    SamplingParams,
+    generate,
+    sample_tokens,
+)
+from attnrl_jax.sampling.loop import EOS, LENGTH
+
+CFG = ModelConfig.tiny(vocab_size=64, remat="none")
+NO_SEP = jnp.zeros(64, bool)
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Wider weights than the default init give peaked, varied next-token distributions.
+    p = init_params(CFG, jax.random.key(0))
+    return jax.tree.map(lambda x: x * 3 if x.ndim >= 2 else x, p)
+
+
+def _run(
+    params,
+    src,
+    src_lens,
+    row_src,
+    row_len,
+    keys,
+    settings,
+    *,
+    stop=63,
+    sep=NO_SEP,
+    think=-1,
+    fci=None,
+    cfg=CFG,
+    sharder=None,
+):
+    b = len(row_src)
+    fci = jnp.ones(b, bool) if fci is None else jnp.asarray(fci)
+    return generate(
+        params,
+        jnp.asarray(src, jnp.int32),
+        jnp.asarray(src_lens, jnp.int32),
+        jnp.asarray(row_src, jnp.int32),
+        jnp.asarray(row_len, jnp.int32),
+        keys,
+        fci,
+        jnp.full((b, 1), stop, jnp.int32),
+        jnp.asarray(sep),
+        jnp.int32(think),
+        cfg=cfg,
+        settings=settings,
+        sharder=sharder,
+    )
+
+
+SRC = np.array([[5, 6, 7, 8, 9, 1, 2], [10, 11, 12, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0, 0]])
+LENS = [7, 3, 2]
+
+
+def _full_logits(params, prompt, response, cfg=CFG):
+    seq = jnp.asarray(np.concatenate([prompt, response]))[None]
+    return np.asarray(forward(params, seq, cfg=cfg)[0, len(prompt) - 1 : -1])
+
+
+def test_greedy_decoding_with_the_cache_equals_full_recompute(params):
+    settings = LoopSettings(max_new_tokens=12, sampling=SamplingParams(temperature=0.0))
+    out = _run(params, SRC, LENS, [0, 1, 2], LENS, jax.random.split(jax.random.key(0), 3), settings, stop=-1)
+    assert (np.asarray(out["lengths"]) == 12).all() and (np.asarray(out["finish_reason"]) == LENGTH).all()
+    for b in range(3):
+        tokens = np.asarray(out["tokens"][b])
+        logits = _full_logits(params, SRC[b, : LENS[b]], tokens)
+        np.testing.assert_array_equal(tokens, logits.argmax(-1))  # every position
+        want = np.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, None], 1)[:, 0]
+        np.testing.assert_allclose(np.asarray(out["logprobs"][b]), want, atol=1e-5)
+
+
+def test_sampled_log_probs_and_entropies_are_those_at_the_temperature(params):
+    settings = LoopSettings(max_new_tokens=10, sampling=SamplingParams(temperature=0.7))
+    out = _run(
+        params,
+        SRC,
+        LENS,
+        [0, 1, 2, 0],
+        [7, 3, 2, 4],
+        jax.random.split(jax.random.key(3), 4),
+        settings,
+        stop=-1,
+    )
+    for b, (s, n) in enumerate([(0, 7), (1, 3), (2, 2), (0, 4)]):
+        tokens = np.asarray(out["tokens"][b])
+        logp = np.asarray(jax.nn.log_softmax(_full_logits(params, SRC[s, :n], tokens) / 0.7, -1))
+        np.testing.assert_allclose(
+            np.asarray(out["logprobs"][b]), np.take_along_axis(logp, tokens[:, None], 1)[:, 0], atol=1e-5
+        )
+        np.testing.assert_allclose(np.asarray(out["entropies"][b]), -(np.exp(logp) * logp).sum(-1), atol=1e-4)
+
+
+def test_finished_rows_emit_padding_and_stop_accumulating(params):
+    # Stop on a token the model emits early in some rows.
+    settings = LoopSettings(
+        max_new_tokens=16, sampling=SamplingParams(temperature=1.0), num_steps=16, pad_id=-7
+    )
+    keys = jax.random.split(jax.random.key(11), 6)
+    free = _run(params, SRC, LENS, [0, 1, 2, 0, 1, 2], [7, 3, 2, 7, 3, 2], keys, settings, stop=-1)
+    stop = int(np.asarray(free["tokens"])[:, 2:8].reshape(-1)[0])
+    sep = jnp.asarray(np.arange(64) % 3 == 0)
+    out = _run(params, SRC, LENS, [0, 1, 2, 0, 1, 2], [7, 3, 2, 7, 3, 2], keys, settings, stop=stop, sep=sep)
+    lengths = np.asarray(out["lengths"])
+    assert lengths.min() < 16 and (np.asarray(out["finish_reason"])[lengths < 16] == EOS).all()
+    for b in range(6):
+        n = lengths[b]
+        tokens = np.asarray(out["tokens"][b])
+        assert (tokens[n:] == -7).all() and (np.asarray(out["step_ids"][b, n:]) == -1).all()
+        if out["finish_reason"][b] == EOS:
+            assert tokens[n - 1] == stop
+        np.testing.assert_array_equal(
+            tokens[:n], np.asarray(free["tokens"][b])[:n]
+        )  # same stream until the stop
+        # FCI of the finished row is that of its own (short) sequence: nothing accumulated after the end.
+        prompt = SRC[[0, 1, 2][b % 3], : LENS[b % 3]]
+        steps = segment(tokens[:n], SeparatorTable(np.asarray(sep), np.asarray(sep)), len(prompt))
+        ref = forward_with_fci(
+            params,
+            jnp.asarray(np.concatenate([prompt, tokens[:n]]))[None],
+            jnp.asarray(steps.token_step_ids())[None],
+            jnp.array([-1]),
+            cfg=CFG,
+            num_steps=16,
+        )
+        np.testing.assert_allclose(np.asarray(out["fci"][b]), np.asarray(ref["fci"][0]), atol=1e-6)
+
+
+def test_forked_continuations_equal_reprefilled_ones(params):
+    """Two branch points of one response share one prefill; the same RNG gives the same continuations
+    as prefilling each prefix from scratch."""
+    settings = LoopSettings(max_new_tokens=8, sampling=SamplingParams(temperature=1.0))
+    prompt = SRC[0, :7]
+    response = np.array([20, 21, 22, 23, 24, 25, 26, 27])
+    offsets = [2, 2, 5, 5]  # two samples at each of two offsets
+    keys = jax.random.split(jax.random.key(5), 4)
+    longest = np.concatenate([prompt, response[:5]])
+    forked = _run(
+        params,
+        longest[None],
+        [12],
+        [0, 0, 0, 0],
+        [7 + o for o in offsets],
+        keys,
+        settings,
+        stop=-1,
+        fci=[False] * 4,
+    )
+    separate = np.zeros((4, 12), np.int64)
+    for i, o in enumerate(offsets):
+        separate[i, : 7 + o] = np.concatenate([prompt, response[:o]])
+    scratch = _run(
+        params,
+        separate,
+        [7 + o for o in offsets],
+        [0, 1, 2, 3],
+        [7 + o for o in offsets],
+        keys,
+        settings,
+        stop=-1,
+        fci=[False] * 4,
+    )
+    np.testing.assert_array_equal(np.asarray(forked["tokens"]), np.asarray(scratch["tokens"]))
+    np.testing.assert_allclose(np.asarray(forked["logprobs"]), np.asarray(scratch["logprobs"]), atol=1e-5)
+    assert (
+        len({tuple(t) for t in np.asarray(forked["tokens"]).tolist()}) > 1
+    )  # the RNG streams differ per row
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(1.0, top_k=3), SamplingParams(1.0, top_p=0.7), SamplingParams(0.5, top_k=4, top_p=0.9)],
+)
+def test_top_k_top_p_support_and_frequencies(sampling):
+    logits = jnp.array([2.0, 1.5, 1.0, 0.8, 0.2, -0.5, -1.0, -3.0])
+    n = 20_000
+    tokens, _, _ = sample_tokens(jnp.tile(logits, (n, 1)), jax.random.split(jax.random.key(0), n), sampling)
+    probs = np.asarray(jax.nn.softmax(logits / sampling.temperature))
+    order = np.argsort(-probs)
+    allowed = np.zeros(8, bool)
+    allowed[order[: sampling.top_k or 8]] = True
+    if sampling.top_p < 1:
+        renorm = np.where(allowed, probs, 0) / np.where(allowed, probs, 0).sum()
+        before = np.cumsum(renorm[order]) - renorm[order]
+        keep = np.zeros(8, bool)
+        keep[order[before < sampling.top_p]] = True
+        allowed &= keep
+    counts = np.bincount(np.asarray(tokens), minlength=8)
+    assert set(np.flatnonzero(counts)) == set(np.flatnonzero(allowed))  # support is exactly the allowed set
+    expected = np.where(allowed, probs, 0) / np.where(allowed, probs, 0).sum()
+    sigma = np.sqrt(n * expected * (1 - expected)) + 1e-9
+    assert (np.abs(counts - n * expected) <= 5 * sigma).all(), (counts, n * expected)
+
+
+def test_greedy_and_parameter_validation():
+    logits = jnp.array([[0.1, 3.0, -1.0], [2.0, 0.0, 1.9]])
+    tokens, logp, _ = sample_tokens(logits, jax.random.split(jax.random.key(0), 2), SamplingParams(0.0))
+    np.testing.assert_array_equal(tokens, [1, 0])
+    np.testing.assert_allclose(logp, jax.nn.log_softmax(logits)[jnp.arange(2), tokens], atol=1e-6)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        SamplingParams(top_p=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FCI while decoding with a real tokenizer's "\n\n" separators and </think>
+
+
+@pytest.fixture(scope="module")
+def qwen_world(qwen_tokenizer_dir, tmp_path_factory):
+    """A tiny Qwen2 over the real Qwen vocabulary that writes a few real tokens, among them the separators
+    ".\n\n", "\n\n", ":\n\n" and </think>, so that sampled text really has steps.
+
+    The residual stream carries a large constant in dimension 0, which the layers' norms ignore (their
+    weight there is 0) and the final norm keeps alone: the head then sees a constant and samples from a
+    fixed distribution over the chosen tokens, while the layers' attention stays that of random weights.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from attnrl_jax.model.hf_io import load_checkpoint
+    from helpers import tiny_hf_model
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=qwen_tokenizer_dir + "/tokenizer.json")
+    vocab = 151_680
+    model = tiny_hf_model(vocab=vocab, hidden=32, inter=64, heads=4, kv_heads=2, layers=2, seed=3, std=0.3)
+    texts = [".\n\n", "\n\n", ":\n\n", " x", " =", " 2", " so", " the", "Step"]
+    chosen = [tok.encode(t, add_special_tokens=False)[0] for t in texts]
+    chosen.append(tok.encode("</think>", add_special_tokens=False)[-1])
+    probs = [0.09, 0.09, 0.09, 0.12, 0.12, 0.12, 0.12, 0.12, 0.1, 0.03]
+    with torch.no_grad():
+        m = model.model
+        m.embed_tokens.weight[:, 0] = 50.0
+        for layer in m.layers:
+            layer.input_layernorm.weight[0] = 0.0
+            layer.post_attention_layernorm.weight[0] = 0.0
+        m.norm.weight.zero_()
+        m.norm.weight[0] = 1.0
+        head = model.lm_head.weight
+        head.zero_()
+        for token, p in zip(chosen, probs):
+            head[token, 0] = (20.0 + np.log(p)) / np.sqrt(32)  # the normed constant is ~ sqrt(hidden)
+    path = tmp_path_factory.mktemp("qwen_world")
+    model.save_pretrained(path)
+    cfg, params, _ = load_checkpoint(str(path), remat="none")
+    table = SeparatorTable.from_tokenizer(tok, vocab)
+    return tok, model, cfg, params, table
+
+
+def test_fci_while_decoding_equals_forward_pass_and_dense_formula(qwen_world):
+    tok, model, cfg, params, table = qwen_world
+    settings = LoopSettings(max_new_tokens=48, sampling=SamplingParams(temperature=1.0), num_steps=40)
+    prompts = [
+        tok.encode("Compute 2 + 2.", add_special_tokens=False),
+        tok.encode("What is x?", add_special_tokens=False),
+    ]
+    src = np.zeros((2, 8), np.int64)
+    for i, p in enumerate(prompts):
+        src[i, : len(p)] = p
+    lens = [len(p) for p in prompts]
+    out = generate(
+        params,
+        jnp.asarray(src, jnp.int32),
+        jnp.asarray(lens),
+        jnp.array([0, 1, 0, 1]),
+        jnp.asarray(lens * 2),
+        jax.random.split(jax.random.key(7), 4),
+        jnp.ones(4, bool),
+        jnp.full((4, 1), -1, jnp.int32),
+        jnp.asarray(table.double_newline),
+        jnp.int32(table.think_end_id),
+        cfg=cfg,
+        settings=settings,
+    )
+    out = jax.tree.map(np.asarray, out)
+    saw_think = False
+    for b in range(4):
+        prompt = prompts[b % 2]
+        resp = out["tokens"][b, : out["lengths"][b]]
+        assert "\n\n" in tok.decode(resp)  # the text really has steps
+        steps = segment(resp, table, len(prompt))
+        assert steps.num_steps >= 6 and out["num_steps"][b] == steps.num_steps
+        assert out["think_step"][b] == steps.think_step
+        saw_think |= steps.think_step > 0
+        np.testing.assert_array_equal(out["step_ids"][b, : len(resp)], steps.token_step_ids()[len(prompt) :])
+        seq = np.concatenate([prompt, resp])
+        ids = steps.token_step_ids()
+        fwd = forward_with_fci(
+            params,
+            jnp.asarray(seq)[None],
+            jnp.asarray(ids)[None],
+            jnp.array([steps.think_step]),
+            cfg=cfg,
+            num_steps=40,
+        )
+        np.testing.assert_allclose(out["fci"][b], np.asarray(fwd["fci"][0]), atol=1e-5)
+        with torch.no_grad():
+            attn = np.stack(
+                [
+                    a[0].numpy()
+                    for a in model(input_ids=torch.tensor(seq[None]), output_attentions=True).attentions
+                ]
+            )
+        dense, _ = fci_reference(attn, ids, steps.think_step)
+        np.testing.assert_allclose(out["fci"][b, : len(dense)], dense, atol=1e-5)
+        assert np.abs(dense).max() > 0
+    assert saw_think, "no sample contained </think>; the zeroing rule was not exercised"
+
+
+def test_sampler_mixed_call_and_no_recompilation_within_a_bucket(qwen_world):
+    tok, _, cfg, params, table = qwen_world
+    settings = LoopSettings(max_new_tokens=12, sampling=SamplingParams(temperature=1.0), num_steps=16)
+    sampler = Sampler(params, cfg, tok, settings, separators=table, stop_ids=[table.think_end_id])
+    first = sampler.generate([tok.encode("a b c", add_special_tokens=False)], n=2, seed=1)
+    compiled = generate._cache_size()
+    response = list(first[0][0].tokens) + [11] * 8
+    initial, conts = sampler.sample_mixed(
+        [
+            tok.encode("one two three four five", add_special_tokens=False),
+            tok.encode("x", add_special_tokens=False),
+        ],
+        2,
+        [ContinuationRequest(tok.encode("a b c", add_special_tokens=False), response[:6], [2, 4], 2)],
+        seed=2,
+    )
+    assert generate._cache_size() == compiled  # same buckets: the compiled program is reused
+    assert [len(x) for x in initial] == [2, 2] and len(conts[0]) == 2 and len(conts[0][1]) == 2
+    for s in initial[0] + initial[1]:
+        assert s.fci is not None and s.finish_reason in ("eos", "length") and s.text is not None
+        assert len(s.tokens) == len(s.logprobs) <= 12
+    assert all(c.fci is None for group in conts[0] for c in group)
+
+
+def test_sharded_sampler_gives_the_same_tokens(params):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharder = Sharder(mesh)
+    sharded = jax.device_put(params, sharder.tree_shardings(param_axes(CFG), params))
+    settings = LoopSettings(max_new_tokens=8, sampling=SamplingParams(temperature=0.0), num_steps=8)
+    src = np.tile(SRC, (2, 1))
+    lens = LENS * 2
+    keys = jax.random.split(jax.random.key(2), 8)
+    rows = [0, 1, 2, 3, 4, 5, 0, 1]
+    plain = _run(params, src, lens, rows, [lens[r] for r in rows], keys, settings, stop=-1)
+    with_mesh = _run(
+        sharded, src, lens, rows, [lens[r] for r in rows], keys, settings, stop=-1, sharder=sharder
+    )
+    np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(with_mesh["tokens"]))
+    np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(with_mesh["logprobs"]), atol=1e-5)

@@ -363,3 +363,26 @@ def test_sharded_sampler_gives_the_same_tokens(params):
     )
     np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(with_mesh["tokens"]))
     np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(with_mesh["logprobs"]), atol=1e-5)
+
+
+def test_pallas_decode_kernel_path_equals_the_xla_path(params):
+    """attention_impl="pallas": decode steps go through the Pallas decode kernel (interpreted on CPU)."""
+    settings = LoopSettings(max_new_tokens=6, sampling=SamplingParams(temperature=1.0), num_steps=8)
+    sep = jnp.asarray(np.arange(64) % 3 == 0)
+    keys = jax.random.split(jax.random.key(4), 3)
+    xla = _run(params, SRC, LENS, [0, 1, 2], LENS, keys, settings, stop=-1, sep=sep)
+    pallas = _run(
+        params,
+        SRC,
+        LENS,
+        [0, 1, 2],
+        LENS,
+        keys,
+        settings,
+        stop=-1,
+        sep=sep,
+        cfg=CFG.replace(attention_impl="pallas"),
+    )
+    np.testing.assert_array_equal(np.asarray(xla["tokens"]), np.asarray(pallas["tokens"]))
+    np.testing.assert_allclose(np.asarray(xla["logprobs"]), np.asarray(pallas["logprobs"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(xla["fci"]), np.asarray(pallas["fci"]), atol=1e-6)

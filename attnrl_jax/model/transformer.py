@@ -396,7 +396,8 @@ def forward_cached(
 
     Token t of row b sits at position cache.lengths[b] + t; `valid` [B, T] (default: all) marks real
     tokens (right padding), and each row's length grows by its number of valid tokens. Attention is causal
-    over the cache (the XLA path of the attention seam, with per-row query offsets).
+    over the cache: the XLA path of the attention seam with per-row query offsets, or, for single-token
+    decoding with attention_impl "pallas", the Pallas decode kernel.
 
     With `key_steps` [B, S] (the step id of every cache position, -1 for none) and `num_steps` C, also
     returns the attention mass that each new token pays to each key step, [L, B, N, T, C] summed over the
@@ -427,6 +428,16 @@ def forward_cached(
         ck = ck.at[li, rows, write_pos].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[li, rows, write_pos].set(v.astype(cv.dtype), mode="drop")
         k_all, v_all = ck[li], cv[li]  # [B, S, K, H]
+        if cfg.attention_impl == "pallas" and t == 1:
+            # The Pallas decode kernel: reads only the blocks below each row's length and returns the
+            # per-step attention mass itself. (Rows with no valid token compute values nobody reads.)
+            from attnrl_jax.kernels.decode_attention import decode_attention
+
+            out, _, mass = decode_attention(
+                q[:, 0], k_all, v_all, new_lengths, key_steps, num_steps=num_steps if track else 0
+            )
+            x = _out_and_mlp(cfg, sharder, lp, x, out[:, None])
+            return (x, ck, cv), (mass[:, :, None, :] if track else None)
         a, lse = attention(q, k_all, v_all, q_seg, kv_seg, return_lse=True, q_offsets=cache.lengths)
         x = _out_and_mlp(cfg, sharder, lp, x, a)
         mass = (

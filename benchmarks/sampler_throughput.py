@@ -1,0 +1,178 @@
+"""Sampler throughput on CPU: ours against transformers' PyTorch `generate` (KV cache, same weights), and
+tree continuations from forked shared-prefix caches against re-prefilling every continuation's prefix.
+
+    python -m benchmarks.sampler_throughput [--hidden 256 --layers 4 --batch 8 --prompt 64 --new 128]
+
+Both generators sample the same number of tokens (no stop token), at temperature 1. The FCI accumulation
+is on for our initial responses (it is part of what our sampler does), off for continuations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from attnrl_jax.model.hf_io import load_checkpoint
+from attnrl_jax.sampling import LoopSettings, SamplingParams, generate
+
+
+def _median_time(fn, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    hf = Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 128),
+        max_position_embeddings=4096,
+    )
+    model = Qwen2ForCausalLM(hf).eval()
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        cfg, params, _ = load_checkpoint(d, remat="none")
+    rng = np.random.default_rng(0)
+    b, p, m = args.batch, args.prompt, args.new
+    prompts = rng.integers(0, args.vocab, (b, p)).astype(np.int32)
+    no_sep = jnp.zeros(args.vocab, bool)
+    stop = jnp.full((b, 1), -1, jnp.int32)
+    settings = LoopSettings(max_new_tokens=m, sampling=SamplingParams(temperature=1.0), num_steps=32)
+    keys = jax.random.split(jax.random.key(0), b)
+
+    def ours():
+        out = generate(
+            params,
+            jnp.asarray(prompts),
+            jnp.full((b,), p, jnp.int32),
+            jnp.arange(b, dtype=jnp.int32),
+            jnp.full((b,), p, jnp.int32),
+            keys,
+            jnp.ones(b, bool),
+            stop,
+            no_sep,
+            jnp.int32(-1),
+            cfg=cfg,
+            settings=settings,
+        )
+        return jax.block_until_ready(out["tokens"])
+
+    def theirs():
+        with torch.inference_mode():
+            return model.generate(
+                torch.tensor(prompts, dtype=torch.long),
+                attention_mask=torch.ones(b, p, dtype=torch.long),
+                max_new_tokens=m,
+                min_new_tokens=m,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                eos_token_id=None,
+                pad_token_id=0,
+                use_cache=True,
+            )
+
+    assert ours().shape == (b, m) and theirs().shape == (b, p + m)
+    t_ours, t_theirs = _median_time(ours, args.iters), _median_time(theirs, args.iters)
+    n = b * m
+    print(
+        f"model hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
+        f"batch {b}, prompt {p}, {m} new tokens; "
+        f"{os.cpu_count()} CPU threads, jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
+    print(f"{'sampler':<44}{'s':>8}{'tokens/s':>10}")
+    print(f"{'attnrl_jax (jitted while_loop, FCI on)':<44}{t_ours:>8.2f}{n / t_ours:>10.0f}")
+    print(f"{'transformers generate (PyTorch, KV cache)':<44}{t_theirs:>8.2f}{n / t_theirs:>10.0f}")
+    print(f"ratio ours / transformers: {t_theirs / t_ours:.2f}x")
+
+    # Tree continuations: each response prefilled once and forked, or every prefix prefilled on its own.
+    resp_len, cont_new = 4 * p, m // 2
+    responses = rng.integers(0, args.vocab, (b, p + resp_len)).astype(np.int32)
+    offsets = [resp_len // 4, resp_len // 2]
+    rows = [(i, p + o) for i in range(b) for o in offsets for _ in range(2)]  # 2 samples per branch point
+    nb = len(rows)
+    ckeys = jax.random.split(jax.random.key(1), nb)
+    cset = LoopSettings(max_new_tokens=cont_new, sampling=SamplingParams(temperature=1.0), num_steps=8)
+    cstop = jnp.full((nb, 1), -1, jnp.int32)
+    lens = jnp.asarray([n_ for _, n_ in rows], jnp.int32)
+    longest = responses[:, : p + max(offsets)]
+    separate = np.zeros((nb, longest.shape[1]), np.int32)
+    for k, (i, n_) in enumerate(rows):
+        separate[k, :n_] = responses[i, :n_]
+
+    def forked():
+        out = generate(
+            params,
+            jnp.asarray(longest),
+            jnp.full((b,), longest.shape[1], jnp.int32),
+            jnp.asarray([i for i, _ in rows], jnp.int32),
+            lens,
+            ckeys,
+            jnp.zeros(nb, bool),
+            cstop,
+            no_sep,
+            jnp.int32(-1),
+            cfg=cfg,
+            settings=cset,
+        )
+        return jax.block_until_ready(out["tokens"])
+
+    def reprefilled():
+        out = generate(
+            params,
+            jnp.asarray(separate),
+            lens,
+            jnp.arange(nb, dtype=jnp.int32),
+            lens,
+            ckeys,
+            jnp.zeros(nb, bool),
+            cstop,
+            no_sep,
+            jnp.int32(-1),
+            cfg=cfg,
+            settings=cset,
+        )
+        return jax.block_until_ready(out["tokens"])
+
+    np.testing.assert_array_equal(np.asarray(forked()), np.asarray(reprefilled()))  # same continuations
+    t_fork, t_re = _median_time(forked, args.iters), _median_time(reprefilled, args.iters)
+    print(
+        f"\ntree continuations: {b} responses x {len(offsets)} branch points x 2 samples = {nb} rows, "
+        f"prefixes up to {longest.shape[1]} tokens, {cont_new} new tokens each"
+    )
+    print(f"{'shared-prefix prefill + fork':<44}{t_fork:>8.2f}")
+    print(f"{'re-prefill every continuation':<44}{t_re:>8.2f}")
+    print(f"ratio forked / re-prefilled speed: {t_re / t_fork:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ setup(
         "attnrl_jax.algo",
         "attnrl_jax.model",
         "attnrl_jax.rewards",
+        "attnrl_jax.rl",
         "attnrl_jax.sampling",
         "attnrl_jax.kernels",
     ],

@@ -1,0 +1,27 @@
+"""The policy update: PSRL/GRPO loss (section 11) and the jitted train step."""
+
+from attnrl_jax.rl.loss import LossConfig, k3_kl, policy_loss
+from attnrl_jax.rl.train_step import (
+    OptimConfig,
+    TrainBatch,
+    TrainState,
+    init_sharded_train_state,
+    init_train_state,
+    jit_train_step,
+    make_optimizer,
+    train_step,
+)
+
+__all__ = [
+    "LossConfig",
+    "OptimConfig",
+    "TrainBatch",
+    "TrainState",
+    "init_sharded_train_state",
+    "init_train_state",
+    "jit_train_step",
+    "k3_kl",
+    "make_optimizer",
+    "policy_loss",
+    "train_step",
+]

@@ -1,0 +1,198 @@
+"""The policy loss by hand, micro-batching exactness, the NaN guard and the sharded train step."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+from attnrl_jax.model import ModelConfig, init_params
+from attnrl_jax.rl.loss import LossConfig, k3_kl, policy_loss
+from attnrl_jax.rl.train_step import (
+    OptimConfig,
+    TrainBatch,
+    init_sharded_train_state,
+    init_train_state,
+    jit_train_step,
+    make_optimizer,
+    train_step,
+)
+
+NO_KL = LossConfig(kl_coef=0.0)
+
+
+def _loss(logp, old, adv, mask, cfg=NO_KL, **kw):
+    s, d, m = policy_loss(
+        jnp.asarray(logp, jnp.float32),
+        jnp.asarray(old, jnp.float32),
+        jnp.asarray(adv, jnp.float32),
+        jnp.asarray(mask, jnp.float32),
+        cfg,
+        **kw,
+    )
+    return float(s / d), m
+
+
+def test_ratio_one_gives_minus_the_token_mean_advantage():
+    adv = np.array([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]])
+    mask = np.array([[1, 1, 1], [1, 0, 0]])
+    logp = np.log(np.full((2, 3), 0.3))
+    loss, m = _loss(logp, logp, adv, mask)
+    assert loss == pytest.approx(-(1 - 2 + 0.5 + 3) / 4)
+    assert float(m["clip_frac"]) == 0.0 and float(m["ratio"]) / float(m["tokens"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "ratio,adv,expected",
+    [
+        (1.5, 1.0, -1.28),  # clipped above at 1 + 0.28
+        (1.28, 1.0, -1.28),  # exactly at the boundary
+        (0.5, 1.0, -0.5),  # positive advantage, ratio below: unclipped (max picks -0.5)
+        (0.5, -1.0, 0.8),  # negative advantage, ratio below: clipped at 1 - 0.2
+        (0.8, -1.0, 0.8),  # boundary
+        (2.0, -1.0, 2.0),  # negative advantage, ratio above: unclipped, below the dual cap
+        (3.0, -1.0, 3.0),  # at the dual clip cap c = 3
+        (5.0, -1.0, 3.0),  # dual clip: min(5, 3)
+        (5.0, -2.0, 6.0),  # the cap scales with |A|
+    ],
+)
+def test_clipping_and_dual_clip_by_hand(ratio, adv, expected):
+    loss, _ = _loss([[math.log(ratio)]], [[0.0]], [[adv]], [[1]])
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_dual_clip_can_be_switched_off():
+    loss, _ = _loss([[math.log(5.0)]], [[0.0]], [[-1.0]], [[1]], LossConfig(kl_coef=0.0, dual_clip=0.0))
+    assert loss == pytest.approx(5.0, rel=1e-5)
+
+
+def test_k3_kl_by_hand_and_in_the_loss():
+    # p = 0.5, p_ref = 0.25: d = ln(0.25 / 0.5) = -ln 2; k3 = 0.5 + ln 2 - 1 = 0.19315
+    assert float(k3_kl(jnp.log(0.5), jnp.log(0.25))) == pytest.approx(0.5 + math.log(2) - 1, rel=1e-5)
+    assert float(k3_kl(jnp.log(0.5), jnp.log(0.5))) == 0.0
+    logp = np.log([[0.5, 0.5]])
+    loss, m = _loss(
+        logp,
+        logp,
+        [[0.0, 0.0]],
+        [[1, 1]],
+        LossConfig(kl_coef=0.1),
+        ref_logp=jnp.log(jnp.array([[0.25, 0.5]])),
+    )
+    assert loss == pytest.approx(0.1 * (0.5 + math.log(2) - 1) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="kl_coef > 0 needs the reference log-probs"):
+        _loss(logp, logp, [[0.0, 0.0]], [[1, 1]], LossConfig(kl_coef=0.1))
+
+
+def test_masked_tokens_change_nothing():
+    base = dict(logp=[[-1.0, -2.0, -0.5]], old=[[-1.1, -1.9, -0.5]], adv=[[0.7, -0.3, 0.0]], mask=[[1, 1, 0]])
+    junk = dict(base, logp=[[-1.0, -2.0, 30.0]], old=[[-1.1, -1.9, -40.0]], adv=[[0.7, -0.3, 1e6]])
+    assert _loss(**base)[0] == pytest.approx(_loss(**junk)[0])
+    g1 = jax.grad(
+        lambda lp: policy_loss(
+            lp, jnp.array(base["old"]), jnp.array(base["adv"]), jnp.array(base["mask"]), NO_KL
+        )[0]
+    )(jnp.array(base["logp"]))
+    g2 = jax.grad(
+        lambda lp: policy_loss(
+            lp, jnp.array(junk["old"]), jnp.array(junk["adv"]), jnp.array(junk["mask"]), NO_KL
+        )[0]
+    )(jnp.array(junk["logp"]))
+    np.testing.assert_allclose(g1[0, :2], g2[0, :2]) and np.testing.assert_array_equal(g2[0, 2], 0.0)
+
+
+def test_seq_mean_token_mean():
+    # sequence means: (1 + 3) / 2 = 2 and 5 / 1 = 5 -> loss = -(2 + 5) / 2 at ratio 1
+    loss, _ = _loss(
+        np.zeros((2, 2)),
+        np.zeros((2, 2)),
+        [[1.0, 3.0], [5.0, 9.0]],
+        [[1, 1], [1, 0]],
+        LossConfig(kl_coef=0.0, aggregation="seq_mean_token_mean"),
+    )
+    assert loss == pytest.approx(-3.5)
+
+
+CFG = ModelConfig.tiny(vocab_size=48, num_layers=1)
+
+
+def _batch(seed=0, b=4, t=10):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, (b, t))
+    mask = np.zeros((b, t))
+    for i, (start, end) in enumerate([(3, 10), (2, 4), (5, 9), (1, 10)][:b]):
+        mask[i, start:end] = 1  # unequal token counts per row
+    return TrainBatch(
+        tokens=jnp.asarray(tokens, jnp.int32),
+        targets=jnp.asarray(np.roll(tokens, -1, 1), jnp.int32),
+        segment_ids=jnp.ones((b, t), jnp.int32),
+        loss_mask=jnp.asarray(mask, jnp.float32),
+        advantages=jnp.asarray(rng.normal(size=(b, t)), jnp.float32),
+        old_logp=jnp.asarray(-4.0 + 0.3 * rng.normal(size=(b, t)), jnp.float32),
+        ref_logp=jnp.asarray(-4.0 + 0.3 * rng.normal(size=(b, t)), jnp.float32),
+    )
+
+
+def test_micro_batched_step_equals_full_batch_step():
+    """Gradients of the exact token-mean: SGD with lr 1 makes the parameter change equal to the gradient
+    (Adam would normalise tiny gradient differences into visible ones)."""
+    import optax
+
+    params = init_params(CFG, jax.random.key(0))
+    opt = optax.sgd(1.0)
+    loss_cfg = LossConfig()
+    full, m_full = train_step(
+        init_train_state(params, opt), _batch(), model_cfg=CFG, loss_cfg=loss_cfg, optimizer=opt
+    )
+    micro, m_micro = train_step(
+        init_train_state(params, opt),
+        _batch(),
+        model_cfg=CFG,
+        loss_cfg=loss_cfg,
+        optimizer=opt,
+        num_microbatches=2,
+    )
+    assert float(m_full["loss"]) == pytest.approx(float(m_micro["loss"]), rel=1e-5)
+    assert float(m_full["grad_norm"]) == pytest.approx(float(m_micro["grad_norm"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert int(full.step) == 1 and float(m_full["finite"]) == 1.0
+    assert any(
+        float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(params))
+    )
+
+
+def test_non_finite_step_keeps_the_state():
+    params = init_params(CFG, jax.random.key(1))
+    opt = make_optimizer(OptimConfig(lr=1e-2))
+    state = init_train_state(params, opt)
+    bad = _batch()
+    bad = TrainBatch(**{**bad.__dict__, "advantages": bad.advantages.at[0, 5].set(jnp.nan)})
+    new, m = train_step(state, bad, model_cfg=CFG, loss_cfg=LossConfig(), optimizer=opt)
+    assert float(m["finite"]) == 0.0 and int(new.step) == 0
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sharded_jitted_step_equals_unsharded():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharder = Sharder(mesh)
+    import optax
+
+    params = init_params(CFG, jax.random.key(2))
+    # SGD with momentum: optimizer state shaped (and sharded) like the params, linear in the gradients.
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0, momentum=0.9))
+    ref, m_ref = train_step(
+        init_train_state(params, opt), _batch(), model_cfg=CFG, loss_cfg=LossConfig(), optimizer=opt
+    )
+    state = init_sharded_train_state(params, opt, sharder, CFG)
+    step = jit_train_step(CFG, LossConfig(), opt, state, num_microbatches=2, sharder=sharder)
+    new, m = step(state, _batch())
+    assert new.params["layers"]["q"].sharding.spec == state.params["layers"]["q"].sharding.spec
+    assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    trace = new.opt_state[1][0].trace["layers"]["q"]
+    assert trace.sharding.spec == state.params["layers"]["q"].sharding.spec

@@ -43,6 +43,7 @@ setup(
         "sentencepiece",
         "math-verify",
         "ml-collections>=1.0",
+        "pyarrow",
         "numpy",
         "tqdm",
     ],

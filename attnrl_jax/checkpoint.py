@@ -1,0 +1,79 @@
+"""Orbax checkpoints of the trainer: the train state (params, optimizer state, step) plus a JSON record of
+everything else a run needs to resume exactly (data position, algorithm state, RNG, the config used).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash during a save
+never leaves a step that restores wrong: `latest_step()` only sees finished ones. `PreemptionGuard` turns
+SIGTERM (a TPU preemption notice) into a flag that the training loop polls to save and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Save/restore of (state pytree, JSON metadata) per step under `directory`.
+
+    Args:
+      directory: the run's checkpoint directory (created if missing).
+      max_to_keep: how many finished steps to keep (oldest deleted first).
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 3):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be at least 1, got {max_to_keep}")
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Saves and waits until the step is complete on disk."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """Restores `step` (default: the latest) into the structure, dtypes and shardings of
+        `abstract_state` (arrays or `jax.ShapeDtypeStruct`s with shardings). Returns (state, meta, step)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no finished checkpoint to restore")
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            abstract_state,
+        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return restored["state"], dict(restored["meta"]), step
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+class PreemptionGuard:
+    """While active, SIGTERM sets `requested` instead of killing the process (the loop saves and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self) -> PreemptionGuard:
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)

@@ -80,13 +80,14 @@ def decode_attention(
       q: [B, N, H] (the new token's queries; it has already been written into the cache).
       k, v: [B, S, K, H] caches; positions < lengths[b] are attended to.
       lengths: [B] int32 valid cache length per row (the new token included).
-      key_steps: [B, S] step id of each cache position (-1: none; >= num_steps: merged into the last step).
+      key_steps: [B, S] step id of each cache position (-1: none; >= num_steps: merged into the last step),
+        or [B, S, R] for R segmentations at once.
       num_steps: C; 0 skips the mass.
       block_k: cache tile (multiple of 8).
       interpret: as in `flash_attention`.
 
     Returns:
-      (out [B, N, H], lse [B, N] float32, mass [B, N, C] float32 or None)
+      (out [B, N, H], lse [B, N] float32, mass [B, N, C] (or [B, N, R, C]) float32 or None)
     """
     b, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -119,12 +120,15 @@ def decode_attention(
         jax.ShapeDtypeStruct(qg.shape, q.dtype),
         jax.ShapeDtypeStruct((b, kv_heads, g, 1), jnp.float32),
     ]
+    squeeze = num_steps and key_steps.ndim == 2
     if num_steps:
-        steps = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), -1).astype(jnp.int32)
-        args.append(jnp.pad(steps, ((0, 0), (0, sp - s)), constant_values=-1)[:, :, None])
-        in_specs.append(pl.BlockSpec((None, sp, 1), lambda bi, ki: (bi, 0, 0)))
-        out_specs.append(pl.BlockSpec((None, None, g, num_steps), lambda bi, ki: (bi, ki, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b, kv_heads, g, num_steps), jnp.float32))
+        steps = key_steps[..., None] if squeeze else key_steps  # [B, S, R]
+        r = steps.shape[-1]
+        steps = jnp.where(steps >= 0, jnp.minimum(steps, num_steps - 1) + num_steps * jnp.arange(r), -1)
+        args.append(jnp.pad(steps.astype(jnp.int32), ((0, 0), (0, sp - s), (0, 0)), constant_values=-1))
+        in_specs.append(pl.BlockSpec((None, sp, r), lambda bi, ki: (bi, 0, 0)))
+        out_specs.append(pl.BlockSpec((None, None, g, r * num_steps), lambda bi, ki: (bi, ki, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, kv_heads, g, r * num_steps), jnp.float32))
     outs = pl.pallas_call(
         functools.partial(_decode_kernel, scale=h**-0.5, bk=bk, num_steps=num_steps),
         grid=(b, kv_heads),
@@ -135,7 +139,10 @@ def decode_attention(
         name="decode_attention",
     )(*args)
     out, lse = outs[0].reshape(b, n, h), outs[1].reshape(b, n)
-    mass = outs[2].reshape(b, n, num_steps) if num_steps else None
+    mass = None
+    if num_steps:
+        mass = outs[2].reshape(b, n, -1, num_steps)
+        mass = mass[:, :, 0] if squeeze else mass
     return out, lse, mass
 
 
@@ -153,5 +160,5 @@ def decode_attention_reference(q, k, v, lengths, key_steps=None, num_steps: int 
     if not num_steps:
         return out, lse, None
     steps = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), -1)
-    onehot = jax.nn.one_hot(steps, num_steps, dtype=jnp.float32)  # -1 -> all zeros
-    return out, lse, jnp.einsum("bns,bsc->bnc", p, onehot)
+    onehot = jax.nn.one_hot(steps, num_steps, dtype=jnp.float32)  # -1 -> all zeros; [B, S, (R,) C]
+    return out, lse, jnp.einsum("bns,bs...->bn...", p, onehot)

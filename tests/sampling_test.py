@@ -386,3 +386,35 @@ def test_pallas_decode_kernel_path_equals_the_xla_path(params):
     np.testing.assert_array_equal(np.asarray(xla["tokens"]), np.asarray(pallas["tokens"]))
     np.testing.assert_allclose(np.asarray(xla["logprobs"]), np.asarray(pallas["logprobs"]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(xla["fci"]), np.asarray(pallas["fci"]), atol=1e-6)
+
+
+def test_newline_fallback_segmentation_while_decoding(params):
+    """With [V, 2] separator tables, a response with no "\\n\\n" token uses the "\\n" segmentation, as
+    section 4 prescribes, and its FCI equals the forward pass's on that segmentation."""
+    double = np.zeros(64, bool)  # this vocabulary has no "\n\n" token at all
+    single = np.arange(64) % 2 == 0
+    table = SeparatorTable(double, single)
+    settings = LoopSettings(max_new_tokens=32, sampling=SamplingParams(temperature=1.0), num_steps=40)
+    keys = jax.random.split(jax.random.key(8), 3)
+    out = _run(
+        params, SRC, LENS, [0, 1, 2], LENS, keys, settings, stop=-1, sep=np.stack([double, single], -1)
+    )
+    out = jax.tree.map(np.asarray, out)
+    for b in range(3):
+        tokens = out["tokens"][b]
+        steps = segment(tokens, table, LENS[b])  # falls back to "\n"
+        assert steps.num_steps > 5 and out["num_steps"][b] == steps.num_steps and not out["needs_fallback"][b]
+        np.testing.assert_array_equal(out["step_ids"][b], steps.token_step_ids()[LENS[b] :])
+        seq = np.concatenate([SRC[b, : LENS[b]], tokens])
+        ref = forward_with_fci(
+            params,
+            jnp.asarray(seq)[None],
+            jnp.asarray(steps.token_step_ids())[None],
+            jnp.array([-1]),
+            cfg=CFG,
+            num_steps=40,
+        )
+        np.testing.assert_allclose(out["fci"][b], np.asarray(ref["fci"][0]), atol=1e-5)
+    # With only the "\n\n" table the same responses are one step and flagged.
+    flagged = _run(params, SRC, LENS, [0, 1, 2], LENS, keys, settings, stop=-1, sep=double)
+    assert np.asarray(flagged["needs_fallback"]).all() and (np.asarray(flagged["num_steps"]) == 1).all()

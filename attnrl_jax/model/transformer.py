@@ -399,8 +399,9 @@ def forward_cached(
     over the cache: the XLA path of the attention seam with per-row query offsets, or, for single-token
     decoding with attention_impl "pallas", the Pallas decode kernel.
 
-    With `key_steps` [B, S] (the step id of every cache position, -1 for none) and `num_steps` C, also
-    returns the attention mass that each new token pays to each key step, [L, B, N, T, C] summed over the
+    With `key_steps` [B, S] (the step id of every cache position, -1 for none; or [B, S, R] for R
+    segmentations at once) and `num_steps` C, also returns the attention mass that each new token pays to
+    each key step, [L, B, N, T, C] (or [L, B, N, T, R, C]) summed over the
     tokens of the step: the per-token rows of the attention matrix that FCI accumulates while decoding.
 
     Returns:
@@ -419,6 +420,9 @@ def forward_cached(
     rows = jnp.arange(b)[:, None]
     write_pos = jnp.where(valid, positions, cache.size)  # padding writes fall outside and are dropped
     track = key_steps is not None
+    squeeze = track and key_steps.ndim == 2
+    if squeeze:
+        key_steps = key_steps[..., None]  # one segmentation
 
     def body(carry, xs):
         x, ck, cv = carry
@@ -437,7 +441,7 @@ def forward_cached(
                 q[:, 0], k_all, v_all, new_lengths, key_steps, num_steps=num_steps if track else 0
             )
             x = _out_and_mlp(cfg, sharder, lp, x, out[:, None])
-            return (x, ck, cv), (mass[:, :, None, :] if track else None)
+            return (x, ck, cv), (mass[:, :, None] if track else None)
         a, lse = attention(q, k_all, v_all, q_seg, kv_seg, return_lse=True, q_offsets=cache.lengths)
         x = _out_and_mlp(cfg, sharder, lp, x, a)
         mass = (
@@ -447,25 +451,34 @@ def forward_cached(
 
     xs = (params["layers"], jnp.arange(cfg.num_layers))
     (x, ck, cv), mass = jax.lax.scan(body, (x, cache.k, cache.v), xs)
+    if squeeze:
+        mass = mass[..., 0, :]
     h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
     return h, KVCache(ck, cv, new_lengths), mass
 
 
 def _step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
-    """[B, N, T, C]: sum over the keys of each step of the attention probabilities exp(s - lse)."""
+    """[B, N, T, R, C]: per segmentation r, the sum over the keys of each step of exp(s - lse).
+
+    key_steps [B, S, R] gives R step assignments of the cache; they share one segment sum by offsetting
+    segmentation r into buckets [r C, (r + 1) C).
+    """
     from attnrl_jax.model.attention import attention_mask
 
     b, t, n, h = q.shape
     kv_heads = k_all.shape[2]
+    r = key_steps.shape[-1]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k_all, preferred_element_type=jnp.float32) * h**-0.5
     s = s.reshape(b, n, t, -1)
     mask = attention_mask(q_seg, kv_seg, offsets)[:, None]  # [B, 1, T, S]
     p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-    ids = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), num_steps)  # none -> dropped
+    ids = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), num_steps * r)  # none -> dropped
+    ids = jnp.where(key_steps >= 0, ids + num_steps * jnp.arange(r), ids)  # [B, S, R]
 
-    def one_row(p_row, ids_row):  # [N, T, S], [S] -> [N, T, C]
-        summed = jax.ops.segment_sum(jnp.moveaxis(p_row, -1, 0), ids_row, num_segments=num_steps + 1)
-        return jnp.moveaxis(summed[:num_steps], 0, -1)
+    def one_row(p_row, ids_row):  # [N, T, S], [S, R] -> [N, T, R * C]
+        values = jnp.repeat(jnp.moveaxis(p_row, -1, 0), r, axis=0)  # [S * R, N, T], key-major like ids
+        summed = jax.ops.segment_sum(values, ids_row.reshape(-1), num_segments=num_steps * r + 1)
+        return jnp.moveaxis(summed[: num_steps * r], 0, -1)
 
-    return jax.vmap(one_row)(p, ids)
+    return jax.vmap(one_row)(p, ids).reshape(b, n, t, r, num_steps)

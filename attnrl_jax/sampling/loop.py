@@ -16,10 +16,11 @@ FCI while decoding (section 5.2, for rows with `row_fci`): feeding response toke
 row over the cache, which the model reduces to the mass paid to each key step. The mass of the current
 query step a is summed; when the step closes (right after a separator token, or at the row's last token)
 it is divided by |U_a| |U_c| and added to the FCI sums of every key step c <= a - Delta. The state per row is
-[layers, heads, C]; steps numbered C - 1 or more share the last bucket (counted in `step_overflow`).
-At the end the sums are maximised over layers and heads and the zeroing rules applied. Responses whose
-segmentation falls back to "\\n" or to single tokens (no "\\n\\n" separator at all; rare in reasoning
-output) are flagged in `needs_fallback`: their FCI is that of the "\\n\\n" segmentation, i.e. one step.
+[R, layers, heads, C]; steps numbered C - 1 or more share the last bucket (counted in `step_overflow`).
+R = 2 segmentations are tracked side by side when `separators` is [V, 2] ("\\n\\n" and the "\\n"
+fallback of section 4): a row uses the "\\n\\n" one if it has such a separator, else the "\\n" one.
+A response with neither (every token its own step in section 4) is flagged `needs_fallback`.
+At the end the sums are maximised over layers and heads and the zeroing rules applied.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ class LoopSettings:
 )
 @dataclasses.dataclass(frozen=True)
 class LoopState:
+    """Decode state; the FCI fields carry a leading R axis (one per tracked segmentation)."""
+
     cache: KVCache
-    key_steps: Array  # [B, S] step id of each cache position (-1: none)
+    key_steps: Array  # [B, S, R] step id of each cache position (-1: none)
     cur_token: Array  # [B] the last sampled token, fed next
     n_gen: Array  # [B] tokens sampled so far
     done: Array  # [B] the last token has been sampled
@@ -98,13 +101,13 @@ class LoopState:
     tokens: Array  # [B, M]
     logprobs: Array  # [B, M] float32
     entropies: Array  # [B, M] float32
-    cur_step: Array  # [B] 1-based step of the next response token
-    cur_len: Array  # [B] tokens of the current step so far
-    step_len: Array  # [B, C] tokens per step bucket
-    cur_mass: Array  # [B, L, N, C] attention mass of the current step to each key step
-    fci: Array  # [B, L, N, C] FCI sums of closed steps
-    think_step: Array  # [B] step of the last </think>, or -1
-    has_sep: Array  # [B] a "\n\n" separator occurred
+    cur_step: Array  # [B, R] 1-based step of the next response token
+    cur_len: Array  # [B, R] tokens of the current step so far
+    step_len: Array  # [B, R, C] tokens per step bucket
+    cur_mass: Array  # [B, R, L, N, C] attention mass of the current step to each key step
+    fci: Array  # [B, R, L, N, C] FCI sums of closed steps
+    think_step: Array  # [B, R] step of the last </think>, or -1
+    has_sep: Array  # [B, R] a separator of this segmentation occurred
 
 
 def _first_logits(params, h_src, row_src, row_prefix_len, cfg, sharder):
@@ -140,7 +143,8 @@ def generate(
       row_keys: [B] PRNG keys (one stream per row).
       row_fci: [B] bool, accumulate FCI for this row (initial responses: prefix = prompt only).
       stop_ids: [B, K] token ids that end each row (-1 pads), EOS included.
-      separators: [V] bool, the "\\n\\n" separator table (`algo.SeparatorTable.double_newline`).
+      separators: [V] bool, the "\\n\\n" separator table (`algo.SeparatorTable.double_newline`), or
+        [V, 2] with the "\\n" table as the fallback segmentation.
       think_id: scalar id of `</think>` (-1 for none).
       cfg, settings, sharder: static model config, loop settings and activation sharding.
 
@@ -172,7 +176,10 @@ def generate(
         ),
         row_prefix_len.astype(jnp.int32),
     )
+    seps = separators[:, None] if separators.ndim == 1 else separators  # [V, R]
+    nseg = seps.shape[1]
     key_steps = jnp.where(jnp.arange(size)[None, :] < row_prefix_len[:, None], 0, -1).astype(jnp.int32)
+    key_steps = jnp.repeat(key_steps[:, :, None], nseg, axis=2)  # [B, S, R]
 
     def sample(logits, n_gen):
         keys = jax.vmap(jax.random.fold_in)(row_keys, n_gen)
@@ -183,7 +190,7 @@ def generate(
 
     tok, lp, ent = sample(logits, jnp.zeros((b,), jnp.int32))
     rows = jnp.arange(b)
-    zeros_lnc = jnp.zeros((b, layers, heads, c), jnp.float32)
+    zeros_lnc = jnp.zeros((b, nseg, layers, heads, c), jnp.float32)
     stop = is_stop(tok)
     state = LoopState(
         cache=cache,
@@ -196,20 +203,20 @@ def generate(
         tokens=jnp.full((b, m), settings.pad_id, jnp.int32).at[:, 0].set(tok),
         logprobs=jnp.zeros((b, m), jnp.float32).at[:, 0].set(lp),
         entropies=jnp.zeros((b, m), jnp.float32).at[:, 0].set(ent),
-        cur_step=jnp.ones((b,), jnp.int32),
-        cur_len=jnp.zeros((b,), jnp.int32),
-        step_len=jnp.zeros((b, c), jnp.int32).at[:, 0].set(row_prefix_len),
+        cur_step=jnp.ones((b, nseg), jnp.int32),
+        cur_len=jnp.zeros((b, nseg), jnp.int32),
+        step_len=jnp.zeros((b, nseg, c), jnp.int32).at[:, :, 0].set(row_prefix_len[:, None]),
         cur_mass=zeros_lnc,
         fci=zeros_lnc,
-        think_step=jnp.full((b,), -1, jnp.int32),
-        has_sep=jnp.zeros((b,), bool),
+        think_step=jnp.full((b, nseg), -1, jnp.int32),
+        has_sep=jnp.zeros((b, nseg), bool),
     )
 
     def body(s: LoopState) -> LoopState:
         active = ~s.fed_final
-        bucket = jnp.minimum(s.cur_step, c - 1)
+        bucket = jnp.minimum(s.cur_step, c - 1)  # [B, R]
         pos = s.cache.lengths
-        key_steps = s.key_steps.at[rows, pos].set(jnp.where(active, bucket, -1), mode="drop")
+        key_steps = s.key_steps.at[rows, pos].set(jnp.where(active[:, None], bucket, -1), mode="drop")
         h, cache, mass = forward_cached(
             params,
             s.cur_token[:, None],
@@ -221,19 +228,20 @@ def generate(
             sharder=sharder,
         )
         # ---- FCI: the fed token's attention row joins its step; a closing step is added to the sums.
-        track = active & row_fci
-        mass = jnp.moveaxis(mass[:, :, :, 0, :], 1, 0)  # [B, L, N, C]
-        cur_mass = s.cur_mass + jnp.where(track[:, None, None, None], mass, 0.0)
-        step_len = s.step_len.at[rows, bucket].add(track.astype(jnp.int32))
+        track = (active & row_fci)[:, None]  # [B, 1]
+        mass = jnp.moveaxis(mass[:, :, :, 0], (1, 3), (0, 1))  # [L, B, N, R, C] -> [B, R, L, N, C]
+        cur_mass = s.cur_mass + jnp.where(track[..., None, None, None], mass, 0.0)
+        step_len = s.step_len + track[..., None] * jax.nn.one_hot(bucket, c, dtype=jnp.int32)
         cur_len = s.cur_len + track
-        sep = separators[s.cur_token]
-        close = track & (sep | s.done)
-        key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [B, C]
-        earlier = jnp.arange(c)[None, :] <= (s.cur_step - delta)[:, None]  # key steps c <= a - Delta
-        scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[:, None] * key_len), 0.0)  # [B, C]
-        fci = s.fci + jnp.where(close[:, None, None, None], cur_mass * scale[:, None, None, :], 0.0)
-        cur_mass = jnp.where(close[:, None, None, None], 0.0, cur_mass)
-        think_step = jnp.where(track & (s.cur_token == think_id), s.cur_step, s.think_step)
+        sep = seps[s.cur_token]  # [B, R]
+        close = track & (sep | s.done[:, None])
+        key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [B, R, C]
+        earlier = jnp.arange(c) <= (s.cur_step - delta)[..., None]  # key steps c <= a - Delta
+        scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [B, R, C]
+        closing = close[..., None, None, None]
+        fci = s.fci + jnp.where(closing, cur_mass * scale[:, :, None, None, :], 0.0)
+        cur_mass = jnp.where(closing, 0.0, cur_mass)
+        think_step = jnp.where(track & (s.cur_token == think_id)[:, None], s.cur_step, s.think_step)
         cur_step = s.cur_step + close
         cur_len = jnp.where(close, 0, cur_len)
         # ---- sample the next token for rows that are still generating.
@@ -265,10 +273,19 @@ def generate(
         )
 
     s = jax.lax.while_loop(lambda s: jnp.any(~s.fed_final), body, state)
+    # Per row, the "\n\n" segmentation if it has such a separator, else the "\n" fallback if tracked.
+    use = jnp.where(s.has_sep[:, 0] | (nseg == 1), 0, 1)
+
+    def pick(x):
+        return jnp.take_along_axis(x, use.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+
     offs = row_prefix_len[:, None] + jnp.arange(m)[None, :]
-    step_ids = jnp.take_along_axis(s.key_steps, jnp.minimum(offs, size - 1), axis=1)
+    chosen_steps = jnp.take_along_axis(s.key_steps, use[:, None, None], axis=2)[..., 0]  # [B, S]
+    step_ids = jnp.take_along_axis(chosen_steps, jnp.minimum(offs, size - 1), axis=1)
     step_ids = jnp.where(jnp.arange(m)[None, :] < s.n_gen[:, None], step_ids, -1)
-    fci = zero_steps(s.fci.max(axis=(1, 2)), s.think_step)
+    think_step = pick(s.think_step)
+    cur_step = pick(s.cur_step)
+    fci = zero_steps(pick(s.fci).max(axis=(1, 2)), think_step)
     return {
         "tokens": s.tokens,
         "logprobs": s.logprobs,
@@ -276,9 +293,9 @@ def generate(
         "lengths": s.n_gen,
         "finish_reason": s.reason,
         "fci": jnp.where(row_fci[:, None], fci, 0.0),
-        "think_step": s.think_step,
+        "think_step": think_step,
         "step_ids": step_ids,
-        "num_steps": s.cur_step - 1,
-        "step_overflow": jnp.maximum(s.cur_step - 1 - (c - 1), 0),
-        "needs_fallback": row_fci & ~s.has_sep,
+        "num_steps": cur_step - 1,
+        "step_overflow": jnp.maximum(cur_step - 1 - (c - 1), 0),
+        "needs_fallback": row_fci & ~jnp.any(s.has_sep, axis=1),
     }

@@ -34,7 +34,7 @@ class Sample:
     fci: np.ndarray | None = None  # [num_steps + 1] step FCI (index 0 = prompt), initial responses only
     step_ids: np.ndarray | None = None  # 1-based step of each token
     think_step: int = -1
-    needs_fallback: bool = False  # no "\n\n" separator: FCI of the fallback segmentation not computed
+    needs_fallback: bool = False  # no separator of any tracked kind: its every-token-step FCI is not computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,8 @@ class Sampler:
       sharder: mesh sharding of activations (params should already be placed).
       stop_ids: extra stop token ids (the tokenizer's EOS is always one).
       min_batch, min_prefix: the smallest batch and prefix buckets.
+      newline_fallback: also track the "\\n" segmentation, used by responses without any "\\n\\n"
+        (section 4); doubles the FCI state of the loop.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Sampler:
         min_batch: int = 8,
         min_prefix: int = 64,
         separators: SeparatorTable | None = None,
+        newline_fallback: bool = True,
     ):
         self.params, self.cfg, self.tokenizer, self.settings = params, cfg, tokenizer, settings
         self.sharder = sharder or Sharder()
@@ -85,6 +88,8 @@ class Sampler:
         if not self.stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and no stop_ids were given")
         self.min_batch, self.min_prefix = min_batch, min_prefix
+        tables = [self.table.double_newline] + ([self.table.newline] if newline_fallback else [])
+        self._separators = jnp.asarray(np.stack(tables, axis=-1))
 
     def encode_prompt(self, content: str) -> list[int]:
         """A user message through the tokenizer's chat template (generation prompt added)."""

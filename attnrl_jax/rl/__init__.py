@@ -1,5 +1,6 @@
 """The policy update: PSRL/GRPO loss (section 11) and the jitted train step."""
 
+from attnrl_jax.rl.batch import build_train_batch, paths_to_train_batch
 from attnrl_jax.rl.loss import LossConfig, k3_kl, policy_loss
 from attnrl_jax.rl.train_step import (
     OptimConfig,
@@ -17,11 +18,13 @@ __all__ = [
     "OptimConfig",
     "TrainBatch",
     "TrainState",
+    "build_train_batch",
     "init_sharded_train_state",
     "init_train_state",
     "jit_train_step",
     "k3_kl",
     "make_optimizer",
+    "paths_to_train_batch",
     "policy_loss",
     "train_step",
 ]

@@ -44,6 +44,7 @@ setup(
         "math-verify",
         "ml-collections>=1.0",
         "pyarrow",
+        "tensorboardX",
         "numpy",
         "tqdm",
     ],

@@ -25,3 +25,46 @@ def qwen_tokenizer_dir():
     path = os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
     assert os.path.isfile(os.path.join(path, "tokenizer.json")), path
     return path
+
+
+@pytest.fixture(scope="session")
+def qwen_world(qwen_tokenizer_dir, tmp_path_factory):
+    """A tiny Qwen2 over the real Qwen vocabulary that writes a few real tokens, among them the separators
+    ".\n\n", "\n\n", ":\n\n" and </think>, so that sampled text really has steps.
+
+    The residual stream carries a large constant in dimension 0, which the layers' norms ignore (their
+    weight there is 0) and the final norm keeps alone: the head then sees a constant and samples from a
+    fixed distribution over the chosen tokens, while the layers' attention stays that of random weights.
+    """
+    import numpy as np
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from attnrl_jax.algo import SeparatorTable
+    from attnrl_jax.model.hf_io import load_checkpoint
+    from helpers import tiny_hf_model
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=qwen_tokenizer_dir + "/tokenizer.json")
+    vocab = 151_680
+    model = tiny_hf_model(vocab=vocab, hidden=32, inter=64, heads=4, kv_heads=2, layers=2, seed=3, std=0.3)
+    texts = [".\n\n", "\n\n", ":\n\n", " x", " =", "2", " so", " the", "Step"]
+    chosen = [tok.encode(t, add_special_tokens=False)[0] for t in texts]
+    chosen.append(tok.encode("</think>", add_special_tokens=False)[-1])
+    probs = [0.09, 0.09, 0.09, 0.12, 0.12, 0.12, 0.12, 0.12, 0.1, 0.03]
+    with torch.no_grad():
+        m = model.model
+        m.embed_tokens.weight[:, 0] = 50.0
+        for layer in m.layers:
+            layer.input_layernorm.weight[0] = 0.0
+            layer.post_attention_layernorm.weight[0] = 0.0
+        m.norm.weight.zero_()
+        m.norm.weight[0] = 1.0
+        head = model.lm_head.weight
+        head.zero_()
+        for token, p in zip(chosen, probs):
+            head[token, 0] = (20.0 + np.log(p)) / np.sqrt(32)  # the normed constant is ~ sqrt(hidden)
+    path = tmp_path_factory.mktemp("qwen_world")
+    model.save_pretrained(path)
+    cfg, params, _ = load_checkpoint(str(path), remat="none")
+    table = SeparatorTable.from_tokenizer(tok, vocab)
+    return tok, model, cfg, params, table

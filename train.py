@@ -3,6 +3,7 @@
 Kept thin on purpose: flags, then the config, then one call into the library.
 """
 
+import os
 import sys
 
 from absl import app, logging
@@ -17,6 +18,8 @@ def main(argv):
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     if _CONFIG.value is None:
         sys.exit("error: --config=configs/<name>.py is required")
+    # transformers is used for configs and tokenizers only; its notice that PyTorch is absent is noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from attnrl_jax import smoke
 
     try:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +21,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from attnrl_jax.model import forward
 from attnrl_jax.model.hf_io import load_checkpoint
-
-
-def _time(fn, iters: int) -> float:
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchmarks.timing import median_seconds
 
 
 def main() -> None:
@@ -91,7 +80,7 @@ def main() -> None:
     assert err <= tol, f"JAX and PyTorch logits differ by {err} (> {tol}); not timing a wrong result"
 
     n_tokens = int(mask.sum())
-    s_jax, s_torch = _time(run_jax, args.iters), _time(run_torch, args.iters)
+    s_jax, s_torch = median_seconds(run_jax, args.iters), median_seconds(run_torch, args.iters)
     device = jax.devices()[0].device_kind
     print(
         f"Qwen2 forward, hidden {args.hidden}, {args.layers} layers, "

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +21,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from attnrl_jax.model.hf_io import load_checkpoint
 from attnrl_jax.sampling import LoopSettings, SamplingParams, generate
-
-
-def _median_time(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchmarks.timing import median_seconds
 
 
 def main() -> None:
@@ -102,7 +91,7 @@ def main() -> None:
             )
 
     assert ours().shape == (b, m) and theirs().shape == (b, p + m)
-    t_ours, t_theirs = _median_time(ours, args.iters), _median_time(theirs, args.iters)
+    t_ours, t_theirs = median_seconds(ours, args.iters), median_seconds(theirs, args.iters)
     n = b * m
     print(
         f"model hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
@@ -164,7 +153,7 @@ def main() -> None:
         return jax.block_until_ready(out["tokens"])
 
     np.testing.assert_array_equal(np.asarray(forked()), np.asarray(reprefilled()))  # same continuations
-    t_fork, t_re = _median_time(forked, args.iters), _median_time(reprefilled, args.iters)
+    t_fork, t_re = median_seconds(forked, args.iters), median_seconds(reprefilled, args.iters)
     print(
         f"\ntree continuations: {b} responses x {len(offsets)} branch points x 2 samples = {nb} rows, "
         f"prefixes up to {longest.shape[1]} tokens, {cont_new} new tokens each"

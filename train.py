@@ -20,11 +20,15 @@ def main(argv):
         sys.exit("error: --config=configs/<name>.py is required")
     # transformers is used for configs and tokenizers only; its notice that PyTorch is absent is noise here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from attnrl_jax import smoke
+    config = _CONFIG.value
+    if config.get("job", "smoke") == "train":
+        from attnrl_jax import trainer as job
+    else:
+        from attnrl_jax import smoke as job
 
     try:
-        smoke.run(_CONFIG.value)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        job.run(config)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 

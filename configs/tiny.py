@@ -5,6 +5,7 @@ from ml_collections import ConfigDict
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
+    c.job = "smoke"  # smoke (this model check) | train (configs/base.py and its derivatives)
     c.seed = 0  # PRNG seed of the parameter init and the synthetic batch
     c.workdir = "runs/smoke"  # outputs (the exported Hugging Face checkpoint) go under here
 

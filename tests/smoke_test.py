@@ -38,3 +38,25 @@ def test_bad_settings_exit_non_zero_with_the_key_named(tmp_path):
     bad_mesh = _train(tmp_path, "--config.mesh.tensor=3")
     assert bad_mesh.returncode != 0 and "4 devices are not divisible" in bad_mesh.stderr
     assert not os.path.exists(tmp_path / "hf")  # nothing was written by the failed runs
+
+
+def test_training_config_errors_before_any_work(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "train.py", "--config=configs/base.py", f"--config.workdir={tmp_path}"]
+    missing = subprocess.run(
+        [*cmd, "--config.data.train_path=/no/such.parquet"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        missing.returncode != 0
+        and "config.data.train_path='/no/such.parquet': no such file" in missing.stderr
+    )
+    bad = subprocess.run(
+        [*cmd, "--config.algo.presett=grpo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode != 0 and "presett" in bad.stderr
+    assert not os.listdir(tmp_path)  # nothing was written

@@ -1,0 +1,80 @@
+"""AttnRL training defaults (ALGORITHM.md sections 3 and 11): `python train.py --config=configs/<x>.py`.
+
+Every field carries its unit or meaning. Derived configs import `get_config` from here and change fields.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.job = "train"  # train | smoke
+    c.seed = 0  # sampling and initialisation seed
+    c.workdir = "runs/attnrl"  # checkpoints, metrics.jsonl and TensorBoard events go here
+
+    c.model = ConfigDict()
+    c.model.preset = ""  # ModelConfig preset name (used when hf_path is empty)
+    c.model.hf_path = ""  # Hugging Face Qwen2 directory (config.json + safetensors [+ tokenizer])
+    c.model.param_dtype = "bfloat16"  # parameter storage dtype: float32 | bfloat16
+    c.model.dtype = "bfloat16"  # activation dtype (logits and log-probs are float32 regardless)
+    c.model.remat = "full"  # none | full | dots
+    c.model.attention_impl = "pallas"  # pallas (GPU/TPU kernels) | xla
+
+    c.tokenizer_path = ""  # tokenizer directory; default: model.hf_path
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1  # data-parallel axis size
+    c.mesh.fsdp = -1  # FSDP axis size (-1: all remaining devices)
+    c.mesh.tensor = 1  # tensor-parallel axis size
+
+    c.data = ConfigDict()
+    c.data.train_path = ""  # verl-format parquet of training problems
+    c.data.max_prompt_len = 1024  # tokens; longer prompts are dropped and counted
+    c.data.shuffle_seed = 1  # per-epoch shuffle seed
+
+    c.algo = ConfigDict()
+    c.algo.preset = (
+        "attnrl"  # attnrl | grpo | treerl | treerl_atb | random_branching | ablations (AlgoConfig)
+    )
+    c.algo.group_size = 6  # G, initial responses per prompt
+    c.algo.continuations = 2  # T, continuations per branch point
+    c.algo.token_distance = 512  # the code's 512-token rule of ATB (0: the paper's rule)
+    c.algo.fci_buckets = 512  # FCI steps tracked per response (later steps share the last bucket)
+    c.algo.initial_batch = 64  # prompts at the first step
+    c.algo.target_paths = 1920  # B', training paths wanted per step (adaptive batch size)
+    c.algo.adaptive_batch = True  # adapt the prompt batch to target_paths (section 9)
+
+    c.sampler = ConfigDict()
+    c.sampler.max_new_tokens = 8192  # response length limit, tokens
+    c.sampler.temperature = 1.0
+    c.sampler.top_p = 1.0
+    c.sampler.top_k = 0  # 0: no limit
+
+    c.loss = ConfigDict()
+    c.loss.clip_low = 0.2
+    c.loss.clip_high = 0.28
+    c.loss.dual_clip = 3.0
+    c.loss.kl_coef = 0.001  # 0: no reference model in memory, no reference forward
+    c.loss.entropy_coef = 0.0
+    c.loss.aggregation = "token_mean"  # token_mean | seq_mean_token_mean
+
+    c.optim = ConfigDict()
+    c.optim.lr = 1e-6
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"  # constant | cosine
+
+    c.train = ConfigDict()
+    c.train.steps = 500  # training steps
+    c.train.micro_batches = 8  # micro-batches per optimizer step (rows padded to a multiple)
+    c.train.row_length = 9216  # prompt + response tokens per training row
+
+    c.reward = ConfigDict()
+    c.reward.workers = 0  # verifier processes (0: CPU count)
+    c.reward.timeout = 5.0  # seconds per response
+
+    c.ckpt = ConfigDict()
+    c.ckpt.every = 10  # steps between checkpoints
+    c.ckpt.max_to_keep = 3
+    return c

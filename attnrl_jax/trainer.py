@@ -35,8 +35,7 @@ from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.rl import LossConfig, OptimConfig, init_sharded_train_state, jit_train_step, make_optimizer
 from attnrl_jax.rollout import rollout
 from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
-
-MODEL_OVERRIDES = ("param_dtype", "dtype", "remat", "attention_impl")
+from attnrl_jax.smoke import MODEL_OVERRIDES, model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +55,7 @@ def settings_from_config(c: ConfigDict) -> Settings:
             continue
         if not path or not os.path.exists(path):
             raise FileNotFoundError(f"config.{key}={path!r}: no such file or directory")
-    overrides = {k: c.model[k] for k in MODEL_OVERRIDES}
-    if c.model.hf_path:
-        model = ModelConfig.from_hf_dir(c.model.hf_path, **overrides)
-    else:
-        model = ModelConfig.preset(c.model.preset, **overrides)
+    model = model_config(c)
     algo = AlgoConfig.preset(c.algo.preset)
     algo = algo.replace(
         group_size=c.algo.group_size,

@@ -13,6 +13,7 @@ import signal
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -37,15 +38,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        """Saves and waits until the step is complete on disk."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+    def save(self, step: int, state: Any, meta: dict, arrays: dict | None = None) -> None:
+        """Saves and waits until the step is complete on disk. `arrays`: optional flat dict of non-empty
+        host numpy arrays (the off-policy pipeline's in-flight batch)."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if arrays is not None:
+            items["arrays"] = ocp.args.StandardSave(arrays)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """Restores `step` (default: the latest) into the structure, dtypes and shardings of
         `abstract_state` (arrays or `jax.ShapeDtypeStruct`s with shardings). Returns (state, meta, step)."""
+        state, meta, _, step = self.restore_all(abstract_state, step)
+        return state, meta, step
+
+    def restore_all(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict | None, int]:
+        """As `restore`, plus the saved `arrays` (host numpy) or None: (state, meta, arrays, step)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no finished checkpoint to restore")
@@ -53,9 +62,15 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state,
         )
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
-        return restored["state"], dict(restored["meta"]), step
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        has_arrays = os.path.isdir(os.path.join(self.directory, str(step), "arrays"))
+        if has_arrays:
+            items["arrays"] = ocp.args.StandardRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        arrays = None
+        if has_arrays:
+            arrays = {k: np.asarray(v) for k, v in restored["arrays"].items()}
+        return restored["state"], dict(restored["meta"]), arrays, step
 
     def close(self) -> None:
         self._manager.close()

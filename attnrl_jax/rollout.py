@@ -1,15 +1,28 @@
-"""One on-policy rollout of AttnRL (or a baseline): initial responses with FCI, rewards, the choice of
-responses and branch points, continuations from forked caches, rewards, trees, paths, training rows.
+"""Rollouts of AttnRL (or a baseline): initial responses with FCI, rewards, the choice of responses and
+branch points, continuations from forked caches, rewards, trees, paths, training rows.
 
 This is the host-side glue between the sampler (ALGORITHM.md sections 3-6), the verifier (section 12) and
-the algorithm core (sections 6-9, 14); the trainer calls it once per step (on-policy) or splits it around
-the sampler's mixed call (one-step off-policy).
+the algorithm core (sections 6-9, 14), in three phases:
+
+  `sample_initial`  -> an `InitialBatch` (prompts, G responses each, rewards being scored asynchronously);
+  `plan_branches`   -> which responses to branch, where (needs the initial rewards);
+  `finish`          -> continuation rewards, trees, paths, the training batch.
+
+`rollout` runs them on-policy (two sampler calls per step). `offpolicy_step` is one step of the one-step
+off-policy pipeline of section 10: a single `Sampler.sample_mixed` call samples the next prompt batch's
+initial responses together with the continuations of the current one, whose initial responses were
+sampled one step earlier. The `InitialBatch` carried between steps is the pipeline's in-flight batch;
+`InitialBatch.to_arrays` / `from_arrays` put it into checkpoints.
+
+`score` is the verifier: `(texts, ground_truths) -> list` of 0/1 accuracies or `Verdict`s, or a future of
+one (`VerifierPool.submit`), which is then collected only when the algorithm needs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +41,7 @@ from attnrl_jax.algo import (
     prompt_paths,
     valid_token_count,
 )
+from attnrl_jax.algo.expansion import ExpansionPlan
 from attnrl_jax.data import Problem
 from attnrl_jax.rl.batch import build_train_batch, paths_to_train_batch
 from attnrl_jax.rl.train_step import TrainBatch
@@ -44,6 +58,164 @@ def sample_steps(sample: Sample, prompt_len: int) -> Steps:
     return Steps(bounds, sample.think_step, prompt_len)
 
 
+def _accs(scored) -> np.ndarray:
+    """0/1 accuracies from a list of numbers or Verdicts, or from a future of one."""
+    if hasattr(scored, "result"):
+        scored = scored.result()
+    return np.asarray([getattr(v, "acc", v) for v in scored], np.float64)
+
+
+Scorer = Callable[[list, list], Any]
+
+
+@dataclasses.dataclass
+class InitialBatch:
+    """A prompt batch with its G initial responses each: the off-policy pipeline's in-flight batch.
+
+    `scored` holds the verifier's answer (or a future of it) until `accs()` collects it.
+    """
+
+    problems: list[Problem]
+    prompts: list[list[int]]
+    samples: list[list[Sample]]
+    scored: Any
+
+    def accs(self) -> np.ndarray:
+        """[P, G] 0/1 accuracies of the initial responses (waits for the verifier once)."""
+        if not isinstance(self.scored, np.ndarray):
+            self.scored = _accs(self.scored).reshape(len(self.problems), -1)
+        return self.scored
+
+    # ---- checkpointing: flat numpy arrays (Orbax) plus JSON-able problems
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], list[dict]]:
+        flat = [s for group in self.samples for s in group]
+        cat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs] + [np.zeros(0, dt)])  # noqa: E731
+        arrays = {
+            "accs": self.accs().astype(np.float32),
+            "prompt_lengths": np.asarray([len(p) for p in self.prompts], np.int32),
+            "prompts": cat(self.prompts, np.int32),
+            "lengths": np.asarray([len(s.tokens) for s in flat], np.int32),
+            "tokens": cat([s.tokens for s in flat], np.int32),
+            "logprobs": cat([s.logprobs for s in flat], np.float32),
+            "entropies": cat([s.entropies for s in flat], np.float32),
+            "step_ids": cat([s.step_ids for s in flat], np.int32),
+            "fci_lengths": np.asarray([len(s.fci) for s in flat], np.int32),
+            "fci": cat([s.fci for s in flat], np.float32),
+            "think_step": np.asarray([s.think_step for s in flat], np.int32),
+            "eos": np.asarray([s.finish_reason == "eos" for s in flat], np.int32),
+            "needs_fallback": np.asarray([s.needs_fallback for s in flat], np.int32),
+        }
+        # Orbax refuses zero-size arrays: each array carries one trailing pad element.
+        arrays = {k: np.append(v, np.zeros(1, v.dtype)) for k, v in arrays.items()}
+        problems = [
+            {
+                "index": p.index,
+                "data_source": p.data_source,
+                "messages": [dict(m) for m in p.messages],
+                "ground_truth": p.ground_truth if isinstance(p.ground_truth, str) else list(p.ground_truth),
+            }
+            for p in self.problems
+        ]
+        return arrays, problems
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, problems: list[dict], decode: Callable) -> InitialBatch:
+        """Inverse of `to_arrays`; `decode(tokens) -> text` re-creates the response texts."""
+        a = {k: np.asarray(v)[:-1] for k, v in arrays.items()}  # drop the pad element
+        split = lambda x, lengths: np.split(x, np.cumsum(lengths)[:-1]) if len(lengths) else []  # noqa: E731
+        probs = [
+            Problem(
+                int(p["index"]),
+                p["data_source"],
+                tuple(p["messages"]),
+                p["ground_truth"] if isinstance(p["ground_truth"], str) else tuple(p["ground_truth"]),
+            )
+            for p in problems
+        ]
+        prompts = [list(map(int, x)) for x in split(a["prompts"], a["prompt_lengths"])]
+        fields = [split(a[k], a["lengths"]) for k in ("tokens", "logprobs", "entropies", "step_ids")]
+        fcis = split(a["fci"], a["fci_lengths"])
+        flat = [
+            Sample(
+                tokens=tok,
+                logprobs=lp,
+                entropies=ent,
+                finish_reason="eos" if a["eos"][i] else "length",
+                text=decode(tok),
+                fci=fcis[i],
+                step_ids=sid,
+                think_step=int(a["think_step"][i]),
+                needs_fallback=bool(a["needs_fallback"][i]),
+            )
+            for i, (tok, lp, ent, sid) in enumerate(zip(*fields))
+        ]
+        g = len(flat) // max(len(probs), 1)
+        samples = [flat[q * g : (q + 1) * g] for q in range(len(probs))]
+        accs = a["accs"].astype(np.float64).reshape(len(probs), g)
+        return cls(probs, prompts, samples, accs)
+
+
+def encode_problems(sampler: Sampler, problems: Sequence[Problem]) -> list[list[int]]:
+    return [sampler.encode_prompt(p.question) for p in problems]
+
+
+def start_initial(
+    problems: Sequence[Problem], prompts: list[list[int]], samples: list[list[Sample]], score: Scorer
+) -> InitialBatch:
+    """Wraps freshly sampled initial responses and hands them to the verifier (asynchronously if it can)."""
+    g = len(samples[0]) if samples else 0
+    texts = [s.text for group in samples for s in group]
+    gts = [p.ground_truth for p in problems for _ in range(g)]
+    return InitialBatch(list(problems), prompts, samples, score(texts, gts))
+
+
+def sample_initial(
+    sampler: Sampler, problems: Sequence[Problem], group_size: int, score: Scorer, *, seed: int
+) -> InitialBatch:
+    """G initial responses per problem (one sampler call), with their scoring started."""
+    prompts = encode_problems(sampler, problems)
+    return start_initial(problems, prompts, sampler.generate(prompts, n=group_size, seed=seed), score)
+
+
+@dataclasses.dataclass
+class BranchPlan:
+    """The continuations to sample for an `InitialBatch` (empty for GRPO)."""
+
+    expansion: ExpansionPlan | None
+    requests: list[ContinuationRequest]
+    owners: list[tuple[int, int]]  # (prompt, response) of each request
+
+
+def plan_branches(
+    batch: InitialBatch, algo: AlgoConfig, running_fci: RunningMean, rng: np.random.Generator
+) -> BranchPlan:
+    """Sections 6-7: which initial responses to branch (difficulty, FCI filter) and where (ATB, ...)."""
+    if algo.estimator == "grpo":
+        return BranchPlan(None, [], [])
+    accs = batch.accs()
+    steps = [[sample_steps(s, len(batch.prompts[q])) for s in group] for q, group in enumerate(batch.samples)]
+    fcis = [
+        [np.asarray(s.fci)[1 : st.num_steps + 1] for s, st in zip(group, steps[q])]
+        for q, group in enumerate(batch.samples)
+    ]
+    plan = plan_expansion(
+        accs, np.array([prompt_mean_fci(f) for f in fcis]), running_fci, rng, algo.expansion
+    )
+    requests, owners = [], []
+    for q, chosen in enumerate(plan.branched):
+        for i in chosen:
+            s = batch.samples[q][i]
+            offsets = branch_points(algo, steps[q][i], fci=fcis[q][i], entropy=s.entropies, rng=rng)
+            if len(offsets):
+                requests.append(
+                    ContinuationRequest(
+                        batch.prompts[q], list(s.tokens), [int(o) for o in offsets], algo.continuations
+                    )
+                )
+                owners.append((q, i))
+    return BranchPlan(plan, requests, owners)
+
+
 @dataclasses.dataclass
 class RolloutResult:
     batch: TrainBatch | None  # None when every prompt was filtered out
@@ -52,46 +224,32 @@ class RolloutResult:
     num_paths: int
 
 
-def rollout(
-    sampler: Sampler,
-    score,  # (texts: list[str], ground_truths: list) -> list of 0/1
-    problems: Sequence[Problem],
+def finish(
+    batch: InitialBatch,
+    branch: BranchPlan,
+    conts: list[list[list[Sample]]],
+    score: Scorer,
     algo: AlgoConfig,
     running_fci: RunningMean,
     *,
-    seed: int,
     row_length: int,
     rows_multiple: int = 1,
 ) -> RolloutResult:
-    """One step's rollouts for `problems` (on-policy: two sampler calls).
-
-    Args:
-      sampler: the host sampler (its settings give max new tokens and sampling).
-      score: the verifier (e.g. `lambda t, g: [v.acc for v in pool.score(t, g)]`).
-      problems: this step's prompts.
-      algo: the method (AttnRL, GRPO, TreeRL, ...).
-      running_fci: R-bar of the FCI filter before this step.
-      seed: this step's sampling seed.
-      row_length: training row length (prompt + response must fit).
-      rows_multiple: pad the batch rows to a multiple of this (micro-batches).
-    """
-    g = algo.group_size
-    prompts = [sampler.encode_prompt(p.question) for p in problems]
-    initial = sampler.generate(prompts, n=g, seed=seed)
-    texts = [s.text for group in initial for s in group]
-    gts = [p.ground_truth for p in problems for _ in range(g)]
-    accs = np.asarray(score(texts, gts), np.float64).reshape(len(problems), g)
+    """Sections 8 and 14: continuation rewards, trees (or GRPO groups), paths, filtering, training rows."""
+    problems, prompts, initial = batch.problems, batch.prompts, batch.samples
+    accs = batch.accs()
+    g = accs.shape[1]
     metrics = {
         "accuracy": float(accs.mean()),
         "reward": float((2 * accs - 1).mean()),
         "prompt_batch": len(problems),
+        "response_length": float(np.mean([len(s.tokens) for group in initial for s in group])),
     }
-
     if algo.estimator == "grpo":
         adv = grpo_advantages(accs, normalize_std=algo.grpo_normalize_std)
         seqs = [(prompts[q], initial[q][i], adv[q, i]) for q in range(len(problems)) for i in range(g)]
         rows = -(-len(seqs) // rows_multiple) * rows_multiple
-        batch = build_train_batch(
+        train = build_train_batch(
             [s[0] for s in seqs],
             [s[1].tokens for s in seqs],
             [np.full(len(s[1].tokens), s[2]) for s in seqs],
@@ -99,34 +257,17 @@ def rollout(
             row_length,
             rows=rows,
         )
-        metrics["num_paths"] = len(seqs)
-        return RolloutResult(batch, metrics, running_fci, len(seqs))
+        nonzero = sum(len(s[1].tokens) for s in seqs if s[2] != 0)
+        metrics.update(
+            num_paths=len(seqs),
+            valid_token_ratio=nonzero / max(sum(len(s[1].tokens) for s in seqs), 1),
+        )
+        return RolloutResult(train, metrics, running_fci, len(seqs))
 
-    rng = np.random.default_rng(seed)
-    steps = [[sample_steps(s, len(prompts[q])) for s in initial[q]] for q in range(len(problems))]
-    fcis = [
-        [np.asarray(s.fci)[1 : st.num_steps + 1] for s, st in zip(initial[q], steps[q])]
-        for q in range(len(problems))
-    ]
-    plan = plan_expansion(
-        accs, np.array([prompt_mean_fci(f) for f in fcis]), running_fci, rng, algo.expansion
-    )
-    requests, owners = [], []
-    for q, chosen in enumerate(plan.branched):
-        for i in chosen:
-            s = initial[q][i]
-            offsets = branch_points(algo, steps[q][i], fci=fcis[q][i], entropy=s.entropies, rng=rng)
-            if len(offsets):
-                requests.append(
-                    ContinuationRequest(
-                        prompts[q], list(s.tokens), [int(o) for o in offsets], algo.continuations
-                    )
-                )
-                owners.append((q, i))
-    _, conts = sampler.sample_mixed([], 0, requests, seed=seed + 1) if requests else ([], [])
+    requests, owners = branch.requests, branch.owners
     flat = [(k, j, c) for k, per_req in enumerate(conts) for j, group in enumerate(per_req) for c in group]
     cont_accs = (
-        score([c.text for _, _, c in flat], [problems[owners[k][0]].ground_truth for k, _, _ in flat])
+        _accs(score([c.text for _, _, c in flat], [problems[owners[k][0]].ground_truth for k, _, _ in flat]))
         if flat
         else []
     )
@@ -136,6 +277,7 @@ def rollout(
             Continuation(requests[k].offsets[j], c.tokens, c.logprobs, float(acc))
         )
 
+    plan = branch.expansion
     paths = []
     for q in range(len(problems)):
         if plan.dropped[q]:
@@ -148,13 +290,22 @@ def rollout(
             q, responses, build_prompt_trees(responses), max_len=row_length - len(prompts[q])
         )
     kept, dropped_prompts = filter_zero_variance(paths)
+    fci_means = [
+        float(np.mean(s.fci[1:])) for group in initial for s in group if s.fci is not None and len(s.fci) > 1
+    ]
     metrics.update(
         num_paths=len(kept),
+        num_continuations=len(flat),
+        continuation_tokens=sum(len(c.tokens) for _, _, c in flat),
         prompts_dropped_fci=int(plan.dropped.sum()),
         prompts_dropped_zero_variance=len(dropped_prompts),
         continuation_accuracy=float(np.mean(cont_accs)) if len(cont_accs) else 0.0,
         valid_token_ratio=valid_token_count(kept) / max(sum(len(p.tokens) for p in kept), 1),
         fci_running_mean=plan.running_mean.mean,
+        fci_mean=float(np.mean(fci_means)) if fci_means else 0.0,
+        fci_max=float(
+            max((float(np.max(s.fci)) for group in initial for s in group if s.fci is not None), default=0.0)
+        ),
     )
     if not kept:
         return RolloutResult(None, metrics, plan.running_mean, 0)
@@ -162,3 +313,64 @@ def rollout(
     return RolloutResult(
         paths_to_train_batch(prompts, kept, row_length, rows=rows), metrics, plan.running_mean, len(kept)
     )
+
+
+def rollout(
+    sampler: Sampler,
+    score: Scorer,
+    problems: Sequence[Problem],
+    algo: AlgoConfig,
+    running_fci: RunningMean,
+    *,
+    seed: int,
+    row_length: int,
+    rows_multiple: int = 1,
+) -> RolloutResult:
+    """One on-policy step's rollouts for `problems` (two sampler calls: initial, then continuations).
+
+    Args:
+      sampler: the host sampler (its settings give max new tokens and sampling).
+      score: the verifier (module docstring).
+      problems: this step's prompts.
+      algo: the method (AttnRL, GRPO, TreeRL, ...).
+      running_fci: R-bar of the FCI filter before this step.
+      seed: this step's sampling seed.
+      row_length: training row length (prompt + response must fit).
+      rows_multiple: pad the batch rows to a multiple of this (micro-batches).
+    """
+    batch = sample_initial(sampler, problems, algo.group_size, score, seed=seed)
+    branch = plan_branches(batch, algo, running_fci, np.random.default_rng(seed))
+    conts = sampler.sample_mixed([], 0, branch.requests, seed=seed + 1)[1] if branch.requests else []
+    return finish(
+        batch, branch, conts, score, algo, running_fci, row_length=row_length, rows_multiple=rows_multiple
+    )
+
+
+def offpolicy_step(
+    sampler: Sampler,
+    score: Scorer,
+    current: InitialBatch,
+    next_problems: Sequence[Problem],
+    algo: AlgoConfig,
+    running_fci: RunningMean,
+    *,
+    seed: int,
+    row_length: int,
+    rows_multiple: int = 1,
+) -> tuple[RolloutResult, InitialBatch]:
+    """One step of the one-step off-policy pipeline (section 10) with ONE sampler call.
+
+    `current` holds prompts whose initial responses were sampled one step earlier (by the policy one
+    update older). Its branches are planned from its rewards, then one `sample_mixed` call with the
+    current weights samples `next_problems`' initial responses and `current`'s continuations. The next
+    batch's rewards are started asynchronously; `current` is finished into training rows. Each token keeps
+    its true behaviour log-prob. Returns (current's result, the next in-flight batch).
+    """
+    branch = plan_branches(current, algo, running_fci, np.random.default_rng(seed))
+    prompts = encode_problems(sampler, next_problems)
+    initial, conts = sampler.sample_mixed(prompts, algo.group_size, branch.requests, seed=seed)
+    following = start_initial(next_problems, prompts, initial, score)
+    result = finish(
+        current, branch, conts, score, algo, running_fci, row_length=row_length, rows_multiple=rows_multiple
+    )
+    return result, following

@@ -1,14 +1,24 @@
-"""The training loop (on-policy mode): data -> rollout (sampler, verifier, algorithm) -> update ->
-adaptive batch size -> metrics -> Orbax checkpoint, resuming from the latest checkpoint automatically.
+"""The training loop: data -> rollout (sampler with FCI, verifier, algorithm) -> update -> adaptive batch
+size -> metrics -> Orbax checkpoint, resuming from the latest checkpoint automatically.
 
-Everything a step depends on is either in the checkpoint (train state, data position, the FCI filter's
-running mean, the adaptive batch size) or derived from (seed, step) (the sampling keys), so a resumed run
-repeats the uninterrupted one exactly. SIGTERM (TPU preemption) makes the loop save and return.
+Two pipelines (`config.train.off_policy`):
+  * one-step off-policy (ALGORITHM.md section 10, AttnRL's default): ONE sampler call per step samples the
+    next prompt batch's initial responses and the current batch's continuations; the current batch's
+    initial responses come from the policy one update older. The first step samples its own initial
+    responses first (it is on-policy, as in the paper).
+  * on-policy (`rollout`): initial responses, then continuations, two sampler calls per step (TreeRL).
+
+Everything a step depends on is in the checkpoint (train state, data position, the FCI filter's running
+mean, the adaptive batch size, the off-policy in-flight batch with its rewards) or derived from
+(seed, step) (the sampling keys), so a resumed run repeats the uninterrupted one exactly. SIGTERM (TPU
+preemption) makes the loop save and return; a step whose loss or gradient is not finite is skipped by the
+train step, and the loop then saves the (finite) state and stops with an error naming the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -29,11 +39,18 @@ from attnrl_jax.checkpoint import Checkpointer, PreemptionGuard
 from attnrl_jax.data import IteratorState, PromptIterator, read_verl_parquet
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
-from attnrl_jax.model import ModelConfig, init_sharded_params, token_log_probs
-from attnrl_jax.model.hf_io import load_checkpoint
+from attnrl_jax.model import ModelConfig, init_sharded_params
+from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
 from attnrl_jax.rewards import VerifierPool
-from attnrl_jax.rl import LossConfig, OptimConfig, init_sharded_train_state, jit_train_step, make_optimizer
-from attnrl_jax.rollout import rollout
+from attnrl_jax.rl import (
+    LossConfig,
+    OptimConfig,
+    init_sharded_train_state,
+    jit_train_step,
+    make_optimizer,
+    recompute_log_probs,
+)
+from attnrl_jax.rollout import InitialBatch, offpolicy_step, rollout, sample_initial
 from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
 from attnrl_jax.smoke import MODEL_OVERRIDES, model_config
 
@@ -80,6 +97,7 @@ def settings_from_config(c: ConfigDict) -> Settings:
         c.loss.kl_coef,
         c.loss.entropy_coef,
         c.loss.aggregation,
+        temperature=c.sampler.temperature,
     )
     optim = OptimConfig(
         lr=c.optim.lr,
@@ -87,13 +105,28 @@ def settings_from_config(c: ConfigDict) -> Settings:
         grad_clip=c.optim.grad_clip,
         warmup_steps=c.optim.warmup_steps,
         schedule=c.optim.schedule,
-        total_steps=max(c.train.steps, 1),
+        # The schedule counts optimizer steps: about target_paths / mini_batch_rows per training step.
+        total_steps=max(c.train.steps, 1)
+        * max(1, -(-c.algo.target_paths // (c.train.mini_batch_rows or c.algo.target_paths))),
     )
     mesh = MeshConfig(**c.mesh)
     mesh.resolve(jax.device_count())
     for key in ("steps", "micro_batches", "row_length"):
         if c.train[key] < 1:
             raise ValueError(f"config.train.{key} must be at least 1, got {c.train[key]}")
+    if c.train.mini_batch_rows < 0 or c.train.mini_batch_rows % c.train.micro_batches:
+        raise ValueError(
+            f"config.train.mini_batch_rows={c.train.mini_batch_rows} must be 0 or a positive multiple of "
+            f"config.train.micro_batches={c.train.micro_batches}"
+        )
+    for key in ("every", "max_to_keep"):
+        if c.ckpt[key] < 1:
+            raise ValueError(f"config.ckpt.{key} must be at least 1, got {c.ckpt[key]}")
+    if c.algo.group_size < 2 or c.algo.initial_batch < 1:
+        raise ValueError(
+            f"config.algo.group_size must be >= 2 and initial_batch >= 1, got {c.algo.group_size}, "
+            f"{c.algo.initial_batch}"
+        )
     if c.train.row_length <= c.data.max_prompt_len:
         raise ValueError(
             f"config.train.row_length={c.train.row_length} leaves no room after "
@@ -102,18 +135,63 @@ def settings_from_config(c: ConfigDict) -> Settings:
     return Settings(model, algo, loop, loss, optim, mesh)
 
 
+class _Clock:
+    """Seconds spent waiting on the verifier (futures resolved through `wrap`)."""
+
+    def __init__(self):
+        self.waited = 0.0
+
+    def wrap(self, future):
+        clock = self
+
+        class _Timed:
+            def result(self):
+                t = time.perf_counter()
+                out = future.result()
+                clock.waited += time.perf_counter() - t
+                return out
+
+        return _Timed()
+
+
+def _update(step_fn, state, batch, rows: int):
+    """One optimizer step per `rows`-row mini-batch, in order (section 11: ppo_epochs 1). Returns the new
+    state and the list of each mini-batch's metrics, still on the device (see `_reduce`)."""
+    n = batch.tokens.shape[0]
+    rows = rows or n
+    outs = []
+    for lo in range(0, n, rows):
+        state, m = step_fn(state, jax.tree.map(lambda x, lo=lo: x[lo : lo + rows], batch))
+        outs.append(m)
+    return state, outs
+
+
+def _reduce(per_minibatch: list[dict]) -> dict[str, float]:
+    """Host-side mean of fetched mini-batch metrics (`finite`: the minimum), plus the optimizer step count."""
+    out = {k: float(np.mean([float(m[k]) for m in per_minibatch])) for k in per_minibatch[0]}
+    out["finite"] = float(min(float(m["finite"]) for m in per_minibatch))
+    out["optimizer_steps"] = float(len(per_minibatch))
+    return out
+
+
+def _tokens(batch: InitialBatch | None) -> int:
+    return 0 if batch is None else sum(len(s.tokens) for group in batch.samples for s in group)
+
+
 def run(c: ConfigDict) -> dict:
-    """Trains for config.train.steps steps (resuming from config.workdir); returns the last metrics."""
+    """Trains for config.train.steps steps (resuming from config.workdir); returns the last step's metrics."""
     s = settings_from_config(c)
-    sharder = Sharder(make_mesh(s.mesh))
     tokenizer_path = c.tokenizer_path or c.model.hf_path
     if not tokenizer_path:
         raise ValueError(
             "config.tokenizer_path is empty and there is no config.model.hf_path to take it from"
         )
+    if not os.path.isdir(tokenizer_path):
+        raise FileNotFoundError(f"config.tokenizer_path={tokenizer_path!r}: no such directory")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    sharder = Sharder(make_mesh(s.mesh))
     if c.model.hf_path:
         cfg, params, _ = load_checkpoint(c.model.hf_path, sharder, **{k: c.model[k] for k in MODEL_OVERRIDES})
     else:
@@ -122,29 +200,48 @@ def run(c: ConfigDict) -> dict:
     ref_params = jax.tree.map(jnp.copy, params) if s.loss.kl_coef > 0 else None
 
     problems = read_verl_parquet(c.data.train_path)
-    encode = lambda p: len(
-        tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True)[
-            "input_ids"
-        ]
-    )  # noqa: E731
-    iterator = PromptIterator(problems, c.data.shuffle_seed, encode, c.data.max_prompt_len)
+
+    def prompt_len(p):
+        out = tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True)
+        return len(out["input_ids"] if hasattr(out, "keys") else out)
+
+    iterator = PromptIterator(problems, c.data.shuffle_seed, prompt_len, c.data.max_prompt_len)
     optimizer = make_optimizer(s.optim)
     state = init_sharded_train_state(params, optimizer, sharder, cfg)
     running, bsz = RunningMean(), BatchSizeState(s.algo.batch_size.initial, 0)
+    inflight: InitialBatch | None = None
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
 
     ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.ckpt.max_to_keep)
     start = 0
     if ckpt.latest_step() is not None:
-        state, meta, start = ckpt.restore(state)
+        state, meta, arrays, start = ckpt.restore_all(state)
         iterator.restore(IteratorState.from_dict(meta["data"]))
         running = RunningMean(**meta["running_fci"])
         bsz = BatchSizeState(*meta["batch_size"])
-        print(f"resumed from step {start} in {ckpt.directory}")
+        if arrays is not None:
+            inflight = InitialBatch.from_arrays(arrays, meta["inflight_problems"], decode)
+        print(f"resumed from step {start} in {ckpt.directory}", flush=True)
 
     step_fn = jit_train_step(cfg, s.loss, optimizer, state, c.train.micro_batches, sharder)
+
+    @jax.jit
+    def recompute(params, batch):
+        """Old log-probs from a forward pass and their mean |difference| to the sampler's (loss tokens)."""
+        logp = recompute_log_probs(
+            params, batch, model_cfg=cfg, temperature=s.loss.temperature, sharder=sharder
+        )
+        mask = batch.loss_mask.astype(jnp.float32)
+        mismatch = jnp.sum(jnp.abs(logp - batch.old_logp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return logp, mismatch
+
+    ref_fn = jax.jit(functools.partial(recompute_log_probs, model_cfg=cfg, temperature=1.0, sharder=sharder))
     writer = MetricWriter(c.workdir)
     lagged = LaggedMetrics()
+    held: dict[int, dict] = {}  # host metrics of steps whose device metrics are not fetched yet
     last: dict = {}
+    if iterator.dropped and start == 0:
+        print(f"dropped {iterator.dropped} prompts longer than {c.data.max_prompt_len} tokens", flush=True)
 
     def save(step):
         meta = {
@@ -152,73 +249,133 @@ def run(c: ConfigDict) -> dict:
             "running_fci": running._asdict(),
             "batch_size": list(bsz),
             "config": c.to_dict(),
+            "inflight_problems": None,
         }
-        ckpt.save(step, state, meta)
+        arrays = None
+        if inflight is not None:
+            arrays, meta["inflight_problems"] = inflight.to_arrays()
+        ckpt.save(step, state, meta, arrays)
 
+    def emit(done):
+        """Writes a step's record once its device metrics arrive; stops on a non-finite update."""
+        nonlocal last
+        if done is None:
+            return
+        step, fetched = done
+        record = held.pop(step)
+        device = _reduce(fetched["minibatches"]) if fetched.get("minibatches") else {}
+        if "logp_mismatch" in fetched:
+            device["logp_mismatch"] = float(fetched["logp_mismatch"])
+        record.update({f"update/{k}": v for k, v in device.items()})
+        writer.write(step, record)
+        last = record
+        if device and device["finite"] == 0.0:
+            save(state_step())
+            raise FloatingPointError(
+                f"step {step}: non-finite loss or gradient; the update was skipped and the last good state "
+                f"is saved in {ckpt.directory} (step {state_step()})"
+            )
+
+    current_step = start
+
+    def state_step():
+        return current_step
+
+    clock = _Clock()
+    mode = "off-policy" if c.train.off_policy else "on-policy"
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
         sampler = Sampler(state.params, cfg, tokenizer, s.loop, sharder=sharder)
-
-        def score(texts, gts):
-            return [v.acc for v in pool.score(texts, gts)]
-
-        for step in tqdm(
-            range(start, c.train.steps), initial=start, total=c.train.steps, desc="train", unit="step"
-        ):
+        score = lambda texts, gts: clock.wrap(pool.submit(texts, gts))  # noqa: E731
+        bar = tqdm(
+            range(start, c.train.steps),
+            initial=start,
+            total=c.train.steps,
+            desc=f"train ({c.algo.preset}, {mode})",
+            unit="step",
+        )
+        for step in bar:
             t0 = time.perf_counter()
+            clock.waited = 0.0
             sampler.params = state.params
-            batch_problems = iterator.take(bsz.size)
-            result = rollout(
-                sampler,
-                score,
-                batch_problems,
-                s.algo,
-                running,
-                seed=c.seed * 1_000_003 + step,
-                row_length=c.train.row_length,
-                rows_multiple=c.train.micro_batches,
-            )
+            seed = c.seed * 1_000_003 + 4 * step
+            generated = 0
+            if c.train.off_policy:
+                if inflight is None:  # the first step samples its own initial responses (on-policy)
+                    inflight = sample_initial(
+                        sampler, iterator.take(bsz.size), s.algo.group_size, score, seed=seed + 2
+                    )
+                    generated += _tokens(inflight)
+                result, inflight = offpolicy_step(
+                    sampler,
+                    score,
+                    inflight,
+                    iterator.take(bsz.size),
+                    s.algo,
+                    running,
+                    seed=seed,
+                    row_length=c.train.row_length,
+                    rows_multiple=c.train.mini_batch_rows or c.train.micro_batches,
+                )
+                generated += _tokens(inflight)
+            else:
+                result = rollout(
+                    sampler,
+                    score,
+                    iterator.take(bsz.size),
+                    s.algo,
+                    running,
+                    seed=seed,
+                    row_length=c.train.row_length,
+                    rows_multiple=c.train.mini_batch_rows or c.train.micro_batches,
+                )
+                generated += int(
+                    result.metrics["prompt_batch"] * s.algo.group_size * result.metrics["response_length"]
+                )
+            generated += int(result.metrics.get("continuation_tokens", 0))
             running = result.running_fci
             t1 = time.perf_counter()
             metrics = dict(result.metrics)
+            device_metrics = {}
             if result.batch is not None:
                 batch = result.batch
+                if c.train.recompute_logprobs:
+                    recomputed, mismatch = recompute(state.params, batch)
+                    batch = dataclasses.replace(batch, old_logp=recomputed)
                 if ref_params is not None:
-                    ref = token_log_probs(
-                        ref_params,
-                        batch.tokens,
-                        batch.targets,
-                        cfg=cfg,
-                        segment_ids=batch.segment_ids,
-                        sharder=sharder,
-                    )
-                    batch = dataclasses.replace(batch, ref_logp=ref)
-                state, device_metrics = step_fn(state, batch)
-                done = lagged.push(step + 1, device_metrics)
-                if done is not None:
-                    _check_finite(done[1], done[0], save, step + 1)
-                    metrics.update({f"update/{k}": float(v) for k, v in done[1].items()})
+                    batch = dataclasses.replace(batch, ref_logp=ref_fn(ref_params, batch))
+                state, minibatches = _update(step_fn, state, batch, c.train.mini_batch_rows)
+                device_metrics = {"minibatches": minibatches}
+                if c.train.recompute_logprobs:
+                    device_metrics["logp_mismatch"] = mismatch
+            current_step = step + 1
             if c.algo.adaptive_batch:
                 bsz = update_batch_size(bsz, result.num_paths, s.algo.batch_size)
+            t2 = time.perf_counter()
             metrics.update(
-                time_rollout=t1 - t0, time_update=time.perf_counter() - t1, prompt_batch=len(batch_problems)
+                time_sample=t1 - t0 - clock.waited,
+                time_score=clock.waited,
+                time_update=t2 - t1,
+                time_step=t2 - t0,
+                generated_tokens=generated,
+                tokens_per_s=generated / max(t1 - t0 - clock.waited, 1e-9),
+                next_prompt_batch=bsz.size,
             )
-            writer.write(step + 1, metrics)
-            last = metrics
+            held[step + 1] = metrics
+            emit(lagged.push(step + 1, device_metrics))
+            bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", paths=result.num_paths)
             if (step + 1) % c.ckpt.every == 0 or step + 1 == c.train.steps or guard.requested:
-                done = lagged.flush()
-                if done is not None:
-                    _check_finite(done[1], done[0], save, step + 1)
+                emit(lagged.flush())
                 save(step + 1)
             if guard.requested:
-                print(f"SIGTERM: saved step {step + 1} and stopping")
+                print(f"SIGTERM: saved step {step + 1} and stopping", flush=True)
                 break
+        bar.close()
+        emit(lagged.flush())
+    if c.ckpt.export and current_step == c.train.steps:
+        path = os.path.join(c.workdir, "export", f"step_{current_step}")
+        if not os.path.exists(path):
+            save_checkpoint(path, cfg, state.params, tokenizer=tokenizer)
+            print(f"exported the policy to {path}", flush=True)
     writer.close()
     ckpt.close()
     return last
-
-
-def _check_finite(metrics, step, ckpt, save):
-    if float(np.asarray(metrics["finite"])) == 0.0:
-        raise FloatingPointError(
-            f"step {step}: non-finite loss or gradient; the last good state is in {ckpt.directory}"
-        )

@@ -67,8 +67,13 @@ def get_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.steps = 500  # training steps
-    c.train.micro_batches = 8  # micro-batches per optimizer step (rows padded to a multiple)
+    c.train.mini_batch_rows = 192  # training rows per optimizer step (PPO mini-batch; 0: all rows, one step)
+    c.train.micro_batches = 8  # gradient-accumulation micro-batches per optimizer step
     c.train.row_length = 9216  # prompt + response tokens per training row
+    c.train.off_policy = (
+        True  # one-step off-policy pipeline (section 10); False: on-policy, two sampler calls
+    )
+    c.train.recompute_logprobs = False  # True: old log-probs from a forward pass (mismatch is logged)
 
     c.reward = ConfigDict()
     c.reward.workers = 0  # verifier processes (0: CPU count)
@@ -77,4 +82,5 @@ def get_config() -> ConfigDict:
     c.ckpt = ConfigDict()
     c.ckpt.every = 10  # steps between checkpoints
     c.ckpt.max_to_keep = 3
+    c.ckpt.export = True  # write a Hugging Face directory of the final policy to workdir/export/step_<N>
     return c

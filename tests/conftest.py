@@ -68,3 +68,53 @@ def qwen_world(qwen_tokenizer_dir, tmp_path_factory):
     cfg, params, _ = load_checkpoint(str(path), remat="none")
     table = SeparatorTable.from_tokenizer(tok, vocab)
     return tok, model, cfg, params, table
+
+
+@pytest.fixture(scope="session")
+def task_world(tmp_path_factory):
+    """The built-in task's BPE tokenizer (384 tokens) with a tiny Qwen2 that writes a few task tokens
+    ("\\n\\n", " =", " ", "1", "2", " +", "</think>") from a fixed distribution while its layers' attention
+    stays that of random weights (the trick of `qwen_world`), and a training file of task questions whose
+    answer is 2: sampled answers are right about a third of the time, so groups have mixed outcomes.
+
+    Returns the directory with `model/` (Hugging Face checkpoint + tokenizer) and `train.parquet`.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from attnrl_jax.data import Problem, write_verl_parquet
+    from attnrl_jax.model import ModelConfig, init_params
+    from attnrl_jax.model.hf_io import save_checkpoint
+    from attnrl_jax.task.arith import make_split
+    from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
+
+    root = tmp_path_factory.mktemp("task_world")
+    problems, solutions = make_split(0, 200)
+    tok = train_tokenizer([p.question for p in problems] + solutions + [CHAT_TEMPLATE], str(root / "tok"))
+    cfg = ModelConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        remat="none",
+        eos_token_id=tok.eos_token_id,
+    )
+    params = init_params(cfg, jax.random.key(3))
+    params = jax.tree.map(lambda x: x * 4.0, params)  # wider than the default init: attention is not flat
+    texts = ["\n\n", " =", " ", "1", "2", " +", "</think>"]
+    chosen = [tok.encode(t, add_special_tokens=False)[-1] for t in texts]
+    probs = np.array([0.15, 0.1, 0.15, 0.1, 0.3, 0.05, 0.15])
+    d = cfg.hidden_size
+    params["embed"] = params["embed"].at[:, 0].set(50.0)
+    params["layers"]["attn_norm"] = params["layers"]["attn_norm"].at[:, 0].set(0.0)
+    params["layers"]["mlp_norm"] = params["layers"]["mlp_norm"].at[:, 0].set(0.0)
+    params["final_norm"] = jnp.zeros(d).at[0].set(1.0)
+    head = np.zeros((cfg.vocab_size, d), np.float32)
+    head[chosen, 0] = (20.0 + np.log(probs)) / np.sqrt(d)  # the normed constant is ~ sqrt(hidden)
+    params["lm_head"] = jnp.asarray(head)
+    save_checkpoint(str(root / "model"), cfg, params, tokenizer=tok)
+    questions = [Problem(i, "arith", p.messages, "2") for i, p in enumerate(problems[:8])]
+    write_verl_parquet(str(root / "train.parquet"), questions)
+    return root

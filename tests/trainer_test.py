@@ -1,90 +1,195 @@
-"""The training loop on a tiny Qwen2 over the real Qwen vocabulary: each method trains, checkpoints, and a
-run resumed from step 2 repeats step 3 of the uninterrupted run exactly."""
+"""The training loop on a tiny Qwen2 over the built-in task's 384-token vocabulary (`task_world`): each
+pipeline and method trains, checkpoints and exports; a run resumed from step 2 repeats step 3 of the
+uninterrupted run exactly (the off-policy in-flight batch travels in the checkpoint); a run killed with
+SIGKILL resumes and finishes; SIGTERM saves and exits 0; each bad config gives its error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from attnrl_jax.checkpoint import Checkpointer
-from attnrl_jax.data import Problem, write_verl_parquet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def world(qwen_world, tmp_path_factory):
-    tok, model, _, _, _ = qwen_world
-    root = tmp_path_factory.mktemp("trainer")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    problems = [Problem(i, "toy", ({"role": "user", "content": f"Say two, {i}."},), "2") for i in range(6)]
-    write_verl_parquet(str(root / "train.parquet"), problems)
-    return root
+def _overrides(world, workdir, steps, preset="attnrl", off_policy=True) -> dict:
+    return {
+        "workdir": str(workdir),
+        "model.hf_path": str(world / "model"),
+        "model.param_dtype": "float32",
+        "model.dtype": "float32",
+        "model.attention_impl": "xla",
+        "data.train_path": str(world / "train.parquet"),
+        "data.max_prompt_len": 40,
+        "algo.preset": preset,
+        "algo.group_size": 4,
+        "algo.token_distance": 0,
+        "algo.fci_buckets": 16,
+        "algo.initial_batch": 2,
+        "algo.target_paths": 20,
+        "sampler.max_new_tokens": 10,
+        "optim.lr": 1e-3,
+        "train.steps": steps,
+        "train.micro_batches": 2,
+        "train.mini_batch_rows": 16,
+        "train.row_length": 56,
+        "train.off_policy": off_policy,
+        "reward.workers": 1,
+        "ckpt.every": 1,
+    }
 
 
-def _config(world, workdir, steps, preset="attnrl"):
+def _config(world, workdir, steps, **kw):
     import configs.base as base
 
     c = base.get_config()
-    c.workdir = str(workdir)
-    c.model.hf_path = str(world / "model")
-    c.model.param_dtype = c.model.dtype = "float32"
-    c.model.attention_impl = "xla"
-    c.data.train_path = str(world / "train.parquet")
-    c.data.max_prompt_len = 32
-    c.algo.preset = preset
-    c.algo.group_size = 4
-    c.algo.token_distance = 0
-    c.algo.fci_buckets = 16
-    c.algo.initial_batch = 2
-    c.algo.target_paths = 20
-    c.sampler.max_new_tokens = 10
-    c.optim.lr = 1e-3
-    c.train.steps = steps
-    c.train.micro_batches = 2
-    c.train.row_length = 48
-    c.reward.workers = 1
-    c.ckpt.every = 1
+    for key, value in _overrides(world, workdir, steps, **kw).items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     return c
 
 
-def _params(workdir):
+def _params(workdir, step=None):
     ckpt = Checkpointer(str(workdir / "ckpt"))
-    step = ckpt.latest_step()
+    step = ckpt.latest_step() if step is None else step
     from orbax.checkpoint import PyTreeCheckpointer
 
     tree = PyTreeCheckpointer().restore(str(workdir / "ckpt" / str(step) / "state"))
     return step, tree["params"]
 
 
-@pytest.mark.parametrize("preset", ["attnrl", "grpo", "treerl"])
-def test_each_method_trains_three_steps(world, tmp_path, preset):
-    from attnrl_jax import trainer
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
-    metrics = trainer.run(_config(world, tmp_path, 3, preset))
-    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
-    step, params = _params(tmp_path)
-    assert step == 3
+
+@pytest.mark.parametrize(
+    "preset,off_policy",
+    [("attnrl", True), ("attnrl", False), ("grpo", False), ("treerl", False)],
+    ids=["attnrl-offpolicy", "attnrl-onpolicy", "grpo", "treerl"],
+)
+def test_each_mode_trains_three_steps(task_world, tmp_path, preset, off_policy):
+    from attnrl_jax import trainer
     from attnrl_jax.model.hf_io import load_checkpoint
 
-    _, initial, _ = load_checkpoint(str(world / "model"))
+    c = _config(task_world, tmp_path, 3, preset=preset, off_policy=off_policy)
+    c.train.recompute_logprobs = preset == "attnrl" and not off_policy
+    trainer.run(c)
+    step, params = _params(tmp_path)
+    assert step == 3
+    _, initial, _ = load_checkpoint(str(task_world / "model"))
     diffs = [
         float(np.abs(np.asarray(a) - np.asarray(b)).max())
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial))
     ]
     assert max(diffs) > 0  # the parameters changed
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert all(v is None or np.isfinite(v) for v in r.values())
+        for key in ("accuracy", "num_paths", "time_sample", "time_score", "time_update", "tokens_per_s"):
+            assert key in r
+    updated = [r for r in records if "update/loss" in r]
+    assert updated and all(r["update/finite"] == 1.0 for r in updated)
+    if c.train.recompute_logprobs:  # on-policy: the forward pass agrees with the sampler's log-probs
+        assert all(r["update/logp_mismatch"] < 1e-4 for r in updated)
+    exported = tmp_path / "export" / "step_3"
+    assert (exported / "config.json").is_file() and (exported / "tokenizer.json").is_file()
 
 
-@pytest.mark.benchmark  # about 4 minutes on 2 cores: run with `pytest -m benchmark tests/trainer_test.py`
-def test_resume_from_step_two_repeats_step_three(world, tmp_path):
+def test_resume_from_step_two_repeats_step_three(task_world, tmp_path):
     from attnrl_jax import trainer
 
-    trainer.run(_config(world, tmp_path / "straight", 3))
-    trainer.run(_config(world, tmp_path / "split", 2))
-    trainer.run(_config(world, tmp_path / "split", 3))  # resumes from step 2
+    trainer.run(_config(task_world, tmp_path / "straight", 3))
+    trainer.run(_config(task_world, tmp_path / "split", 2))
+    ckpt = Checkpointer(str(tmp_path / "split" / "ckpt"))
+    assert os.path.isdir(os.path.join(ckpt.directory, "2", "arrays"))  # the in-flight batch is saved
+    trainer.run(_config(task_world, tmp_path / "split", 3))  # resumes from step 2
     s1, p1 = _params(tmp_path / "straight")
     s2, p2 = _params(tmp_path / "split")
     assert s1 == s2 == 3
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    r1, r2 = _records(tmp_path / "straight")[2], _records(tmp_path / "split")[2]
+    for key in ("accuracy", "num_paths", "update/loss", "update/grad_norm"):
+        assert r1[key] == r2[key], key
+
+
+def _cli(world, workdir, steps, extra=()):
+    args = [f"--config.{k}={v}" for k, v in _overrides(world, workdir, steps).items()]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    return [sys.executable, "train.py", "--config=configs/base.py", *args, *extra], env
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited early with {proc.returncode}: {proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def test_sigkill_resumes_and_finishes(task_world, tmp_path):
+    cmd, env = _cli(task_world, tmp_path, 4)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    ckpt_dir = tmp_path / "ckpt"
+    _wait_for(lambda: ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = Checkpointer(str(ckpt_dir)).latest_step()
+    assert killed_at is not None and killed_at < 4
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from step {killed_at}" in done.stdout
+    assert Checkpointer(str(ckpt_dir)).latest_step() == 4
+
+
+def test_sigterm_saves_and_exits_zero(task_world, tmp_path):
+    cmd, env = _cli(task_world, tmp_path, 100, extra=["--config.ckpt.every=1000"])
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved step" in out
+    saved = Checkpointer(str(tmp_path / "ckpt")).latest_step()
+    assert saved is not None and 1 <= saved < 100
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.train.nope=1", "nope"),  # unknown key (the locked config refuses it)
+        ("--config.train.steps=zero", "steps"),  # a value of the wrong type
+        ("--config.train.steps=0", "config.train.steps must be at least 1"),
+        ("--config.algo.preset=ppo", "unknown algorithm preset 'ppo'"),
+        ("--config.loss.aggregation=mean", "loss.aggregation"),
+        ("--config.data.train_path=/nonexistent.parquet", "config.data.train_path='/nonexistent.parquet'"),
+        ("--config.model.hf_path=/nonexistent_model", "/nonexistent_model"),
+        ("--config.train.mini_batch_rows=3", "config.train.mini_batch_rows=3"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(task_world, tmp_path, override, message):
+    cmd, env = _cli(task_world, tmp_path, 2, extra=[override])
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr, done.stdout + done.stderr
+    assert not (tmp_path / "ckpt").exists()  # nothing was written

@@ -10,6 +10,7 @@ from attnrl_jax.rl.train_step import (
     init_train_state,
     jit_train_step,
     make_optimizer,
+    recompute_log_probs,
     train_step,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "make_optimizer",
     "paths_to_train_batch",
     "policy_loss",
+    "recompute_log_probs",
     "train_step",
 ]

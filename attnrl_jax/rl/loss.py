@@ -29,6 +29,8 @@ class LossConfig:
     kl_coef: beta of the k3 KL to the reference policy (0.001; 0: no reference needed).
     entropy_coef: weight of the entropy bonus (0).
     aggregation: "token_mean" or "seq_mean_token_mean".
+    temperature: the sampling temperature; the update divides its logits by it, so that the ratio compares
+      the policy with the behaviour log-probs the sampler computed at that temperature (1.0 in the paper).
     """
 
     clip_low: float = 0.2
@@ -37,6 +39,7 @@ class LossConfig:
     kl_coef: float = 0.001
     entropy_coef: float = 0.0
     aggregation: str = "token_mean"
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.aggregation not in ("token_mean", "seq_mean_token_mean"):
@@ -49,6 +52,8 @@ class LossConfig:
             )
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or 0 to disable), got {self.dual_clip}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ValueError("kl_coef and entropy_coef must be non-negative")
 

@@ -124,7 +124,7 @@ def train_step(
 
     def loss_sums(params, mb: TrainBatch):
         logits = forward(params, mb.tokens, cfg=model_cfg, segment_ids=mb.segment_ids, sharder=sharder)
-        logp, entropy = token_log_probs_and_entropy(logits, mb.targets)
+        logp, entropy = token_log_probs_and_entropy(logits / loss_cfg.temperature, mb.targets)
         loss_sum, denom, metrics = policy_loss(
             logp, mb.old_logp, mb.advantages, mb.loss_mask, loss_cfg, ref_logp=mb.ref_logp, entropy=entropy
         )
@@ -162,6 +162,20 @@ def train_step(
     metrics = {k: v / tokens for k, v in msum.items() if k != "tokens"}
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32), tokens=msum["tokens"])
     return new, metrics
+
+
+def recompute_log_probs(
+    params: Params,
+    batch: TrainBatch,
+    *,
+    model_cfg: ModelConfig,
+    temperature: float = 1.0,
+    sharder: Sharder | None = None,
+) -> Array:
+    """Float32 log-probs [B, T] of the batch's targets under `params` at the sampling temperature: the
+    behaviour log-probs recomputed by a forward pass (the trainer's `recompute_logprobs` setting)."""
+    logits = forward(params, batch.tokens, cfg=model_cfg, segment_ids=batch.segment_ids, sharder=sharder)
+    return token_log_probs_and_entropy(logits / temperature, batch.targets)[0]
 
 
 def jit_train_step(

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench
+.PHONY: run smoke test lint bench
 
 $(VENV)/.installed-main: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(VENV)/.installed-test: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(VENV)/.installed-main $@
 
-# The main job: a tiny CPU smoke run of the model (init, sharded forward, export, reload).
+# The main job: the built-in task end to end on CPU (data, tokenizer, warm start, eval, AttnRL, eval,
+# report in runs/task/report/index.html); run again, it resumes.
 run: $(VENV)/.installed-main
+	$(PY) train.py --config=configs/task.py
+
+# A quick check of the model alone (init, sharded forward, Hugging Face export and reload).
+smoke: $(VENV)/.installed-main
 	$(PY) train.py --config=configs/tiny.py
 
 lint: $(VENV)/.installed-test

@@ -30,6 +30,7 @@ setup(
         "attnrl_jax.rewards",
         "attnrl_jax.rl",
         "attnrl_jax.sampling",
+        "attnrl_jax.task",
         "attnrl_jax.kernels",
     ],
     package_dir={"attnrl_jax.kernels": "kernels"},
@@ -47,6 +48,8 @@ setup(
         "tensorboardX",
         "numpy",
         "tqdm",
+        "tokenizers",  # trains the built-in task's tokenizer
+        "matplotlib",  # the report's plots
     ],
     extras_require={"test": TEST_REQUIRES},
 )

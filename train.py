@@ -21,10 +21,15 @@ def main(argv):
     # transformers is used for configs and tokenizers only; its notice that PyTorch is absent is noise here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = _CONFIG.value
-    if config.get("job", "smoke") == "train":
+    kind = config.get("job", "smoke")
+    if kind == "train":
         from attnrl_jax import trainer as job
-    else:
+    elif kind == "task":
+        from attnrl_jax.task import pipeline as job
+    elif kind == "smoke":
         from attnrl_jax import smoke as job
+    else:
+        sys.exit(f"error: config.job={kind!r}; expected train, task or smoke")
 
     try:
         job.run(config)

@@ -72,6 +72,21 @@ class Checkpointer:
             arrays = {k: np.asarray(v) for k, v in restored["arrays"].items()}
         return restored["state"], dict(restored["meta"]), arrays, step
 
+    def restore_params(self, step: int | None = None) -> tuple[Any, dict, int]:
+        """The saved `params` (host arrays, as written) and the metadata of `step` (default: latest), without
+        the optimizer state or a target structure: for evaluation and export."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no finished checkpoint to restore")
+        path = os.path.join(self.directory, str(step), "state")
+        reader = ocp.PyTreeCheckpointer()
+        tree = reader.metadata(path).item_metadata
+        # Host numpy arrays: restorable whatever the devices (count, processes) that wrote them.
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return state["params"], dict(meta), step
+
     def close(self) -> None:
         self._manager.close()
 

@@ -264,28 +264,18 @@ def finish(
         )
         return RolloutResult(train, metrics, running_fci, len(seqs))
 
-    requests, owners = branch.requests, branch.owners
     flat = [(k, j, c) for k, per_req in enumerate(conts) for j, group in enumerate(per_req) for c in group]
+    problem_of = [branch.owners[k][0] for k, _, _ in flat]
     cont_accs = (
-        _accs(score([c.text for _, _, c in flat], [problems[owners[k][0]].ground_truth for k, _, _ in flat]))
+        _accs(score([c.text for _, _, c in flat], [problems[q].ground_truth for q in problem_of]))
         if flat
         else []
     )
-    by_response: dict[tuple[int, int], list[Continuation]] = {}
-    for (k, j, c), acc in zip(flat, cont_accs):
-        by_response.setdefault(owners[k], []).append(
-            Continuation(requests[k].offsets[j], c.tokens, c.logprobs, float(acc))
-        )
-
     plan = branch.expansion
     paths = []
-    for q in range(len(problems)):
+    for q, responses in enumerate(prompt_responses(batch, branch, conts, cont_accs)):
         if plan.dropped[q]:
             continue
-        responses = [
-            Response(s.tokens, s.logprobs, float(accs[q, i]), tuple(by_response.get((q, i), ())))
-            for i, s in enumerate(initial[q])
-        ]
         paths += prompt_paths(
             q, responses, build_prompt_trees(responses), max_len=row_length - len(prompts[q])
         )
@@ -313,6 +303,27 @@ def finish(
     return RolloutResult(
         paths_to_train_batch(prompts, kept, row_length, rows=rows), metrics, plan.running_mean, len(kept)
     )
+
+
+def prompt_responses(
+    batch: InitialBatch, branch: BranchPlan, conts: list[list[list[Sample]]], cont_accs: Sequence[float]
+) -> list[list[Response]]:
+    """Per prompt, its initial responses with their scored continuations attached (the input of
+    `build_prompt_trees`); `cont_accs` follows the order request -> offset -> sample."""
+    accs = batch.accs()
+    by_response: dict[tuple[int, int], list[Continuation]] = {}
+    flat = [(k, j, c) for k, per_req in enumerate(conts) for j, group in enumerate(per_req) for c in group]
+    for (k, j, c), acc in zip(flat, cont_accs):
+        by_response.setdefault(branch.owners[k], []).append(
+            Continuation(branch.requests[k].offsets[j], c.tokens, c.logprobs, float(acc))
+        )
+    return [
+        [
+            Response(s.tokens, s.logprobs, float(accs[q, i]), tuple(by_response.get((q, i), ())))
+            for i, s in enumerate(group)
+        ]
+        for q, group in enumerate(batch.samples)
+    ]
 
 
 def rollout(

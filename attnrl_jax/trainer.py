@@ -77,18 +77,20 @@ def settings_from_config(c: ConfigDict) -> Settings:
     algo = algo.replace(
         group_size=c.algo.group_size,
         continuations=c.algo.continuations,
+        fci_delta=c.algo.fci_delta,
         atb=dataclasses.replace(algo.atb, token_distance=c.algo.token_distance),
         batch_size=BatchSizeSettings(
             initial=c.algo.initial_batch,
             target_paths=c.algo.target_paths,
             rule=algo.batch_size.rule,
-            max_size=max(1024, c.algo.initial_batch),
+            max_size=max(c.algo.max_batch, c.algo.initial_batch),
         ),
     )
     loop = LoopSettings(
         max_new_tokens=c.sampler.max_new_tokens,
         sampling=SamplingParams(c.sampler.temperature, c.sampler.top_k, c.sampler.top_p),
         num_steps=c.algo.fci_buckets,
+        delta=c.algo.fci_delta,
     )
     loss = LossConfig(
         c.loss.clip_low,
@@ -178,6 +180,13 @@ def _tokens(batch: InitialBatch | None) -> int:
     return 0 if batch is None else sum(len(s.tokens) for group in batch.samples for s in group)
 
 
+def latest_export(workdir: str) -> str | None:
+    """The newest `export/step_N` Hugging Face directory of a training run, if any."""
+    root = os.path.join(workdir, "export")
+    steps = [int(d[5:]) for d in os.listdir(root) if d.startswith("step_")] if os.path.isdir(root) else []
+    return os.path.join(root, f"step_{max(steps)}") if steps else None
+
+
 def run(c: ConfigDict) -> dict:
     """Trains for config.train.steps steps (resuming from config.workdir); returns the last step's metrics."""
     s = settings_from_config(c)
@@ -209,6 +218,7 @@ def run(c: ConfigDict) -> dict:
     optimizer = make_optimizer(s.optim)
     state = init_sharded_train_state(params, optimizer, sharder, cfg)
     running, bsz = RunningMean(), BatchSizeState(s.algo.batch_size.initial, 0)
+    totals = {"generated_tokens": 0, "elapsed_s": 0.0}  # cumulative over the run, resumes included
     inflight: InitialBatch | None = None
     decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
 
@@ -219,6 +229,7 @@ def run(c: ConfigDict) -> dict:
         iterator.restore(IteratorState.from_dict(meta["data"]))
         running = RunningMean(**meta["running_fci"])
         bsz = BatchSizeState(*meta["batch_size"])
+        totals.update(meta.get("totals", {}))
         if arrays is not None:
             inflight = InitialBatch.from_arrays(arrays, meta["inflight_problems"], decode)
         print(f"resumed from step {start} in {ckpt.directory}", flush=True)
@@ -248,6 +259,7 @@ def run(c: ConfigDict) -> dict:
             "data": iterator.state.to_dict(),
             "running_fci": running._asdict(),
             "batch_size": list(bsz),
+            "totals": dict(totals),
             "config": c.to_dict(),
             "inflight_problems": None,
         }
@@ -282,6 +294,7 @@ def run(c: ConfigDict) -> dict:
         return current_step
 
     clock = _Clock()
+    finished = start >= c.train.steps
     mode = "off-policy" if c.train.off_policy else "on-policy"
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
         sampler = Sampler(state.params, cfg, tokenizer, s.loop, sharder=sharder)
@@ -356,6 +369,8 @@ def run(c: ConfigDict) -> dict:
                 time_score=clock.waited,
                 time_update=t2 - t1,
                 time_step=t2 - t0,
+                total_generated_tokens=totals["generated_tokens"] + generated,
+                total_time_s=totals["elapsed_s"] + (t2 - t0),
                 generated_tokens=generated,
                 tokens_per_s=generated / max(t1 - t0 - clock.waited, 1e-9),
                 next_prompt_batch=bsz.size,
@@ -363,15 +378,24 @@ def run(c: ConfigDict) -> dict:
             held[step + 1] = metrics
             emit(lagged.push(step + 1, device_metrics))
             bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", paths=result.num_paths)
-            if (step + 1) % c.ckpt.every == 0 or step + 1 == c.train.steps or guard.requested:
+            totals["generated_tokens"] += generated
+            totals["elapsed_s"] += t2 - t0
+            budget_spent = 0 < c.train.max_generated_tokens <= totals["generated_tokens"]
+            if budget_spent:
+                print(f"sampling budget spent ({totals['generated_tokens']} tokens): stopping", flush=True)
+            last_step = step + 1 == c.train.steps or budget_spent
+            finished = finished or last_step
+            if (step + 1) % c.ckpt.every == 0 or last_step or guard.requested:
                 emit(lagged.flush())
                 save(step + 1)
+            if budget_spent:
+                break
             if guard.requested:
                 print(f"SIGTERM: saved step {step + 1} and stopping", flush=True)
                 break
         bar.close()
         emit(lagged.flush())
-    if c.ckpt.export and current_step == c.train.steps:
+    if c.ckpt.export and finished:
         path = os.path.join(c.workdir, "export", f"step_{current_step}")
         if not os.path.exists(path):
             save_checkpoint(path, cfg, state.params, tokenizer=tokenizer)

@@ -39,10 +39,12 @@ def get_config() -> ConfigDict:
     c.algo.group_size = 6  # G, initial responses per prompt
     c.algo.continuations = 2  # T, continuations per branch point
     c.algo.token_distance = 512  # the code's 512-token rule of ATB (0: the paper's rule)
+    c.algo.fci_delta = 4  # Delta: a step's FCI counts attention from steps at least Delta steps later
     c.algo.fci_buckets = 512  # FCI steps tracked per response (later steps share the last bucket)
     c.algo.initial_batch = 64  # prompts at the first step
     c.algo.target_paths = 1920  # B', training paths wanted per step (adaptive batch size)
     c.algo.adaptive_batch = True  # adapt the prompt batch to target_paths (section 9)
+    c.algo.max_batch = 1024  # upper bound of the adaptive prompt batch
 
     c.sampler = ConfigDict()
     c.sampler.max_new_tokens = 8192  # response length limit, tokens
@@ -67,6 +69,7 @@ def get_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.steps = 500  # training steps
+    c.train.max_generated_tokens = 0  # stop once this many tokens were sampled (0: no limit; equal budgets)
     c.train.mini_batch_rows = 192  # training rows per optimizer step (PPO mini-batch; 0: all rows, one step)
     c.train.micro_batches = 8  # gradient-accumulation micro-batches per optimizer step
     c.train.row_length = 9216  # prompt + response tokens per training row

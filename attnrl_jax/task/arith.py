@@ -6,8 +6,11 @@ sampler's step segmentation, FCI and the verifier all run on it unchanged. Every
 tiny model learns the arithmetic quickly and the difficulty lies in chaining the steps: each step must find
 its operation in the question and the previous step's result.
 
-    question: "Start at 7. Subtract 5. Multiply by 3. Add 2."
-    solution: "7 - 5 = 2\\n\\n2 * 3 = 6\\n\\n6 + 2 = 8\\n</think>\\n\\\\boxed{8}"
+    question: "Start at 7, then (1) - 5, (2) * 3, (3) + 2."
+    solution: "(1) 7 - 5 = 2\\n\\n(2) 2 * 3 = 6\\n\\n(3) 6 + 2 = 8\\n</think>\\n\\\\boxed{8}"
+
+The operations are numbered so that a step finds its own by matching "(k)", which a two-layer model learns
+within a minute on a CPU; the values it combines come from the question and from the previous step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import numpy as np
 from attnrl_jax.data import Problem
 
 LEVELS = (1, 2, 3, 4)
-_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
 
 
 def _op(rng: np.random.Generator, value: int) -> tuple[str, int]:
@@ -34,15 +36,14 @@ def make_problem(rng: np.random.Generator, level: int, index: int) -> tuple[Prob
     """One problem of `level` operations and its reference solution text (the assistant turn)."""
     if level < 1:
         raise ValueError(f"level must be at least 1, got {level}")
-    value = int(rng.integers(1, 10))
-    sentences, steps = [f"Start at {value}."], []
-    for _ in range(level):
+    value = start = int(rng.integers(1, 10))
+    ops, steps = [], []
+    for k in range(1, level + 1):
         op, out = _op(rng, value)
-        sym, b = op.split()
-        sentences.append(f"{_WORDS[sym]} {b}.")
-        steps.append(f"{value} {sym} {b} = {out}")
+        ops.append(f"({k}) {op}")
+        steps.append(f"({k}) {value} {op} = {out}")
         value = out
-    question = " ".join(sentences)
+    question = f"Start at {start}, then " + ", ".join(ops) + "."
     solution = "\n\n".join(steps) + f"\n</think>\n\\boxed{{{value}}}"
     problem = Problem(index, f"arith_l{level}", ({"role": "user", "content": question},), str(value))
     return problem, solution

@@ -1,7 +1,7 @@
 """A small byte-level BPE tokenizer trained on the task's text, saved in Hugging Face format with a
 DeepSeek-R1-style chat template, so that the trainer and evaluator load it like any checkpoint's.
 
-Digits are split one per token; "\\n\\n" becomes a single token, so the separator table finds it.
+Digits are split one per token; "\\n\\n" is a single token, so the separator table finds it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from collections.abc import Iterable
 
 # "<|endoftext|>" is the pad token, as in Qwen: a Qwen2 config.json makes transformers expect it.
 SPECIAL = ["<|endoftext|>", "<|eos|>", "<|user|>", "<|assistant|>"]
-ADDED = ["<think>", "</think>"]  # plain (not special) tokens: decoding keeps them, as Qwen's does
+# Plain (not special) tokens: decoding keeps them, as Qwen's does. "\n\n", the step separator, is one token
+# whatever follows it (byte-level BPE would otherwise split it before a non-space character).
+ADDED = ["<think>", "</think>", "\n\n"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"

@@ -33,17 +33,22 @@ def tiny_task_model(vocab_size: int, eos_token_id: int | None = None) -> ModelCo
     )
 
 
-def encode_examples(tokenizer, problems: Sequence[Problem], solutions: Sequence[str], length: int):
-    """Right-padded [N, length] tokens and a 0/1 mask of the response tokens (the loss positions)."""
-    tokens = np.full((len(problems), length), tokenizer.pad_token_id, np.int32)
-    loss = np.zeros((len(problems), length), np.float32)
-    for i, (p, s) in enumerate(zip(problems, solutions)):
+def encode_examples(tokenizer, problems: Sequence[Problem], solutions: Sequence[str], max_length: int):
+    """Right-padded tokens [N, T] and a 0/1 mask of the response tokens (the loss positions), with T the
+    longest example rounded up to a multiple of 8 (at most `max_length`; longer examples are cut)."""
+    rows, starts = [], []
+    for p, s in zip(problems, solutions):
         prompt = tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True)
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         response = tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id]
-        row = (prompt + response)[:length]
+        rows.append((prompt + response)[:max_length])
+        starts.append(len(prompt))
+    length = min(max_length, -(-max(len(r) for r in rows) // 8) * 8)
+    tokens = np.full((len(rows), length), tokenizer.pad_token_id, np.int32)
+    loss = np.zeros((len(rows), length), np.float32)
+    for i, (row, start) in enumerate(zip(rows, starts)):
         tokens[i, : len(row)] = row
-        loss[i, len(prompt) : len(row)] = 1.0
+        loss[i, start : len(row)] = 1.0
     return tokens, loss
 
 
@@ -77,12 +82,19 @@ def warm_start(
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    # Length buckets (multiples of 16): each batch comes from one bucket and is cut to its length, so short
+    # examples do not pay for the longest one; a few shapes, a few compilations.
+    lengths = np.array([np.flatnonzero(m)[-1] + 1 if m.any() else 1 for m in loss_mask])
+    cut = np.minimum(-(-lengths // 16) * 16, tokens.shape[1])
+    buckets = [np.flatnonzero(cut == c) for c in np.unique(cut)]
+    weights = np.array([len(b) for b in buckets], np.float64) / len(tokens)
     rng = np.random.default_rng(seed)
     losses = []
     for _ in tqdm(range(steps), desc="warm start", unit="step", disable=not progress):
-        idx = rng.integers(0, len(tokens), batch_size)
+        idx = rng.choice(buckets[rng.choice(len(buckets), p=weights)], batch_size)
+        length = int(cut[idx[0]])
         params, opt_state, loss = step(
-            params, opt_state, jnp.asarray(tokens[idx]), jnp.asarray(loss_mask[idx])
+            params, opt_state, jnp.asarray(tokens[idx, :length]), jnp.asarray(loss_mask[idx, :length])
         )
         losses.append(loss)
     return params, [float(x) for x in jax.device_get(losses)]

@@ -1,0 +1,86 @@
+"""The evaluation job behind `eval.py`: load a checkpoint, sample k responses per benchmark problem, score
+them with the verifier, write avg@k / pass@k per benchmark and their mean as JSON and Markdown."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+from ml_collections import ConfigDict
+
+from attnrl_jax.data import read_verl_parquet
+from attnrl_jax.evaluation import evaluate, load_policy, markdown_table, paper_k, write_results
+from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+from attnrl_jax.rewards import VerifierPool
+from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
+
+
+def benchmark_files(spec: str) -> dict[str, str]:
+    """name -> path from a directory of parquet files or a comma-separated list of files."""
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.parquet")))
+        if not paths:
+            raise FileNotFoundError(f"config.eval.data={spec!r}: no .parquet file in this directory")
+    else:
+        paths = [p for p in spec.split(",") if p]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if not paths or missing:
+            raise FileNotFoundError(f"config.eval.data={spec!r}: no such file(s) {missing or [spec]}")
+    return {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
+
+
+def run(c: ConfigDict) -> dict:
+    if not c.checkpoint:
+        raise ValueError("no checkpoint: pass --checkpoint=DIR (a Hugging Face directory or a training run)")
+    if not os.path.exists(c.checkpoint):
+        raise FileNotFoundError(f"--checkpoint={c.checkpoint!r}: no such directory")
+    for key in ("k", "max_prompt_len", "batch_prompts"):
+        if c.eval[key] < (0 if key == "k" else 1):
+            raise ValueError(f"config.eval.{key} must be positive, got {c.eval[key]}")
+    settings = LoopSettings(
+        max_new_tokens=c.eval.max_new_tokens,
+        sampling=SamplingParams(c.eval.temperature, c.eval.top_k, c.eval.top_p),
+        num_steps=2,  # FCI is not needed here
+    )
+    files = benchmark_files(c.eval.data)
+    benchmarks = {name: read_verl_parquet(path) for name, path in files.items()}
+    mesh_cfg = MeshConfig(**c.mesh)
+    mesh_cfg.resolve(jax.device_count())
+    sharder = Sharder(make_mesh(mesh_cfg))
+    cfg, params, tokenizer = load_policy(c.checkpoint, sharder, **dict(c.model))
+    if c.tokenizer_path or tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_path or c.checkpoint)
+    sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder)
+
+    skipped = {}
+    for name, problems in benchmarks.items():
+        kept = [p for p in problems if len(sampler.encode_prompt(p.question)) <= c.eval.max_prompt_len]
+        skipped[name] = len(problems) - len(kept)
+        benchmarks[name] = kept
+    k = {name: c.eval.k or paper_k(name) for name in benchmarks}
+
+    def generate(problems, n, seed):
+        out = sampler.generate([sampler.encode_prompt(p.question) for p in problems], n=n, seed=seed)
+        return [[s.text for s in group] for group in out]
+
+    with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool:
+        results = evaluate(
+            generate, pool.score, benchmarks, k, seed=c.seed, batch_prompts=c.eval.batch_prompts
+        )
+    for name, n in skipped.items():
+        results["benchmarks"][name]["skipped_long_prompts"] = n
+    results["checkpoint"] = os.path.abspath(c.checkpoint)
+    results["sampling"] = {
+        "temperature": c.eval.temperature,
+        "top_p": c.eval.top_p,
+        "top_k": c.eval.top_k,
+        "max_new_tokens": c.eval.max_new_tokens,
+    }
+    output = c.eval.output or os.path.join(c.checkpoint, "eval", "results")
+    write_results(results, output)
+    print(markdown_table(results), end="")
+    print(f"wrote {output}.json and {output}.md")
+    return results

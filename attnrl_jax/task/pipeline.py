@@ -1,0 +1,178 @@
+"""The built-in task job (`python train.py --config=configs/task.py`): data -> tokenizer -> warm start ->
+evaluation -> AttnRL -> evaluation -> report, each stage skipped when its output already exists (a second
+run resumes instead of restarting; RL resumes from its latest Orbax checkpoint).
+
+Layout under config.workdir:
+  data/train.parquet, data/sft.parquet, data/eval/arith_l{1..4}.parquet
+  tokenizer/            Hugging Face tokenizer (BPE trained on the task text, R1-style chat template)
+  warm/                 Hugging Face checkpoint of the warm-started policy (with the tokenizer)
+  rl/                   the AttnRL run (ckpt/, metrics.jsonl, tb/, export/step_N/)
+  eval/warm.{json,md}, eval/final.{json,md}
+  report/index.html and its PNG plots
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from attnrl_jax.data import read_verl_parquet, write_verl_parquet
+from attnrl_jax.task.arith import LEVELS, make_split
+
+STAGES = ("data", "tokenizer", "warm start", "evaluate warm start", "AttnRL", "evaluate final", "report")
+
+
+def _stage(i: int, done: bool) -> None:
+    state = "done, skipped" if done else "running"
+    print(f"[{i + 1}/{len(STAGES)}] {STAGES[i]}: {state}", flush=True)
+
+
+def _write_solutions(path: str, solutions: list[str]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(solutions, f)
+    os.replace(tmp, path)
+
+
+def make_data(c: ConfigDict, root: str) -> None:
+    """Training, warm-start and per-level evaluation problems, from three disjoint seeds."""
+    os.makedirs(os.path.join(root, "eval"), exist_ok=True)
+    seed = c.task.seed
+    train, _ = make_split(seed * 3 + 1, c.task.train_per_level)
+    sft, solutions = make_split(seed * 3 + 2, c.task.sft_per_level)
+    evals, _ = make_split(seed * 3 + 3, c.task.eval_per_level)
+    for level in LEVELS:
+        write_verl_parquet(
+            os.path.join(root, "eval", f"arith_l{level}.parquet"),
+            [p for p in evals if p.data_source == f"arith_l{level}"],
+        )
+    write_verl_parquet(os.path.join(root, "sft.parquet"), sft)
+    _write_solutions(os.path.join(root, "sft_solutions.json"), solutions)
+    write_verl_parquet(os.path.join(root, "train.parquet"), train)  # written last: marks the stage done
+
+
+def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) -> dict:
+    from attnrl_jax import eval_job
+    from configs import eval as eval_config
+
+    e = eval_config.get_config()
+    e.checkpoint = checkpoint
+    e.seed = c.seed
+    for key in ("param_dtype", "dtype", "remat", "attention_impl"):
+        e.model[key] = c.model[key]
+    e.mesh = c.mesh
+    e.eval.data = data
+    e.eval.k = c.task.eval_k
+    e.eval.max_new_tokens = c.sampler.max_new_tokens
+    e.eval.max_prompt_len = c.data.max_prompt_len
+    e.eval.temperature = c.task.eval_temperature
+    e.eval.output = output
+    e.reward = c.reward
+    return eval_job.run(e)
+
+
+def run(c: ConfigDict) -> dict:
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    work = os.path.abspath(c.workdir)
+    data_dir, tok_dir, warm_dir = (os.path.join(work, d) for d in ("data", "tokenizer", "warm"))
+    rl_dir, eval_dir = os.path.join(work, "rl"), os.path.join(work, "eval")
+
+    done = os.path.isfile(os.path.join(data_dir, "train.parquet"))
+    _stage(0, done)
+    if not done:
+        make_data(c, data_dir)
+
+    done = os.path.isfile(os.path.join(tok_dir, "tokenizer.json"))
+    _stage(1, done)
+    if not done:
+        from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
+
+        sft = read_verl_parquet(os.path.join(data_dir, "sft.parquet"))
+        with open(os.path.join(data_dir, "sft_solutions.json")) as f:
+            solutions = json.load(f)
+        tmp = tok_dir + ".tmp"
+        train_tokenizer([p.question for p in sft] + solutions + [CHAT_TEMPLATE], tmp)
+        os.replace(tmp, tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+
+    done = os.path.isfile(os.path.join(warm_dir, "config.json"))
+    _stage(2, done)
+    if not done:
+        from attnrl_jax.model.hf_io import save_checkpoint
+        from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
+
+        sft = read_verl_parquet(os.path.join(data_dir, "sft.parquet"))
+        with open(os.path.join(data_dir, "sft_solutions.json")) as f:
+            solutions = json.load(f)
+        cfg = tiny_task_model(len(tokenizer), tokenizer.eos_token_id)
+        tokens, mask = encode_examples(
+            tokenizer, sft, solutions, c.data.max_prompt_len + c.sampler.max_new_tokens
+        )
+        params, losses = warm_start(
+            cfg,
+            tokens,
+            mask,
+            steps=c.task.warm_steps,
+            batch_size=c.task.warm_batch,
+            lr=c.task.warm_lr,
+            seed=c.task.seed,
+        )
+        print(f"warm start: loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}", flush=True)
+        save_checkpoint(warm_dir, cfg, params, tokenizer=tokenizer)  # atomic: temp dir + rename
+
+    eval_data = os.path.join(data_dir, "eval")
+    warm_prefix = os.path.join(eval_dir, "warm")
+    done = os.path.isfile(warm_prefix + ".json")
+    _stage(3, done)
+    if not done:
+        evaluate_checkpoint(c, warm_dir, eval_data, warm_prefix)
+
+    rl = ConfigDict(c.to_dict())
+    rl.job = "train"
+    rl.workdir = rl_dir
+    rl.model.hf_path = warm_dir
+    rl.tokenizer_path = warm_dir
+    rl.data.train_path = os.path.join(data_dir, "train.parquet")
+    from attnrl_jax import trainer
+
+    done = trainer.latest_export(rl_dir) is not None
+    _stage(4, done)
+    if not done:
+        rl.ckpt.export = True
+        trainer.run(rl)
+    final_dir = trainer.latest_export(rl_dir)
+
+    final_prefix = os.path.join(eval_dir, "final")
+    done = os.path.isfile(final_prefix + ".json")
+    _stage(5, done)
+    if not done:
+        evaluate_checkpoint(c, final_dir, eval_data, final_prefix)
+
+    _stage(6, False)  # the report is cheap and always rewritten
+    from attnrl_jax.report import write_report
+
+    path = write_report(work, rl, final_dir, samples=c.task.report_samples)
+    with open(warm_prefix + ".json") as f:
+        before = json.load(f)["mean"]
+    with open(final_prefix + ".json") as f:
+        after = json.load(f)["mean"]
+    summary = {
+        "accuracy_before": before["avg@k"],
+        "accuracy_after": after["avg@k"],
+        "pass_at_k_before": before["pass@k"],
+        "pass_at_k_after": after["pass@k"],
+        "minutes": (time.perf_counter() - start) / 60,
+    }
+    print(
+        f"built-in task avg@{c.task.eval_k}: {100 * before['avg@k']:.1f}% after the warm start -> "
+        f"{100 * after['avg@k']:.1f}% after AttnRL (pass@{c.task.eval_k} {100 * before['pass@k']:.1f}% -> "
+        f"{100 * after['pass@k']:.1f}%); report: {path}",
+        flush=True,
+    )
+    return summary

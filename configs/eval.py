@@ -1,0 +1,42 @@
+"""Evaluation settings (ALGORITHM.md section 13): `python eval.py --config=configs/eval.py --checkpoint=DIR`.
+
+DIR is a Hugging Face directory (config.json + safetensors + tokenizer) or a training run's workdir (its
+latest Orbax checkpoint). Results go to <output>.json and <output>.md.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.job = "eval"
+    c.seed = 0  # sampling seed
+    c.checkpoint = ""  # set with --checkpoint=DIR (or --config.checkpoint=DIR)
+    c.tokenizer_path = ""  # default: the checkpoint's own tokenizer
+
+    c.model = ConfigDict()
+    c.model.param_dtype = "bfloat16"  # float32 | bfloat16
+    c.model.dtype = "bfloat16"
+    c.model.remat = "none"
+    c.model.attention_impl = "pallas"  # pallas (GPU/TPU) | xla
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    c.eval = ConfigDict()
+    c.eval.data = "../shared/data/eval"  # a directory of verl parquet files, or comma-separated files
+    c.eval.k = 0  # samples per problem; 0: section 13's (32 for AIME24/25 and AMC23, 4 for the others)
+    c.eval.max_new_tokens = 32768  # the paper's final evaluation length
+    c.eval.max_prompt_len = 2048  # longer prompts are skipped and counted
+    c.eval.temperature = 0.6
+    c.eval.top_p = 1.0
+    c.eval.top_k = 0
+    c.eval.batch_prompts = 64  # prompts per sampler call
+    c.eval.output = ""  # results prefix; default: <checkpoint>/eval/results
+
+    c.reward = ConfigDict()
+    c.reward.workers = 0  # verifier processes (0: CPU count)
+    c.reward.timeout = 5.0
+    return c

@@ -17,7 +17,7 @@ from attnrl_jax.task.arith import make_problem, make_split
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("level", [1, 2, 3, 4])
+@pytest.mark.parametrize("level", [2, 3, 4, 5, 6])
 def test_problems_and_solutions_agree(level):
     rng = np.random.default_rng(level)
     for i in range(50):
@@ -25,12 +25,13 @@ def test_problems_and_solutions_agree(level):
         thinking, answer = solution.split("\n</think>\n")
         steps = thinking.split("\n\n")
         assert len(steps) == level and problem.data_source == f"arith_l{level}"
-        value = int(problem.question.split(",")[0].split()[-1])
-        for k, step in enumerate(steps, 1):  # "(k) a op b = c": each step starts from the previous result
-            number, a, op, b, _, c = step.split()
-            assert number == f"({k})" and f"({k}) {op} {b}" in problem.question
-            assert int(a) == value and 0 <= int(c) <= 9
-            assert int(c) == eval(f"{a} {op} {b}")  # noqa: S307 - digits and one operator
+        words = problem.question.replace(",", "").replace(".", "").split()
+        value, ops = int(words[2]), [(words[4], int(words[5])), (words[7], int(words[8]))]
+        assert words[-2:] == [str(level), "times"]
+        for k, step in enumerate(steps, 1):  # "(k/n) a op b = c": from the previous result, ops alternate
+            label, a, op, b, _, c = step.split()
+            assert label == f"({k}/{level})" and (op, int(b)) == ops[(k - 1) % 2]
+            assert int(a) == value and int(c) == eval(f"({a} {op} {b}) % 10")  # noqa: S307 - digits only
             value = int(c)
         assert answer == f"\\boxed{{{value}}}" and problem.ground_truth == str(value)
         assert grade(solution, problem.ground_truth).acc == 1

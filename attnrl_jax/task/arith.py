@@ -1,16 +1,18 @@
-"""Arithmetic chains: a start number and 1-4 operations, solved one operation per step.
+"""Arithmetic chains: a start digit and two operations applied alternately n times, one step per operation,
+keeping only the last digit of each result.
 
-A problem of level k has k operations; its reference solution has k steps separated by "\\n\\n", then
-`</think>` and `\\boxed{answer}`, the format of DeepSeek-R1 responses (ALGORITHM.md section 2), so the
-sampler's step segmentation, FCI and the verifier all run on it unchanged. Every value is one digit, so a
-tiny model learns the arithmetic quickly and the difficulty lies in chaining the steps: each step must find
-its operation in the question and the previous step's result.
+A problem of level n has n steps separated by "\\n\\n", then `</think>` and `\\boxed{answer}`, the format of
+DeepSeek-R1 responses (ALGORITHM.md section 2), so the sampler's step segmentation, FCI and the verifier
+all run on it unchanged:
 
-    question: "Start at 7, then (1) - 5, (2) * 3, (3) + 2."
-    solution: "(1) 7 - 5 = 2\\n\\n(2) 2 * 3 = 6\\n\\n(3) 6 + 2 = 8\\n</think>\\n\\\\boxed{8}"
+    question: "Start at 9. Alternately + 2 and - 1, keeping the last digit, 3 times."
+    solution: "(1/3) 9 + 2 = 1\\n\\n(2/3) 1 - 1 = 0\\n\\n(3/3) 0 + 2 = 2\\n</think>\\n\\\\boxed{2}"
 
-The operations are numbered so that a step finds its own by matching "(k)", which a two-layer model learns
-within a minute on a CPU; the values it combines come from the question and from the previous step.
+Every prompt and every step has the same number of tokens, so each step finds what it needs (the previous
+result, the operation two steps back, the step count) at a fixed distance, and the operations are +-1 and
++-2 (modulo 10): a two-layer model learns the task partly in two minutes on a CPU (about 45% of 2-step
+and 17% of 6-step chains after the warm start). Its errors (a wrong sign copied, a wrong sum) compound over
+longer chains, which is where RL has room to improve.
 """
 
 from __future__ import annotations
@@ -19,31 +21,29 @@ import numpy as np
 
 from attnrl_jax.data import Problem
 
-LEVELS = (1, 2, 3, 4)
+LEVELS = (2, 3, 4, 5, 6)
 
 
-def _op(rng: np.random.Generator, value: int) -> tuple[str, int]:
-    """A random operation that keeps the value in [0, 9]."""
-    while True:
-        op = rng.choice(["+", "-", "*"], p=[0.4, 0.35, 0.25])
-        b = int(rng.integers(2, 4)) if op == "*" else int(rng.integers(1, 10))
-        out = value + b if op == "+" else value - b if op == "-" else value * b
-        if 0 <= out <= 9:
-            return f"{op} {b}", out
+def _apply(op: str, a: int, b: int) -> int:
+    return (a + b) % 10 if op == "+" else (a - b) % 10 if op == "-" else (a * b) % 10
 
 
 def make_problem(rng: np.random.Generator, level: int, index: int) -> tuple[Problem, str]:
-    """One problem of `level` operations and its reference solution text (the assistant turn)."""
-    if level < 1:
-        raise ValueError(f"level must be at least 1, got {level}")
-    value = start = int(rng.integers(1, 10))
-    ops, steps = [], []
+    """One problem of `level` steps and its reference solution text (the assistant turn)."""
+    if not 1 <= level <= 9:
+        raise ValueError(f"level must be in [1, 9], got {level}")
+    start = int(rng.integers(0, 10))
+    ops = [(str(rng.choice(["+", "-"])), int(rng.integers(1, 3))) for _ in range(2)]
+    value, steps = start, []
     for k in range(1, level + 1):
-        op, out = _op(rng, value)
-        ops.append(f"({k}) {op}")
-        steps.append(f"({k}) {value} {op} = {out}")
+        op, b = ops[(k - 1) % 2]
+        out = _apply(op, value, b)
+        steps.append(f"({k}/{level}) {value} {op} {b} = {out}")
         value = out
-    question = f"Start at {start}, then " + ", ".join(ops) + "."
+    question = (
+        f"Start at {start}. Alternately {ops[0][0]} {ops[0][1]} and {ops[1][0]} {ops[1][1]}, "
+        f"keeping the last digit, {level} times."
+    )
     solution = "\n\n".join(steps) + f"\n</think>\n\\boxed{{{value}}}"
     problem = Problem(index, f"arith_l{level}", ({"role": "user", "content": question},), str(value))
     return problem, solution

@@ -75,10 +75,10 @@ def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) 
     return eval_job.run(e)
 
 
-def run(c: ConfigDict) -> dict:
+def prepare(c: ConfigDict) -> dict[str, str]:
+    """Stages 1-4 (data, tokenizer, warm start, its evaluation); returns the paths of their outputs."""
     from transformers import AutoTokenizer
 
-    start = time.perf_counter()
     work = os.path.abspath(c.workdir)
     data_dir, tok_dir, warm_dir = (os.path.join(work, d) for d in ("data", "tokenizer", "warm"))
     rl_dir, eval_dir = os.path.join(work, "rl"), os.path.join(work, "eval")
@@ -114,16 +114,22 @@ def run(c: ConfigDict) -> dict:
         tokens, mask = encode_examples(
             tokenizer, sft, solutions, c.data.max_prompt_len + c.sampler.max_new_tokens
         )
+        holdout = len(tokens) // 20  # held out from the warm start, for its stopping rule
         params, losses = warm_start(
             cfg,
-            tokens,
-            mask,
+            tokens[holdout:],
+            mask[holdout:],
             steps=c.task.warm_steps,
             batch_size=c.task.warm_batch,
             lr=c.task.warm_lr,
             seed=c.task.seed,
+            holdout=(tokens[:holdout], mask[:holdout]),
+            target=c.task.warm_target,
         )
-        print(f"warm start: loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}", flush=True)
+        print(
+            f"warm start: {len(losses)} steps, loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}",
+            flush=True,
+        )
         save_checkpoint(warm_dir, cfg, params, tokenizer=tokenizer)  # atomic: temp dir + rename
 
     eval_data = os.path.join(data_dir, "eval")
@@ -133,18 +139,40 @@ def run(c: ConfigDict) -> dict:
     if not done:
         evaluate_checkpoint(c, warm_dir, eval_data, warm_prefix)
 
+    return {
+        "work": work,
+        "data": data_dir,
+        "eval_data": eval_data,
+        "warm": warm_dir,
+        "rl": rl_dir,
+        "eval": eval_dir,
+        "warm_eval": warm_prefix,
+    }
+
+
+def rl_config(c: ConfigDict, paths: dict[str, str], workdir: str | None = None) -> ConfigDict:
+    """The trainer's config for the AttnRL stage: the warm-started policy on the task's training file."""
     rl = ConfigDict(c.to_dict())
     rl.job = "train"
-    rl.workdir = rl_dir
-    rl.model.hf_path = warm_dir
-    rl.tokenizer_path = warm_dir
-    rl.data.train_path = os.path.join(data_dir, "train.parquet")
+    rl.workdir = workdir or paths["rl"]
+    rl.model.hf_path = paths["warm"]
+    rl.tokenizer_path = paths["warm"]
+    rl.data.train_path = os.path.join(paths["data"], "train.parquet")
+    rl.ckpt.export = True
+    return rl
+
+
+def run(c: ConfigDict) -> dict:
+    start = time.perf_counter()
+    paths = prepare(c)
+    work, rl_dir, eval_dir, eval_data = paths["work"], paths["rl"], paths["eval"], paths["eval_data"]
+    warm_prefix = paths["warm_eval"]
+    rl = rl_config(c, paths)
     from attnrl_jax import trainer
 
     done = trainer.latest_export(rl_dir) is not None
     _stage(4, done)
     if not done:
-        rl.ckpt.export = True
         trainer.run(rl)
     final_dir = trainer.latest_export(rl_dir)
 

@@ -1,0 +1,154 @@
+"""AttnRL against GRPO and TreeRL-style entropy branching on the built-in task, at an equal sampling budget,
+over several seeds: `python -m benchmarks.task_comparison [--seeds 0 1 2] [--budget TOKENS]`.
+
+One shared preparation (data, tokenizer, warm start and its evaluation; configs/task.py), then for each
+method and seed an RL run from the same warm start that stops once it has sampled `--budget` tokens,
+and the evaluation of its final policy. Prints, per run, the held-out accuracy (avg@k) before and after,
+the steps, tokens and minutes used; per method, the mean gain and its spread (standard deviation over
+seeds) and whether the gain exceeds the spread; and training accuracy at equal fractions of the token
+budget and of the wall-clock. Writes <workdir>/comparison.json and comparison.png (accuracy against
+generated tokens and against wall-clock). Runs resume: a finished run is not repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+METHODS = {  # name: (algo preset, one-step off-policy)
+    "attnrl": ("attnrl", True),
+    "grpo": ("grpo", False),
+    "treerl": ("treerl", False),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/compare")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--budget", type=int, default=150_000, help="generated tokens per run")
+    parser.add_argument("--max-steps", type=int, default=400)
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    from attnrl_jax import trainer
+    from attnrl_jax.report import read_metrics
+    from attnrl_jax.task import pipeline
+    from configs import task as task_config
+
+    c = task_config.get_config()
+    c.workdir = os.path.join(args.workdir, "shared")
+    paths = pipeline.prepare(c)
+    with open(paths["warm_eval"] + ".json") as f:
+        before = json.load(f)["mean"]["avg@k"]
+
+    runs = []
+    for method in args.methods:
+        preset, off_policy = METHODS[method]
+        for seed in args.seeds:
+            name = f"{method}_seed{seed}"
+            work = os.path.join(args.workdir, name)
+            rl = pipeline.rl_config(c, paths, workdir=work)
+            rl.seed = seed
+            rl.algo.preset = preset
+            rl.train.off_policy = off_policy
+            rl.train.steps = args.max_steps
+            rl.train.max_generated_tokens = args.budget
+            if trainer.latest_export(work) is None:
+                print(f"== {name}", flush=True)
+                trainer.run(rl)
+            out = os.path.join(work, "eval", "final")
+            if not os.path.isfile(out + ".json"):
+                pipeline.evaluate_checkpoint(c, trainer.latest_export(work), paths["eval_data"], out)
+            with open(out + ".json") as f:
+                after = json.load(f)["mean"]["avg@k"]
+            records = read_metrics(os.path.join(work, "metrics.jsonl"))
+            runs.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "before": before,
+                    "after": after,
+                    "gain": after - before,
+                    "steps": len(records),
+                    "tokens": records[-1]["total_generated_tokens"],
+                    "minutes": records[-1]["total_time_s"] / 60,
+                    "curve_tokens": [r["total_generated_tokens"] for r in records],
+                    "curve_time": [r["total_time_s"] for r in records],
+                    "curve_accuracy": [r["accuracy"] for r in records],
+                }
+            )
+
+    print(f"\nheld-out avg@{c.task.eval_k} of the warm start: {100 * before:.1f}%\n")
+    print("| method | seed | steps | tokens | minutes | after (%) | gain (points) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(
+            f"| {r['method']} | {r['seed']} | {r['steps']} | {r['tokens']:,} | {r['minutes']:.1f} | "
+            f"{100 * r['after']:.1f} | {100 * r['gain']:+.1f} |"
+        )
+    print("\n| method | mean gain (points) | spread (std over seeds) | gain > spread | tokens | minutes |")
+    print("|---|---:|---:|---|---:|---:|")
+    summary = {}
+    for method in args.methods:
+        rs = [r for r in runs if r["method"] == method]
+        gains = np.array([r["gain"] for r in rs])
+        spread = float(gains.std(ddof=1)) if len(gains) > 1 else float("nan")
+        summary[method] = {"mean_gain": float(gains.mean()), "spread": spread}
+        print(
+            f"| {method} | {100 * gains.mean():+.1f} | {100 * spread:.1f} | {bool(gains.mean() > spread)} | "
+            f"{np.mean([r['tokens'] for r in rs]):,.0f} | {np.mean([r['minutes'] for r in rs]):.1f} |"
+        )
+    print("\nTraining accuracy (initial responses, mean over seeds and the last 5 steps before the mark):")
+    print("| method | 25% tokens | 50% | 75% | 100% | 25% wall-clock | 50% | 75% | 100% |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for method in args.methods:
+        rs = [r for r in runs if r["method"] == method]
+        cells = []
+        for key, total in (("curve_tokens", args.budget), ("curve_time", None)):
+            for frac in (0.25, 0.5, 0.75, 1.0):
+                vals = []
+                for r in rs:
+                    x = np.array(r[key], float)
+                    limit = frac * (total or x[-1])
+                    upto = [a for a, t in zip(r["curve_accuracy"], x) if t <= limit][-5:]
+                    vals.append(np.mean(upto) if upto else np.nan)
+                cells.append(f"{100 * np.nanmean(vals):.1f}")
+        print(f"| {method} | " + " | ".join(cells) + " |")
+
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "comparison.json"), "w") as f:
+        json.dump({"before": before, "runs": runs, "summary": summary, "budget": args.budget}, f, indent=1)
+    _plot(runs, args.methods, os.path.join(args.workdir, "comparison.png"))
+    print(f"\nwrote {args.workdir}/comparison.json and comparison.png")
+
+
+def _plot(runs, methods, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, method in enumerate(methods):
+        for j, r in enumerate(x for x in runs if x["method"] == method):
+            acc = np.convolve(r["curve_accuracy"], np.ones(5) / 5, mode="valid")
+            for ax, key, scale in ((axes[0], "curve_tokens", 1e3), (axes[1], "curve_time", 60)):
+                x = np.array(r[key][4:], float) / scale
+                ax.plot(x, acc, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
+    axes[0].set_xlabel("generated tokens (thousands)")
+    axes[1].set_xlabel("wall-clock (minutes)")
+    for ax in axes:
+        ax.set_ylabel("training accuracy (5-step mean)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()

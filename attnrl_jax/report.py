@@ -11,6 +11,7 @@ import dataclasses
 import html
 import json
 import os
+import re
 
 import numpy as np
 
@@ -76,8 +77,14 @@ def plot_metrics(records: list[dict], out_dir: str) -> list[str]:
     return names
 
 
+# Characters XML 1.0 forbids (C0 controls other than tab/newline/CR, lone surrogates, U+FFFE/F): an
+# untrained model's byte-level tokens can decode to them.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def _text(tokenizer, tokens) -> str:
-    return html.escape(tokenizer.decode(list(map(int, tokens)), skip_special_tokens=True))
+    text = tokenizer.decode(list(map(int, tokens)), skip_special_tokens=True)
+    return html.escape(_NOT_XML.sub("\ufffd", text))
 
 
 def fci_view(tokenizer, sample, steps, offsets, acc: float) -> str:

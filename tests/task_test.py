@@ -116,7 +116,7 @@ def test_task_job_end_to_end_and_resume(tmp_path):
     assert len(images) == 4 and all((work / "report" / src).stat().st_size > 1000 for src in images)
     steps = root.findall(".//h:span[@class='step']", ns)
     assert steps and all("FCI" in s.get("title") for s in steps)
-    assert "V(root)" in page and "arith_l1" in page
+    assert "V(root)" in page and "arith_l2" in page
 
     second = subprocess.run(_task_cmd(work), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

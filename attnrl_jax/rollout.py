@@ -244,6 +244,7 @@ def finish(
         "reward": float((2 * accs - 1).mean()),
         "prompt_batch": len(problems),
         "response_length": float(np.mean([len(s.tokens) for group in initial for s in group])),
+        "initial_tokens": sum(len(s.tokens) for group in initial for s in group),
     }
     if algo.estimator == "grpo":
         adv = grpo_advantages(accs, normalize_std=algo.grpo_normalize_std)

@@ -282,18 +282,18 @@ def run(c: ConfigDict) -> dict:
         writer.write(step, record)
         last = record
         if device and device["finite"] == 0.0:
-            save(state_step())
+            save(current_step)
             raise FloatingPointError(
                 f"step {step}: non-finite loss or gradient; the update was skipped and the last good state "
-                f"is saved in {ckpt.directory} (step {state_step()})"
+                f"is saved in {ckpt.directory} (step {current_step})"
             )
 
     current_step = start
-
-    def state_step():
-        return current_step
-
     clock = _Clock()
+    rows = {
+        "row_length": c.train.row_length,
+        "rows_multiple": c.train.mini_batch_rows or c.train.micro_batches,
+    }
     finished = start >= c.train.steps
     mode = "off-policy" if c.train.off_policy else "on-policy"
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
@@ -319,31 +319,12 @@ def run(c: ConfigDict) -> dict:
                     )
                     generated += _tokens(inflight)
                 result, inflight = offpolicy_step(
-                    sampler,
-                    score,
-                    inflight,
-                    iterator.take(bsz.size),
-                    s.algo,
-                    running,
-                    seed=seed,
-                    row_length=c.train.row_length,
-                    rows_multiple=c.train.mini_batch_rows or c.train.micro_batches,
+                    sampler, score, inflight, iterator.take(bsz.size), s.algo, running, seed=seed, **rows
                 )
                 generated += _tokens(inflight)
             else:
-                result = rollout(
-                    sampler,
-                    score,
-                    iterator.take(bsz.size),
-                    s.algo,
-                    running,
-                    seed=seed,
-                    row_length=c.train.row_length,
-                    rows_multiple=c.train.mini_batch_rows or c.train.micro_batches,
-                )
-                generated += int(
-                    result.metrics["prompt_batch"] * s.algo.group_size * result.metrics["response_length"]
-                )
+                result = rollout(sampler, score, iterator.take(bsz.size), s.algo, running, seed=seed, **rows)
+                generated += int(result.metrics["initial_tokens"])
             generated += int(result.metrics.get("continuation_tokens", 0))
             running = result.running_fci
             t1 = time.perf_counter()

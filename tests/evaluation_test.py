@@ -85,6 +85,14 @@ def _eval_cmd(checkpoint, data, output, *extra):
     ]
 
 
+def _eval(checkpoint, data, output):
+    """`eval.py` in a subprocess on one CPU device."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(
+        _eval_cmd(checkpoint, data, output), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 def test_eval_cli_on_a_tiny_checkpoint(task_world, tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()
@@ -93,16 +101,8 @@ def test_eval_cli_on_a_tiny_checkpoint(task_world, tmp_path):
             Problem(i, name, ({"role": "user", "content": f"Start at {i}. Add 1."},), "2") for i in range(n)
         ]
         write_verl_parquet(str(bench / f"{name}.parquet"), problems)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     out = tmp_path / "out" / "results"
-    done = subprocess.run(
-        _eval_cmd(task_world / "model", bench, out),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _eval(task_world / "model", bench, out)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["benchmarks"]) == {"alpha", "beta"}
@@ -113,14 +113,7 @@ def test_eval_cli_on_a_tiny_checkpoint(task_world, tmp_path):
     )
     assert "| alpha | 3 | 2 |" in (tmp_path / "out" / "results.md").read_text()
 
-    bad = subprocess.run(
-        _eval_cmd(tmp_path / "nowhere", bench, out),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = _eval(tmp_path / "nowhere", bench, out)
     assert bad.returncode != 0 and "nowhere" in bad.stderr
 
 
@@ -137,15 +130,7 @@ def test_eval_reads_a_training_run(task_world, tmp_path):
     write_verl_parquet(
         str(bench), [Problem(0, "x", ({"role": "user", "content": "Start at 1. Add 1."},), "2")]
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    done = subprocess.run(
-        _eval_cmd(tmp_path / "run", bench, tmp_path / "r"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _eval(tmp_path / "run", bench, tmp_path / "r")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "loaded step 1" in done.stdout
     assert json.loads((tmp_path / "r.json").read_text())["benchmarks"]["bench"]["problems"] == 1

@@ -55,6 +55,12 @@ def make_data(c: ConfigDict, root: str) -> None:
     write_verl_parquet(os.path.join(root, "train.parquet"), train)  # written last: marks the stage done
 
 
+def _load_sft(data_dir: str):
+    """The warm-start problems and their reference solutions written by `make_data`."""
+    with open(os.path.join(data_dir, "sft_solutions.json")) as f:
+        return read_verl_parquet(os.path.join(data_dir, "sft.parquet")), json.load(f)
+
+
 def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) -> dict:
     from attnrl_jax import eval_job
     from configs import eval as eval_config
@@ -93,9 +99,7 @@ def prepare(c: ConfigDict) -> dict[str, str]:
     if not done:
         from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
-        sft = read_verl_parquet(os.path.join(data_dir, "sft.parquet"))
-        with open(os.path.join(data_dir, "sft_solutions.json")) as f:
-            solutions = json.load(f)
+        sft, solutions = _load_sft(data_dir)
         tmp = tok_dir + ".tmp"
         train_tokenizer([p.question for p in sft] + solutions + [CHAT_TEMPLATE], tmp)
         os.replace(tmp, tok_dir)
@@ -107,9 +111,7 @@ def prepare(c: ConfigDict) -> dict[str, str]:
         from attnrl_jax.model.hf_io import save_checkpoint
         from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
 
-        sft = read_verl_parquet(os.path.join(data_dir, "sft.parquet"))
-        with open(os.path.join(data_dir, "sft_solutions.json")) as f:
-            solutions = json.load(f)
+        sft, solutions = _load_sft(data_dir)
         cfg = tiny_task_model(len(tokenizer), tokenizer.eos_token_id)
         tokens, mask = encode_examples(
             tokenizer, sft, solutions, c.data.max_prompt_len + c.sampler.max_new_tokens

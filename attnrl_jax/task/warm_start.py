@@ -80,8 +80,8 @@ def warm_start(
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, tok, mask):
         def loss_fn(p):
-            segment = (tok != -1).astype(jnp.int32)
-            logits = forward(p, tok[:, :-1], cfg=cfg, segment_ids=segment[:, :-1])
+            # Right padding needs no mask here: causal attention keeps it out of the loss positions.
+            logits = forward(p, tok[:, :-1], cfg=cfg, segment_ids=jnp.ones_like(tok[:, :-1]))
             logp = jax.nn.log_softmax(logits, axis=-1)
             nll = -jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1)[..., 0]
             m = mask[:, 1:]

@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--budget", type=int, default=150_000, help="generated tokens per run")
     parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate for every method (default: the config's)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -58,6 +61,8 @@ def main() -> None:
             rl.train.off_policy = off_policy
             rl.train.steps = args.max_steps
             rl.train.max_generated_tokens = args.budget
+            if args.lr is not None:
+                rl.optim.lr = args.lr
             if trainer.latest_export(work) is None:
                 print(f"== {name}", flush=True)
                 trainer.run(rl)

@@ -31,10 +31,23 @@ def main(argv):
     else:
         sys.exit(f"error: config.job={kind!r}; expected train, task or smoke")
 
+    from attnrl_jax import distributed
+
+    try:
+        # Before any JAX backend starts: joins the other processes when the config or environment says so.
+        distributed.initialize(config)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    except Exception as e:  # the coordinator did not answer, a process id is taken, ...
+        sys.exit(f"error: joining the multi-process run failed (config.distributed): {e}")
     try:
         job.run(config)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    except BaseException as e:
+        distributed.fail(e)  # in a multi-process run: says which process failed and why, and exits 1
+        if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError)):
+            sys.exit(f"error: {e}")
+        raise
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -140,6 +140,15 @@ class Sharder:
             return jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return NamedSharding(self.mesh, self.spec(axes, shape))
 
+    def put(self, x, axes: Sequence[str | None]) -> jax.Array:
+        """A host array (the same on every process) as a device array sharded by logical `axes`. In a
+        multi-process run each process transfers only the shards its own devices hold."""
+        x = np.asarray(x)
+        sharding = self.sharding(axes, x.shape)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
     def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         """`with_sharding_constraint` by logical axes; identity without a multi-device mesh."""
         if not self.active:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from attnrl_jax.distributed import fetch
+
 # Shown on the stdout line, in this order, when present (everything goes to JSONL and TensorBoard).
 HEADLINE = (
     "accuracy",
@@ -88,8 +90,8 @@ class LaggedMetrics:
 
     def push(self, step: int, metrics: Mapping) -> tuple[int, dict] | None:
         previous, self._pending = self._pending, (step, dict(metrics))
-        return None if previous is None else (previous[0], jax.device_get(previous[1]))
+        return None if previous is None else (previous[0], fetch(previous[1]))
 
     def flush(self) -> tuple[int, dict] | None:
         previous, self._pending = self._pending, None
-        return None if previous is None else (previous[0], jax.device_get(previous[1]))
+        return None if previous is None else (previous[0], fetch(previous[1]))

@@ -37,6 +37,7 @@ from attnrl_jax.algo import (
 )
 from attnrl_jax.checkpoint import Checkpointer, PreemptionGuard
 from attnrl_jax.data import IteratorState, PromptIterator, read_verl_parquet
+from attnrl_jax.distributed import ShardedScorer, fetch, is_main
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
 from attnrl_jax.model import ModelConfig, init_sharded_params
@@ -156,14 +157,15 @@ class _Clock:
         return _Timed()
 
 
-def _update(step_fn, state, batch, rows: int):
-    """One optimizer step per `rows`-row mini-batch, in order (section 11: ppo_epochs 1). Returns the new
-    state and the list of each mini-batch's metrics, still on the device (see `_reduce`)."""
+def _update(step_fn, state, batch, rows: int, place):
+    """One optimizer step per `rows`-row mini-batch of the host `batch`, in order (section 11: ppo_epochs 1),
+    each placed on the mesh by `place`. Returns the new state and the list of each mini-batch's metrics,
+    still on the device (see `_reduce`)."""
     n = batch.tokens.shape[0]
     rows = rows or n
     outs = []
     for lo in range(0, n, rows):
-        state, m = step_fn(state, jax.tree.map(lambda x, lo=lo: x[lo : lo + rows], batch))
+        state, m = step_fn(state, place(jax.tree.map(lambda x, lo=lo: x[lo : lo + rows], batch)))
         outs.append(m)
     return state, outs
 
@@ -178,6 +180,22 @@ def _reduce(per_minibatch: list[dict]) -> dict[str, float]:
 
 def _tokens(batch: InitialBatch | None) -> int:
     return 0 if batch is None else sum(len(s.tokens) for group in batch.samples for s in group)
+
+
+def _say(message: str) -> None:
+    if is_main():
+        print(message, flush=True)
+
+
+def _exists_on_main(path: str) -> bool:
+    """Whether `path` exists, as process 0 sees it (one answer for all processes, so they take the same
+    branch around collectives)."""
+    exists = os.path.exists(path)
+    if jax.process_count() == 1:
+        return exists
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
 
 
 def latest_export(workdir: str) -> str | None:
@@ -200,7 +218,16 @@ def run(c: ConfigDict) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    sharder = Sharder(make_mesh(s.mesh))
+    sharder = Sharder(make_mesh(s.mesh))  # every process's devices: one global mesh
+    _say(
+        f"mesh {dict(sharder.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s) "
+        f"in {jax.process_count()} process(es)"
+    )
+
+    def place(batch):
+        """A host TrainBatch (the same on every process) on the mesh, rows split over the batch axes."""
+        return jax.tree.map(lambda x: sharder.put(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
+
     if c.model.hf_path:
         cfg, params, _ = load_checkpoint(c.model.hf_path, sharder, **{k: c.model[k] for k in MODEL_OVERRIDES})
     else:
@@ -232,7 +259,7 @@ def run(c: ConfigDict) -> dict:
         totals.update(meta.get("totals", {}))
         if arrays is not None:
             inflight = InitialBatch.from_arrays(arrays, meta["inflight_problems"], decode)
-        print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+        _say(f"resumed from step {start} in {ckpt.directory}")
 
     step_fn = jit_train_step(cfg, s.loss, optimizer, state, c.train.micro_batches, sharder)
 
@@ -252,7 +279,7 @@ def run(c: ConfigDict) -> dict:
     held: dict[int, dict] = {}  # host metrics of steps whose device metrics are not fetched yet
     last: dict = {}
     if iterator.dropped and start == 0:
-        print(f"dropped {iterator.dropped} prompts longer than {c.data.max_prompt_len} tokens", flush=True)
+        _say(f"dropped {iterator.dropped} prompts longer than {c.data.max_prompt_len} tokens")
 
     def save(step):
         meta = {
@@ -298,13 +325,16 @@ def run(c: ConfigDict) -> dict:
     mode = "off-policy" if c.train.off_policy else "on-policy"
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
         sampler = Sampler(state.params, cfg, tokenizer, s.loop, sharder=sharder)
-        score = lambda texts, gts: clock.wrap(pool.submit(texts, gts))  # noqa: E731
+        # Each process grades its share of the responses; every process gets all verdicts.
+        scorer = ShardedScorer(pool.submit)
+        score = lambda texts, gts: clock.wrap(scorer(texts, gts))  # noqa: E731
         bar = tqdm(
             range(start, c.train.steps),
             initial=start,
             total=c.train.steps,
             desc=f"train ({c.algo.preset}, {mode})",
             unit="step",
+            disable=not is_main(),
         )
         for step in bar:
             t0 = time.perf_counter()
@@ -333,11 +363,11 @@ def run(c: ConfigDict) -> dict:
             if result.batch is not None:
                 batch = result.batch
                 if c.train.recompute_logprobs:
-                    recomputed, mismatch = recompute(state.params, batch)
-                    batch = dataclasses.replace(batch, old_logp=recomputed)
+                    recomputed, mismatch = recompute(state.params, place(batch))
+                    batch = dataclasses.replace(batch, old_logp=fetch(recomputed))
                 if ref_params is not None:
-                    batch = dataclasses.replace(batch, ref_logp=ref_fn(ref_params, batch))
-                state, minibatches = _update(step_fn, state, batch, c.train.mini_batch_rows)
+                    batch = dataclasses.replace(batch, ref_logp=fetch(ref_fn(ref_params, place(batch))))
+                state, minibatches = _update(step_fn, state, batch, c.train.mini_batch_rows, place)
                 device_metrics = {"minibatches": minibatches}
                 if c.train.recompute_logprobs:
                     device_metrics["logp_mismatch"] = mismatch
@@ -363,7 +393,7 @@ def run(c: ConfigDict) -> dict:
             totals["elapsed_s"] += t2 - t0
             budget_spent = 0 < c.train.max_generated_tokens <= totals["generated_tokens"]
             if budget_spent:
-                print(f"sampling budget spent ({totals['generated_tokens']} tokens): stopping", flush=True)
+                _say(f"sampling budget spent ({totals['generated_tokens']} tokens): stopping")
             last_step = step + 1 == c.train.steps or budget_spent
             finished = finished or last_step
             if (step + 1) % c.ckpt.every == 0 or last_step or guard.requested:
@@ -372,15 +402,15 @@ def run(c: ConfigDict) -> dict:
             if budget_spent:
                 break
             if guard.requested:
-                print(f"SIGTERM: saved step {step + 1} and stopping", flush=True)
+                _say(f"SIGTERM: saved step {step + 1} and stopping")
                 break
         bar.close()
         emit(lagged.flush())
     if c.ckpt.export and finished:
         path = os.path.join(c.workdir, "export", f"step_{current_step}")
-        if not os.path.exists(path):
+        if not _exists_on_main(path):  # every process gathers the params; process 0 writes
             save_checkpoint(path, cfg, state.params, tokenizer=tokenizer)
-            print(f"exported the policy to {path}", flush=True)
+            _say(f"exported the policy to {path}")
     writer.close()
     ckpt.close()
     return last

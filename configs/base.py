@@ -86,4 +86,15 @@ def get_config() -> ConfigDict:
     c.ckpt.every = 10  # steps between checkpoints
     c.ckpt.max_to_keep = 3
     c.ckpt.export = True  # write a Hugging Face directory of the final policy to workdir/export/step_<N>
+
+    # Multi-process runs (attnrl_jax/distributed.py, README "Multi-host"): every process runs one command.
+    c.distributed = ConfigDict()
+    c.distributed.enabled = "auto"  # auto (coordinator given, TPU pod or SLURM job) | on | off
+    c.distributed.coordinator_address = ""  # host:port of process 0 ("": JAX_COORDINATOR_ADDRESS or detected)
+    c.distributed.num_processes = 0  # 0: JAX_NUM_PROCESSES, else detected by JAX (TPU pods, SLURM)
+    c.distributed.process_id = -1  # -1: JAX_PROCESS_ID, else detected by JAX
+    c.distributed.local_device_ids = ""  # comma-separated device ids this process uses ("" = all visible)
+    c.distributed.heartbeat_timeout = 100  # seconds without heartbeats before a process counts as dead
+    c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
+    c.distributed.cpu_collectives = "gloo"  # collectives of the CPU backend (tests); unused on TPU/GPU
     return c

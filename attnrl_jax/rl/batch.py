@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from attnrl_jax.algo.trees import Path
@@ -63,14 +62,15 @@ def build_train_batch(
         adv[i, span] = a
         old[i, span] = lp
     targets = np.concatenate([tokens[:, 1:], np.full((rows, 1), pad_id, np.int32)], axis=1)
+    # Host arrays: the trainer places each mini-batch on the mesh (each process feeds its own rows).
     return TrainBatch(
-        tokens=jnp.asarray(tokens),
-        targets=jnp.asarray(targets),
-        segment_ids=jnp.asarray(seg),
-        loss_mask=jnp.asarray(mask),
-        advantages=jnp.asarray(adv),
-        old_logp=jnp.asarray(old),
-        ref_logp=jnp.zeros((rows, length), jnp.float32),
+        tokens=tokens,
+        targets=targets,
+        segment_ids=seg,
+        loss_mask=mask,
+        advantages=adv,
+        old_logp=old,
+        ref_logp=np.zeros((rows, length), np.float32),
     )
 
 

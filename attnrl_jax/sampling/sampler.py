@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnrl_jax.algo.segmentation import SeparatorTable
+from attnrl_jax.distributed import fetch
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
 from attnrl_jax.sampling.loop import EOS, LoopSettings, generate
@@ -89,7 +90,7 @@ class Sampler:
             raise ValueError("no stop token: the tokenizer has no EOS and no stop_ids were given")
         self.min_batch, self.min_prefix = min_batch, min_prefix
         tables = [self.table.double_newline] + ([self.table.newline] if newline_fallback else [])
-        self._separators = jnp.asarray(np.stack(tables, axis=-1))
+        self._separators = np.stack(tables, axis=-1)  # [V, 1 or 2]
 
     def encode_prompt(self, content: str) -> list[int]:
         """A user message through the tokenizer's chat template (generation prompt added)."""
@@ -167,22 +168,23 @@ class Sampler:
         base = jax.random.key(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b_bucket))
         stop = np.tile(np.asarray(self.stop_ids, np.int32), (b_bucket, 1))
+        put = self.sharder.put  # rows are split over the batch axes; each process feeds its own rows
         out = generate(
             self.params,
-            jnp.asarray(src),
-            jnp.asarray(src_lens),
-            jnp.asarray(row_src),
-            jnp.asarray(row_len),
-            keys,
-            jnp.asarray(row_fci),
-            jnp.asarray(stop),
-            jnp.asarray(self.table.double_newline),
+            put(src, (None, None)),
+            put(src_lens, (None,)),
+            put(row_src, ("batch",)),
+            put(row_len, ("batch",)),
+            jax.random.wrap_key_data(put(jax.random.key_data(keys), ("batch", None))),
+            put(row_fci, ("batch",)),
+            put(stop, ("batch", None)),
+            put(self._separators, (None, None)),
             jnp.int32(self.table.think_end_id),
             cfg=self.cfg,
             settings=self.settings,
             sharder=self.sharder,
         )
-        out = jax.tree.map(np.asarray, out)
+        out = fetch(out)
         results = {}
         for b, (_, _, fci, key) in enumerate(rows):
             n = int(out["lengths"][b])

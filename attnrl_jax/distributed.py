@@ -188,6 +188,16 @@ def fetch(tree):
     return jax.tree.map(one, tree)
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any one (a SIGTERM that reached only some hosts):
+    the processes then take the same branch around the next collectives."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def share(n: int) -> slice:
     """This process's contiguous share of n items (the first n % P processes take one more)."""
     p, i = jax.process_count(), jax.process_index()

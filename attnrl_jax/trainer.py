@@ -37,7 +37,7 @@ from attnrl_jax.algo import (
 )
 from attnrl_jax.checkpoint import Checkpointer, PreemptionGuard
 from attnrl_jax.data import IteratorState, PromptIterator, read_verl_parquet
-from attnrl_jax.distributed import ShardedScorer, fetch, is_main
+from attnrl_jax.distributed import ShardedScorer, any_process, fetch, is_main
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
 from attnrl_jax.model import ModelConfig, init_sharded_params
@@ -396,12 +396,13 @@ def run(c: ConfigDict) -> dict:
                 _say(f"sampling budget spent ({totals['generated_tokens']} tokens): stopping")
             last_step = step + 1 == c.train.steps or budget_spent
             finished = finished or last_step
-            if (step + 1) % c.ckpt.every == 0 or last_step or guard.requested:
+            stop_requested = any_process(guard.requested)  # a preemption notice to any host stops all
+            if (step + 1) % c.ckpt.every == 0 or last_step or stop_requested:
                 emit(lagged.flush())
                 save(step + 1)
             if budget_spent:
                 break
-            if guard.requested:
+            if stop_requested:
                 _say(f"SIGTERM: saved step {step + 1} and stopping")
                 break
         bar.close()

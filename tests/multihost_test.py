@@ -1,7 +1,8 @@
 """Multi-process training with `jax.distributed` on 127.0.0.1 and CPU (gloo) collectives: 2 processes of
-one device each train the tiny task model (`task_world`) exactly as one process with 2 devices does (same
+one device each train the tiny task model (`task_world`) to the parameters (within 1e-5) of one process with 2 devices (same
 global mesh, batch and seed); checkpoints written by either restore in the other and continue to the same
-parameters; a process that dies makes the other exit with an error within the heartbeat timeout."""
+parameters; a SIGTERM to one process saves and stops both; a process that dies makes the other exit with an
+error."""
 
 import json
 import os
@@ -130,6 +131,17 @@ def test_a_dead_process_stops_the_others(task_world, tmp_path):
     assert time.time() - t < 120
     # Whichever notices first: the failed collective, our heartbeat watchdog, or JAX's own error polling.
     assert "error: process 0 of 2" in out or "another task died" in out, out
+
+
+def test_sigterm_to_one_process_saves_and_stops_both(task_world, tmp_path):
+    procs = _launch(task_world, tmp_path, 200, 2, extra=["--config.ckpt.every=1000"])
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, procs[0])
+    procs[1].send_signal(signal.SIGTERM)  # a preemption notice that reached one host only
+    outs = _finish(procs, timeout=300)
+    assert "SIGTERM: saved step" in outs[0]
+    saved = Checkpointer(str(tmp_path / "ckpt")).latest_step()
+    assert saved is not None and 1 <= saved < 200
 
 
 def test_share_splits_items_contiguously(monkeypatch):

@@ -1,8 +1,8 @@
 """Multi-process training with `jax.distributed` on 127.0.0.1 and CPU (gloo) collectives: 2 processes of
-one device each train the tiny task model (`task_world`) to the parameters (within 1e-5) of one process with 2 devices (same
-global mesh, batch and seed); checkpoints written by either restore in the other and continue to the same
-parameters; a SIGTERM to one process saves and stops both; a process that dies makes the other exit with an
-error."""
+one device each train the tiny task model (`task_world`) to the parameters (within 1e-5) of one process
+with 2 devices (same global mesh, batch and seed); checkpoints written by either restore in the other and
+continue to the same parameters; a SIGTERM to one process saves and stops both; a process that dies makes
+the other exit with an error."""
 
 import json
 import os

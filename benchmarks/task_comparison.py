@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/compare")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--budget", type=int, default=150_000, help="generated tokens per run")
+    parser.add_argument("--budget", type=int, default=800_000, help="generated tokens per run")
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument(
         "--lr", type=float, default=None, help="learning rate for every method (default: the config's)"

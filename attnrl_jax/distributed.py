@@ -152,7 +152,7 @@ class _Watchdog(threading.Thread):
                 if self._stop.is_set():
                     return
                 self._die(f"the coordinator (process 0) is unreachable ({str(e).splitlines()[0][:200]})")
-            missing = sorted(set(everyone) - set(live))
+            missing = sorted(set(everyone) - set(live) - {jax.process_index()})  # this one is alive
             if missing and not self._stop.is_set():
                 self._die(f"process(es) {missing} of {self.num_processes} stopped sending heartbeats")
 

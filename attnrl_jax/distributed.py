@@ -154,13 +154,13 @@ class _Watchdog(threading.Thread):
                 self._die(f"the coordinator (process 0) is unreachable ({str(e).splitlines()[0][:200]})")
             missing = sorted(set(everyone) - set(live) - {jax.process_index()})  # this one is alive
             if missing and not self._stop.is_set():
-                self._die(f"process(es) {missing} of {self.num_processes} stopped sending heartbeats")
+                self._die(f"process(es) {missing} stopped sending heartbeats")
 
     def _die(self, what: str) -> None:
         print(
-            f"error: process {jax.process_index()}: {what}; a peer died or is unreachable, so this process "
-            "exits instead of waiting in a collective. Restart every process with the same command: the "
-            "run resumes from its latest checkpoint.",
+            f"error: process {jax.process_index()} of {self.num_processes}: {what}; a peer died or is "
+            "unreachable, so this process exits instead of waiting in a collective. Restart every process "
+            "with the same command: the run resumes from its latest checkpoint.",
             file=sys.stderr,
             flush=True,
         )

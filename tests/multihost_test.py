@@ -119,18 +119,26 @@ def test_two_processes_train_like_one_and_checkpoints_cross_restore(task_world, 
     _assert_same_params(tmp_path / "one_then_two", two)
 
 
-def test_a_dead_process_stops_the_others(task_world, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_dead_process_stops_the_others(task_world, tmp_path, sig):
+    """Killed: its sockets close and the next collective fails at once. Frozen (SIGSTOP): its sockets stay
+    open and a collective would wait forever; the missed heartbeats (5 s here) end the other process."""
     procs = _launch(task_world, tmp_path, 200, 2, extra=["--config.ckpt.every=1000"])
     metrics = tmp_path / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, procs[0])
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].wait()
-    t = time.time()
-    out, _ = procs[0].communicate(timeout=120)  # heartbeat timeout 5 s: well within this bound
-    assert procs[0].returncode != 0, out
-    assert time.time() - t < 120
+    try:
+        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, procs[0])
+        procs[1].send_signal(sig)
+        t = time.time()
+        out, _ = procs[0].communicate(timeout=120)
+        assert procs[0].returncode != 0, out
+        assert time.time() - t < 120
+    finally:
+        procs[1].kill()
+        procs[1].wait()
     # Whichever notices first: the failed collective, our heartbeat watchdog, or JAX's own error polling.
     assert "error: process 0 of 2" in out or "another task died" in out, out
+    if sig == signal.SIGSTOP:
+        assert "stopped sending heartbeats" in out or "another task died" in out, out
 
 
 def test_sigterm_to_one_process_saves_and_stops_both(task_world, tmp_path):

@@ -218,7 +218,7 @@ class ShardedScorer:
         self._submit = submit
 
     def __call__(self, texts: Sequence[str], ground_truths: Sequence):
-        if jax.process_count() == 1:
+        if jax.process_count() == 1 or not texts:  # (an empty batch is empty everywhere: no gather)
             return self._submit(texts, ground_truths)
         mine = share(len(texts))
         return _Gathered(self._submit(texts[mine], ground_truths[mine]), len(texts))

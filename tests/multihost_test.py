@@ -192,3 +192,51 @@ def test_initialize_decides_from_config_and_environment(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two'"):
         distributed.initialize(_dist_config(enabled="on"))
+
+
+def test_sharded_scorer_reassembles_every_verdict_in_order(monkeypatch):
+    """3 simulated processes grade 3 + 2 + 2 of 7 responses; the all-gather (faked: it stacks what each
+    process sent) gives every process all 7 verdicts in the original order, strings included."""
+    import concurrent.futures
+
+    from jax.experimental import multihost_utils
+
+    from attnrl_jax.rewards.math_grader import Verdict
+
+    texts = [f"answer {i}" for i in range(7)]
+    graded = []
+
+    def submit(ts, gts):
+        graded.append(list(ts))
+        f = concurrent.futures.Future()
+        f.set_result(
+            [Verdict.of(int(t[-1]) % 2 == 0, "correct" if int(t[-1]) % 2 == 0 else "mismatch", t) for t in ts]
+        )
+        return f
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    sent = []
+
+    class Sent(Exception):
+        """The first pass only collects what each process would send."""
+
+    def record(x):
+        sent.append(x)
+        raise Sent
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", record)
+    futures = []
+    for i in range(3):
+        monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+        futures.append(distributed.ShardedScorer(submit)(texts, texts))
+        with pytest.raises(Sent):
+            futures[-1].result()
+    assert graded == [texts[0:3], texts[3:5], texts[5:7]]
+    stacked = tuple(np.stack([s[j] for s in sent]) for j in range(3))
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: stacked)
+    for f in futures:
+        verdicts = f.result()
+        assert [v.answer for v in verdicts] == texts
+        assert [v.acc for v in verdicts] == [1, 0, 1, 0, 1, 0, 1]
+        assert [v.reason for v in verdicts] == ["correct", "mismatch"] * 3 + ["correct"]
+        assert [v.score for v in verdicts] == [1.0, -1.0] * 3 + [1.0]

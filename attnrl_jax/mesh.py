@@ -10,6 +10,7 @@ dropped for that array (it stays replicated along it): the 1.5B model has 2 KV h
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -94,6 +96,25 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     return Mesh(device_array, MESH_AXES)
 
 
+_warned: set[tuple[int, str, int]] = set()
+
+
+def _warn_replicated_batch(rows: int, axis: str, size: int) -> None:
+    """Says once per shape that a batch dimension stays replicated over a mesh axis: every device of that
+    axis then computes every row (correct, but that axis's parallelism is lost for the array)."""
+    if (rows, axis, size) in _warned:
+        return
+    _warned.add((rows, axis, size))
+    log.warning(
+        "a batch dimension of %d rows does not divide mesh axis %r (size %d): it is replicated over that "
+        "axis, so each of its devices computes all %d rows",
+        rows,
+        axis,
+        size,
+        rows,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Sharder:
     """Logical-axis sharding for one mesh. Hashable, so it can be a static argument of `jax.jit`."""
@@ -129,6 +150,8 @@ class Sharder:
                 if ax in used or size == 1:
                     continue
                 if shape is not None and shape[i] % (size * math.prod(self.mesh.shape[a] for a in kept)):
+                    if name == "batch":
+                        _warn_replicated_batch(shape[i], ax, size)
                     continue
                 kept.append(ax)
             used.update(kept)

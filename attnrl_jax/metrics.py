@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 
 import jax
@@ -32,14 +33,25 @@ HEADLINE = (
     "time_sample",
     "time_score",
     "time_update",
+    # what the run would otherwise lose silently: verdicts that timed out or failed (scored 0), initial
+    # responses whose steps overflowed the FCI buckets or had no step separator (fallback segmentation)
+    "verifier_timeouts",
+    "verifier_errors",
+    "step_overflow",
+    "needs_fallback",
 )
 
 
 class MetricWriter:
     """Writes each step's scalars to `workdir`/metrics.jsonl, TensorBoard events in `workdir`/tb, and a
-    one-line summary to stdout. Only process 0 writes in a multi-process run."""
+    one-line summary to stdout. Only process 0 writes in a multi-process run.
 
-    def __init__(self, workdir: str, tensorboard: bool = True, stdout: bool = True):
+    `resume_step` is the step the run restarts from (0 for a fresh run): records of later steps, written
+    by an interrupted run after its last checkpoint, are cut from metrics.jsonl (atomically), and the
+    TensorBoard events are rebuilt from the records that remain, so each step appears once in both.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, stdout: bool = True, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.stdout = stdout
         self._jsonl = None
@@ -47,31 +59,62 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        kept = _records_up_to(path, resume_step)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            tb_dir = os.path.join(workdir, "tb")
+            if os.path.isdir(tb_dir):
+                shutil.rmtree(tb_dir)
+            self._tb = SummaryWriter(tb_dir)
+            for r in kept:
+                self._add_scalars(int(r["step"]), {k: v for k, v in r.items() if k != "step"})
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         values = {k: _scalar(v) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-        if self._tb is not None:
-            for k, v in values.items():
-                if v is not None and math.isfinite(v):
-                    self._tb.add_scalar(k, v, int(step))
-            self._tb.flush()
+        self._add_scalars(int(step), values)
         if self.stdout:
             shown = [f"{k}={values[k]:.4g}" for k in HEADLINE if values.get(k) is not None]
             print(f"step {int(step)}: " + " ".join(shown), flush=True)
+
+    def _add_scalars(self, step: int, values: Mapping[str, float | None]) -> None:
+        if self._tb is None:
+            return
+        for k, v in values.items():
+            if v is not None and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _records_up_to(path: str, step: int) -> list[dict]:
+    """The records of a metrics.jsonl with step <= `step`, in order (a torn last line is dropped)."""
+    if not os.path.isfile(path):
+        return []
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            if int(record.get("step", step + 1)) <= step:
+                kept.append(record)
+    return kept
 
 
 def _scalar(v) -> float | None:

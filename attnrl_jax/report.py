@@ -7,7 +7,6 @@ The page is XHTML (well-formed XML), so a plain XML parser validates it (tests/r
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import os
@@ -140,6 +139,18 @@ def tree_view(tokenizer, prompt_text: str, responses, trees) -> str:
     return "\n".join(out)
 
 
+def _duration(seconds: float) -> str:
+    """A duration for people: "4.8 s", "3 min 12 s"."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
+
+
+def _count(n) -> str:
+    return "no" if n is None else f"{int(n):,}"
+
+
 def eval_table(before: dict | None, after: dict | None) -> str:
     if before is None or after is None:
         return "<p>(evaluation results missing)</p>"
@@ -189,6 +200,7 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
         sample_steps,
     )
     from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
+    from attnrl_jax.trainer import algo_config
 
     out_dir = os.path.join(workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
@@ -196,12 +208,7 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
     plots = plot_metrics(records, out_dir)
 
     cfg, params, tokenizer = load_checkpoint(policy_dir, attention_impl="xla", remat="none")
-    algo = AlgoConfig.preset(config.algo.preset).replace(
-        group_size=config.algo.group_size,
-        continuations=config.algo.continuations,
-        fci_delta=config.algo.fci_delta,
-    )
-    algo = algo.replace(atb=dataclasses.replace(algo.atb, token_distance=config.algo.token_distance))
+    algo = algo_config(config)
     settings = LoopSettings(
         max_new_tokens=config.sampler.max_new_tokens,
         sampling=SamplingParams(config.sampler.temperature, config.sampler.top_k, config.sampler.top_p),
@@ -260,7 +267,9 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
 <body>
 <h1>AttnRL on the built-in arithmetic-chain task</h1>
 <p>Method: <b>{html.escape(config.algo.preset)}</b>, {mode},
-{len(records)} training steps ({html.escape(str(last.get("time_step", "")))} s for the last one).</p>
+{len(records)} training steps in {_duration(sum(r.get("time_step") or 0.0 for r in records))}
+({_duration(last.get("time_step") or 0.0)} for the last one), {_count(last.get("total_generated_tokens"))}
+generated tokens.</p>
 <h2>Evaluation before and after RL (held-out problems, by number of steps)</h2>
 {eval_table(load("warm"), load("final"))}
 <h2>Training curves</h2>

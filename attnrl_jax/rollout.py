@@ -58,11 +58,14 @@ def sample_steps(sample: Sample, prompt_len: int) -> Steps:
     return Steps(bounds, sample.think_step, prompt_len)
 
 
-def _accs(scored) -> np.ndarray:
-    """0/1 accuracies from a list of numbers or Verdicts, or from a future of one."""
+def _collect(scored) -> tuple[np.ndarray, dict[str, int]]:
+    """0/1 accuracies from a list of numbers or Verdicts, or from a future of one, and how many verdicts
+    were timeouts or errors (the verifier scores those 0; they are counted, never hidden)."""
     if hasattr(scored, "result"):
         scored = scored.result()
-    return np.asarray([getattr(v, "acc", v) for v in scored], np.float64)
+    reasons = [getattr(v, "reason", "") for v in scored]
+    counts = {"timeouts": reasons.count("timeout"), "errors": reasons.count("error")}
+    return np.asarray([getattr(v, "acc", v) for v in scored], np.float64), counts
 
 
 Scorer = Callable[[list, list], Any]
@@ -79,11 +82,15 @@ class InitialBatch:
     prompts: list[list[int]]
     samples: list[list[Sample]]
     scored: Any
+    verifier: dict[str, int] | None = None  # timeouts and errors among the scored verdicts
 
     def accs(self) -> np.ndarray:
         """[P, G] 0/1 accuracies of the initial responses (waits for the verifier once)."""
         if not isinstance(self.scored, np.ndarray):
-            self.scored = _accs(self.scored).reshape(len(self.problems), -1)
+            accs, self.verifier = _collect(self.scored)
+            self.scored = accs.reshape(len(self.problems), -1)
+        if self.verifier is None:  # built from accuracies directly
+            self.verifier = {"timeouts": 0, "errors": 0}
         return self.scored
 
     # ---- checkpointing: flat numpy arrays (Orbax) plus JSON-able problems
@@ -104,6 +111,8 @@ class InitialBatch:
             "think_step": np.asarray([s.think_step for s in flat], np.int32),
             "eos": np.asarray([s.finish_reason == "eos" for s in flat], np.int32),
             "needs_fallback": np.asarray([s.needs_fallback for s in flat], np.int32),
+            "step_overflow": np.asarray([s.step_overflow for s in flat], np.int32),
+            "verifier": np.asarray([self.verifier["timeouts"], self.verifier["errors"]], np.int32),
         }
         # Orbax refuses zero-size arrays: each array carries one trailing pad element.
         arrays = {k: np.append(v, np.zeros(1, v.dtype)) for k, v in arrays.items()}
@@ -146,13 +155,15 @@ class InitialBatch:
                 step_ids=sid,
                 think_step=int(a["think_step"][i]),
                 needs_fallback=bool(a["needs_fallback"][i]),
+                step_overflow=int(a["step_overflow"][i]) if "step_overflow" in a else 0,
             )
             for i, (tok, lp, ent, sid) in enumerate(zip(*fields))
         ]
         g = len(flat) // max(len(probs), 1)
         samples = [flat[q * g : (q + 1) * g] for q in range(len(probs))]
         accs = a["accs"].astype(np.float64).reshape(len(probs), g)
-        return cls(probs, prompts, samples, accs)
+        counts = a.get("verifier", np.zeros(2, np.int32))
+        return cls(probs, prompts, samples, accs, {"timeouts": int(counts[0]), "errors": int(counts[1])})
 
 
 def encode_problems(sampler: Sampler, problems: Sequence[Problem]) -> list[list[int]]:
@@ -239,12 +250,19 @@ def finish(
     problems, prompts, initial = batch.problems, batch.prompts, batch.samples
     accs = batch.accs()
     g = accs.shape[1]
+    flat_initial = [s for group in initial for s in group]
     metrics = {
         "accuracy": float(accs.mean()),
         "reward": float((2 * accs - 1).mean()),
         "prompt_batch": len(problems),
-        "response_length": float(np.mean([len(s.tokens) for group in initial for s in group])),
-        "initial_tokens": sum(len(s.tokens) for group in initial for s in group),
+        "response_length": float(np.mean([len(s.tokens) for s in flat_initial])),
+        "initial_tokens": sum(len(s.tokens) for s in flat_initial),
+        # Initial responses whose steps overflowed the FCI buckets (config.algo.fci_buckets), and those
+        # with no step separator at all (section 4's fallback segmentation: every token a step).
+        "step_overflow": sum(s.step_overflow > 0 for s in flat_initial),
+        "needs_fallback": sum(bool(s.needs_fallback) for s in flat_initial),
+        "verifier_timeouts": batch.verifier["timeouts"],
+        "verifier_errors": batch.verifier["errors"],
     }
     if algo.estimator == "grpo":
         adv = grpo_advantages(accs, normalize_std=algo.grpo_normalize_std)
@@ -267,11 +285,13 @@ def finish(
 
     flat = [(k, j, c) for k, per_req in enumerate(conts) for j, group in enumerate(per_req) for c in group]
     problem_of = [branch.owners[k][0] for k, _, _ in flat]
-    cont_accs = (
-        _accs(score([c.text for _, _, c in flat], [problems[q].ground_truth for q in problem_of]))
+    cont_accs, counts = (
+        _collect(score([c.text for _, _, c in flat], [problems[q].ground_truth for q in problem_of]))
         if flat
-        else []
+        else ([], {"timeouts": 0, "errors": 0})
     )
+    metrics["verifier_timeouts"] += counts["timeouts"]
+    metrics["verifier_errors"] += counts["errors"]
     plan = branch.expansion
     paths = []
     for q, responses in enumerate(prompt_responses(batch, branch, conts, cont_accs)):

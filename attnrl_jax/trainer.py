@@ -66,6 +66,27 @@ class Settings:
     mesh: MeshConfig
 
 
+def algo_config(c: ConfigDict) -> AlgoConfig:
+    """The method named by config.algo.preset with the config's algo fields applied. A preset's own ATB
+    token distance (the `paper` preset's 0) stands unless config.algo.token_distance is set explicitly."""
+    algo = AlgoConfig.preset(c.algo.preset)
+    atb = algo.atb
+    if c.algo.token_distance is not None:
+        atb = dataclasses.replace(atb, token_distance=c.algo.token_distance)
+    return algo.replace(
+        group_size=c.algo.group_size,
+        continuations=c.algo.continuations,
+        fci_delta=c.algo.fci_delta,
+        atb=atb,
+        batch_size=BatchSizeSettings(
+            initial=c.algo.initial_batch,
+            target_paths=c.algo.target_paths,
+            rule=algo.batch_size.rule,
+            max_size=max(c.algo.max_batch, c.algo.initial_batch),
+        ),
+    )
+
+
 def settings_from_config(c: ConfigDict) -> Settings:
     """Typed settings from the ConfigDict; raises ValueError/FileNotFoundError naming the key."""
     for key, path in (("model.hf_path", c.model.hf_path), ("data.train_path", c.data.train_path)):
@@ -74,19 +95,7 @@ def settings_from_config(c: ConfigDict) -> Settings:
         if not path or not os.path.exists(path):
             raise FileNotFoundError(f"config.{key}={path!r}: no such file or directory")
     model = model_config(c)
-    algo = AlgoConfig.preset(c.algo.preset)
-    algo = algo.replace(
-        group_size=c.algo.group_size,
-        continuations=c.algo.continuations,
-        fci_delta=c.algo.fci_delta,
-        atb=dataclasses.replace(algo.atb, token_distance=c.algo.token_distance),
-        batch_size=BatchSizeSettings(
-            initial=c.algo.initial_batch,
-            target_paths=c.algo.target_paths,
-            rule=algo.batch_size.rule,
-            max_size=max(c.algo.max_batch, c.algo.initial_batch),
-        ),
-    )
+    algo = algo_config(c)
     loop = LoopSettings(
         max_new_tokens=c.sampler.max_new_tokens,
         sampling=SamplingParams(c.sampler.temperature, c.sampler.top_k, c.sampler.top_p),
@@ -274,7 +283,7 @@ def run(c: ConfigDict) -> dict:
         return logp, mismatch
 
     ref_fn = jax.jit(functools.partial(recompute_log_probs, model_cfg=cfg, temperature=1.0, sharder=sharder))
-    writer = MetricWriter(c.workdir)
+    writer = MetricWriter(c.workdir, resume_step=start)
     lagged = LaggedMetrics()
     held: dict[int, dict] = {}  # host metrics of steps whose device metrics are not fetched yet
     last: dict = {}
@@ -388,7 +397,14 @@ def run(c: ConfigDict) -> dict:
             )
             held[step + 1] = metrics
             emit(lagged.push(step + 1, device_metrics))
-            bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", paths=result.num_paths)
+            bar.set_postfix(
+                acc=f"{metrics['accuracy']:.3f}",
+                paths=result.num_paths,
+                timeouts=metrics["verifier_timeouts"],
+                errors=metrics["verifier_errors"],
+                overflow=metrics["step_overflow"],
+                fallback=metrics["needs_fallback"],
+            )
             totals["generated_tokens"] += generated
             totals["elapsed_s"] += t2 - t0
             budget_spent = 0 < c.train.max_generated_tokens <= totals["generated_tokens"]

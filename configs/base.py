@@ -3,7 +3,7 @@
 Every field carries its unit or meaning. Derived configs import `get_config` from here and change fields.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -38,7 +38,9 @@ def get_config() -> ConfigDict:
     )
     c.algo.group_size = 6  # G, initial responses per prompt
     c.algo.continuations = 2  # T, continuations per branch point
-    c.algo.token_distance = 512  # the code's 512-token rule of ATB (0: the paper's rule)
+    # ATB's minimum token distance between branch points (the code's 512-token rule; 0: the paper's rule).
+    # Unset (None): the preset's own value (512, or 0 for `paper`); setting it overrides any preset.
+    c.algo.token_distance = config_dict.placeholder(int)
     c.algo.fci_delta = 4  # Delta: a step's FCI counts attention from steps at least Delta steps later
     c.algo.fci_buckets = 512  # FCI steps tracked per response (later steps share the last bucket)
     c.algo.initial_batch = 64  # prompts at the first step

@@ -1,6 +1,7 @@
 """Every shipped config loads and turns into typed settings (paths aside), with the method it names."""
 
 import importlib
+import os
 
 import pytest
 
@@ -24,3 +25,46 @@ def test_paper_configs(name):
 def test_task_config():
     c = importlib.import_module("configs.task").get_config()
     assert c.job == "task" and c.algo.fci_delta == 1 and c.train.off_policy
+
+
+def test_a_preset_keeps_its_own_settings_unless_the_user_sets_them():
+    import configs.base as base
+
+    c = base.get_config()
+    assert c.algo.token_distance is None  # unset: the preset decides
+    c.algo.preset = "paper"
+    assert trainer.algo_config(c).atb.token_distance == 0  # the paper's rule, not the code's 512
+    c.algo.preset = "attnrl"
+    assert trainer.algo_config(c).atb.token_distance == 512
+    c.algo.token_distance = 64  # an explicit setting wins over any preset
+    c.algo.preset = "paper"
+    assert trainer.algo_config(c).atb.token_distance == 64
+
+
+def test_token_distance_from_the_command_line():
+    """A placeholder field still takes an int override from flags, and refuses a string."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from absl import flags; from ml_collections import config_flags;"
+        "c = config_flags.DEFINE_config_file('config', lock_config=True);"
+        "flags.FLAGS(sys.argv); print(c.value.algo.token_distance)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ok = subprocess.run(
+        [sys.executable, "-c", probe, "--config=configs/base.py", "--config.algo.token_distance=0"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0 and ok.stdout.strip() == "0", ok.stderr[-2000:]
+    bad = subprocess.run(
+        [sys.executable, "-c", probe, "--config=configs/base.py", "--config.algo.token_distance=far"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0

@@ -46,3 +46,23 @@ def test_metrics_are_fetched_one_step_late():
     step, got = lag.push(2, {"loss": jnp.float32(2.0)})
     assert step == 1 and float(got["loss"]) == 1.0
     assert lag.flush()[0] == 2 and lag.flush() is None
+
+
+def test_a_resumed_run_writes_each_step_once(tmp_path):
+    """A run that wrote steps 1-4 (plus a torn line) and resumes from its step-2 checkpoint ends with steps
+    1, 2, 3 once each in metrics.jsonl and in the TensorBoard events, the rewritten values winning."""
+    writer = MetricWriter(str(tmp_path), stdout=False)
+    for step in range(1, 5):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # killed mid-line
+    writer = MetricWriter(str(tmp_path), stdout=False, resume_step=2)
+    writer.write(3, {"loss": 30.0})
+    writer.close()
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert sorted(_read_events(tmp_path / "tb")["loss"]) == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    MetricWriter(str(tmp_path), stdout=False).close()  # a fresh start (no checkpoint) keeps nothing
+    assert open(tmp_path / "metrics.jsonl").read() == ""
+    assert _read_events(tmp_path / "tb") == {}

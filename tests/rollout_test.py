@@ -54,3 +54,37 @@ def test_rollout_to_update(qwen_world, algo):
         for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params))
     ]
     assert max(changed) > 0
+
+
+def test_verifier_faults_and_fci_overflow_are_counted(qwen_world):
+    """Timeouts and errors among the verdicts, initial responses whose steps overflowed the FCI buckets
+    and responses with no separator reach the step's metrics (counted from the same samples)."""
+    from attnrl_jax.rewards.math_grader import Verdict
+    from attnrl_jax.rollout import sample_initial
+
+    tok, _, cfg, params, table = qwen_world
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    # Two FCI buckets: responses of more than one step overflow.
+    settings = LoopSettings(max_new_tokens=12, sampling=SamplingParams(temperature=1.0), num_steps=2)
+    sampler = Sampler(params, cfg, tok, settings, separators=table, stop_ids=[table.think_end_id])
+    problems = [Problem(i, "toy", ({"role": "user", "content": f"Say two, {i}."},), "2") for i in range(3)]
+    calls = []
+
+    def score(texts, gts):  # every 5th verdict of a call times out, every 7th fails
+        calls.append(len(texts))
+        reasons = ["timeout" if i % 5 == 0 else "error" if i % 7 == 3 else "" for i in range(len(texts))]
+        return [
+            Verdict.of(False, r) if r else Verdict.of(bool(grade(t, g).acc), "graded")
+            for i, (t, g, r) in enumerate(zip(texts, gts, reasons))
+        ]
+
+    algo = AlgoConfig.treerl().replace(group_size=4)  # every response branched: continuations are scored
+    result = rollout(sampler, score, problems, algo, RunningMean(), seed=3, row_length=48)
+    expected_timeouts = sum(len(range(0, n, 5)) for n in calls)
+    expected_errors = sum(sum(1 for i in range(n) if i % 5 and i % 7 == 3) for n in calls)
+    assert len(calls) == 2 and expected_timeouts > 0 and expected_errors > 0  # initial + continuations
+    assert result.metrics["verifier_timeouts"] == expected_timeouts
+    assert result.metrics["verifier_errors"] == expected_errors
+    samples = [s for g in sample_initial(sampler, problems, 4, score, seed=3).samples for s in g]
+    assert result.metrics["step_overflow"] == sum(s.step_overflow > 0 for s in samples) > 0
+    assert result.metrics["needs_fallback"] == sum(s.needs_fallback for s in samples)

@@ -92,3 +92,13 @@ def test_no_mesh_is_a_no_op():
     assert sharder.spec(("batch", "embed")) == P(None, None)
     with pytest.raises(KeyError, match="logical axis 'nonsense' has no rule"):
         sharder.spec(("nonsense",))
+
+
+def test_a_batch_that_does_not_divide_the_mesh_is_reported(mesh, caplog):
+    sharder = Sharder(mesh)
+    with caplog.at_level("WARNING", logger="attnrl_jax.mesh"):
+        assert sharder.spec(("batch", None), (5, 4)) == P(None, None)  # 5 rows on an fsdp axis of 2
+        sharder.spec(("batch", None), (5, 4))  # said once per shape
+        assert sharder.spec(("batch", None), (8, 4)) == P("fsdp", None)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "5 rows" in said[0] and "'fsdp' (size 2)" in said[0], said

@@ -157,6 +157,7 @@ def test_sigkill_resumes_and_finishes(task_world, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from step {killed_at}" in done.stdout
     assert Checkpointer(str(ckpt_dir)).latest_step() == 4
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4]  # each step once, resume or not
 
 
 def test_sigterm_saves_and_exits_zero(task_world, tmp_path):

@@ -381,8 +381,12 @@ def grade_sympy(given: str, gt: str) -> bool:
 
 def math_verify_fallback(solution: str, gts: list[str]) -> bool:
     """Math-Verify on the whole solution text (timeouts are the pool's job, so its own are off)."""
+    import logging
+
     from math_verify import parse, verify
 
+    # Its warning that its own timeouts are off is noise here: the pool enforces the limit from outside.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     if len(solution) > 20_000:  # far longer than any final answer section; not worth a parse
         solution = solution[-20_000:]
     parsed = parse(solution, parsing_timeout=None)

@@ -36,6 +36,7 @@ class Sample:
     step_ids: np.ndarray | None = None  # 1-based step of each token
     think_step: int = -1
     needs_fallback: bool = False  # no separator of any tracked kind: its every-token-step FCI is not computed
+    step_overflow: int = 0  # steps beyond the FCI buckets, merged into the last one (initial responses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,5 +202,6 @@ class Sampler:
                 step_ids=out["step_ids"][b, :n] if fci else None,
                 think_step=int(out["think_step"][b]) if fci else -1,
                 needs_fallback=bool(out["needs_fallback"][b]),
+                step_overflow=int(out["step_overflow"][b]) if fci else 0,
             )
         return results

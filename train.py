@@ -44,7 +44,11 @@ def main(argv):
         job.run(config)
     except BaseException as e:
         distributed.fail(e)  # in a multi-process run: says which process failed and why, and exits 1
-        if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError)):
+        from attnrl_jax import JobError
+
+        if isinstance(
+            e, (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError, JobError)
+        ):
             sys.exit(f"error: {e}")
         raise
     distributed.shutdown()

@@ -1,8 +1,9 @@
 """The smoke job: build or load the policy, run a sharded forward, export it, reload it, compare.
 
-This is what `python train.py --config=configs/tiny.py` runs until the trainer lands. It exercises the
-whole foundation on real code paths: config validation, the mesh, sharded init (or checkpoint loading),
-the jitted forward with padded rows, Hugging Face export and re-import.
+This is what `python train.py --config=configs/tiny.py` (`make smoke`) runs: a quick check of the model
+alone, beside the trainer. It exercises the foundation on real code paths: config validation, the mesh,
+sharded init (or checkpoint loading), the jitted forward with padded rows, Hugging Face export and
+re-import.
 """
 
 from __future__ import annotations

@@ -2,10 +2,14 @@
 (data -> tokenizer -> warm start -> eval -> AttnRL -> eval -> report) at toy sizes, run twice (the second
 run resumes: every stage is skipped), with the report's XHTML parsed by an XML parser."""
 
+import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -17,24 +21,58 @@ from attnrl_jax.task.arith import make_problem, make_split
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+STEP = re.compile(r"\((\d)/(\d)\) (\d)([+-])(\d)=(\d)")
+
+
+def _check_steps(problem, solution, level):
+    """Parses a solution against its question; returns how many steps have a wrong result."""
+    thinking, answer = solution.split("\n</think>\n")
+    steps = thinking.split("\n\n")
+    assert len(steps) == level and problem.data_source == f"arith_l{level}"
+    m = re.fullmatch(
+        r"Start at (\d)\. Alternately ([+-])(\d) and ([+-])(\d), keeping the last digit, (\d) times\.",
+        problem.question,
+    )
+    value, ops = int(m[1]), [(m[2], int(m[3])), (m[4], int(m[5]))]
+    assert sum(b if op == "+" else -b for op, b in ops) % 10  # the operations never cancel
+    assert int(m[6]) == level
+    slips = 0
+    for k, step in enumerate(steps, 1):  # "(k/n) a{op}{b}=c": from the previous result, ops alternate
+        label_k, label_n, a, op, b, c = STEP.fullmatch(step).groups()
+        assert (int(label_k), int(label_n)) == (k, level) and (op, int(b)) == ops[(k - 1) % 2]
+        assert int(a) == value
+        right = (int(a) + int(b)) % 10 if op == "+" else (int(a) - int(b)) % 10
+        assert int(c) in (right, (right + 1) % 10, (right - 1) % 10)  # a slip is off by one
+        slips += int(c) != right
+        value = int(c)
+    assert answer == f"\\boxed{{{value}}}"
+    return slips
+
+
 @pytest.mark.parametrize("level", [2, 3, 4, 5, 6])
 def test_problems_and_solutions_agree(level):
     rng = np.random.default_rng(level)
     for i in range(50):
         problem, solution = make_problem(rng, level, i)
-        thinking, answer = solution.split("\n</think>\n")
-        steps = thinking.split("\n\n")
-        assert len(steps) == level and problem.data_source == f"arith_l{level}"
-        words = problem.question.replace(",", "").replace(".", "").split()
-        value, ops = int(words[2]), [(words[4], int(words[5])), (words[7], int(words[8]))]
-        assert words[-2:] == [str(level), "times"]
-        for k, step in enumerate(steps, 1):  # "(k/n) a op b = c": from the previous result, ops alternate
-            label, a, op, b, _, c = step.split()
-            assert label == f"({k}/{level})" and (op, int(b)) == ops[(k - 1) % 2]
-            assert int(a) == value and int(c) == eval(f"({a} {op} {b}) % 10")  # noqa: S307 - digits only
-            value = int(c)
-        assert answer == f"\\boxed{{{value}}}" and problem.ground_truth == str(value)
+        assert _check_steps(problem, solution, level) == 0
         assert grade(solution, problem.ground_truth).acc == 1
+
+
+def test_the_fallible_teacher_slips_at_its_rate_on_the_same_problems():
+    clean_problems, clean = make_split(4, 400)
+    problems, solutions = make_split(4, 400, slip_rate=0.3)
+    assert problems == clean_problems  # slips never change the problems or their ground truths
+    slips = steps = wrong = 0
+    for p, s, c in zip(problems, solutions, clean):
+        level = int(p.data_source[-1])
+        slips += _check_steps(p, s, level)
+        steps += level
+        wrong += grade(s, p.ground_truth).acc == 0
+        assert grade(c, p.ground_truth).acc == 1
+    assert abs(slips / steps - 0.3) < 0.02  # 8000 steps: 0.3 within about four standard errors
+    assert 0.5 < wrong / len(problems) < 0.7  # most chains with a slip end on a wrong answer
+    with pytest.raises(ValueError, match="slip_rate"):
+        make_split(0, 1, slip_rate=1.0)
 
 
 def test_tokenizer_round_trip_and_separators(tmp_path):
@@ -50,6 +88,7 @@ def test_tokenizer_round_trip_and_separators(tmp_path):
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     separator = tok.convert_tokens_to_ids("\n\n")
     assert tok.encode("(1) 1 + 1 = 2\n\n(2) 2", add_special_tokens=False).count(separator) == 1
+    assert len(tok.encode("(1/2) 7+2=9", add_special_tokens=False)) == 10  # "+2" is one token
     table = SeparatorTable.from_tokenizer(tok)
     assert table.double_newline.sum() >= 1 and table.think_end_id == tok.convert_tokens_to_ids("</think>")
     prompt = tok.apply_chat_template(list(problems[0].messages), add_generation_prompt=True, tokenize=False)
@@ -69,41 +108,31 @@ def test_warm_start_lowers_the_loss(tmp_path):
     assert tokens.shape[1] % 8 == 0 and tokens.shape[1] < 128
     first = tokens[0][mask[0] > 0]
     assert tok.decode(first) == solutions[0] + "<|eos|>"  # the loss covers exactly the response
-    _, losses = warm_start(
-        tiny_task_model(len(tok), tok.eos_token_id), tokens, mask, steps=40, progress=False
+    result = warm_start(
+        tiny_task_model(len(tok), tok.eos_token_id), tokens, mask, steps=40, progress=False, cooldown=20
     )
-    assert np.mean(losses[-5:]) < 0.5 * losses[0]
+    assert result.steps == 40 and result.reached_at is None
+    assert np.mean(result.losses[-5:]) < 0.5 * result.losses[0]
 
 
-def _task_cmd(workdir):
-    overrides = {
-        "workdir": workdir,
-        "task.train_per_level": 4,
-        "task.sft_per_level": 25,
-        "task.eval_per_level": 2,
-        "task.warm_steps": 40,
-        "task.eval_k": 2,
-        "task.report_samples": 2,
-        "algo.initial_batch": 2,
-        "algo.group_size": 4,
-        "sampler.max_new_tokens": 24,
-        "train.steps": 2,
-        "train.mini_batch_rows": 16,
-        "ckpt.every": 1,
-    }
-    return [
-        sys.executable,
-        "train.py",
-        "--config=configs/task.py",
-        *[f"--config.{k}={v}" for k, v in overrides.items()],
-    ]
+def _task_cmd(workdir, *extra):
+    return [sys.executable, "train.py", "--config=configs/task.py:toy", f"--config.workdir={workdir}", *extra]
 
 
-def test_task_job_end_to_end_and_resume(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    work = tmp_path / "task"
-    first = subprocess.run(_task_cmd(work), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """One run of the toy job (every stage); returns (workdir, the completed process)."""
+    work = tmp_path_factory.mktemp("task") / "run"
+    done = subprocess.run(_task_cmd(work), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work, done
+
+
+def test_task_job_end_to_end_and_resume(toy_run):
+    work, first = toy_run
     assert re.search(
         r"built-in task avg@2: [\d.]+% after the warm start -> [\d.]+% after AttnRL", first.stdout
     )
@@ -117,7 +146,82 @@ def test_task_job_end_to_end_and_resume(tmp_path):
     steps = root.findall(".//h:span[@class='step']", ns)
     assert steps and all("FCI" in s.get("title") for s in steps)
     assert "V(root)" in page and "arith_l2" in page
+    assert not re.search(r"\d\.\d{4,} s\b", page)  # durations for people, not 4.773575910999966 s
+    records = [json.loads(line) for line in (work / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("verifier_timeouts", "verifier_errors", "step_overflow", "needs_fallback"):
+        # counted on every step (a 40-step model writes responses without any separator: fallbacks)
+        assert all(isinstance(r[key], float) and r[key] >= 0 for r in records), key
+        assert f"{key}=" in first.stdout
 
-    second = subprocess.run(_task_cmd(work), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(_task_cmd(work), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert second.stdout.count("done, skipped") == 6  # every stage but the report
+
+
+def test_the_report_renders_in_chromium(toy_run, tmp_path):
+    """The page in a real browser (headless Chromium): the plots and the FCI shading are drawn."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian package chromium; .ci/run installs it)")
+    import matplotlib.image
+
+    work, _ = toy_run
+    shot = tmp_path / "page.png"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
+        "--virtual-time-budget=5000",  # let the images load before the screenshot
+        "--window-size=1100,2600",
+        f"--screenshot={shot}",
+    ]
+    page = (work / "report" / "index.html").as_uri()
+    done = subprocess.run([browser, *flags, page], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    pixels = (matplotlib.image.imread(str(shot))[..., :3] * 255).astype(int)
+    assert pixels.shape[:2] == (2600, 1100)
+
+    def near(rgb, tol=12):
+        return int((np.abs(pixels - np.asarray(rgb)).max(axis=-1) <= tol).sum())
+
+    assert near((31, 119, 180)) > 200  # matplotlib's first line colour: the plot images are drawn
+    # The FCI shading, rgba(220, 60, 30, alpha) over white: red well above green and blue.
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 190) & (pixels[..., 0] - pixels[..., 2] > 40)
+    assert int(red.sum()) > 500
+    assert near((255, 255, 255), 2) > 0.3 * pixels.shape[0] * pixels.shape[1]  # a page, not a blank image
+
+
+def test_a_warm_start_that_misses_its_target_stops_the_job(tmp_path):
+    """The toy budget cannot reach the shipped target: exit 1 with the reason, no warm checkpoint, no RL."""
+    work = tmp_path / "run"
+    cmd = _task_cmd(work, "--config.task.warm_target=0.9")
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "error: warm start: after 40 steps (config.task.warm_steps)" in done.stderr
+    assert "below config.task.warm_target=0.9" in done.stderr and "Traceback" not in done.stderr
+    assert not (work / "warm").exists() and not (work / "rl").exists()
+
+
+def test_sigterm_during_the_job_saves_and_exits_zero(tmp_path):
+    work = tmp_path / "run"
+    cmd = _task_cmd(work, "--config.train.steps=200")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 600
+    ckpt = work / "rl" / "ckpt"
+    while not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before RL checkpointed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved step" in out and "Run the same command again to resume." in out
+    assert "error:" not in out

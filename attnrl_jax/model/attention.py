@@ -97,8 +97,8 @@ def attention(
     """Dispatches to the attention implementation `impl` (see the module docstring for the contract).
 
     `q_offsets` [B] places each row's queries at key index q_offsets[b] + t (a KV cache with per-row
-    lengths); it is served by the XLA path, which is the reference for cached decoding (a Pallas decode
-    kernel is not written yet).
+    lengths); it is served by the XLA path here, the reference for cached decoding (single-token decode
+    steps with attention_impl "pallas" go to `kernels/decode_attention.py` from the model's cached path).
 
     Returns the output [B, T, N, H], or (output, lse [B, N, T]) with `return_lse`.
     """

@@ -3,7 +3,9 @@ evaluation -> AttnRL -> evaluation -> report, each stage skipped when its output
 run resumes instead of restarting; RL resumes from its latest Orbax checkpoint).
 
 Layout under config.workdir:
-  data/train.parquet, data/sft.parquet, data/eval/arith_l{1..4}.parquet
+  data/train.parquet, data/eval/arith_l{2..6}.parquet (levels = steps per chain), data/sft.parquet with
+  sft_solutions.json (the fallible teacher's warm-start solutions) and sft_references.json (their correct
+  solutions, for the warm start's held-out check)
   tokenizer/            Hugging Face tokenizer (BPE trained on the task text, R1-style chat template)
   warm/                 Hugging Face checkpoint of the warm-started policy (with the tokenizer)
   rl/                   the AttnRL run (ckpt/, metrics.jsonl, tb/, export/step_N/)
@@ -20,6 +22,7 @@ import time
 import numpy as np
 from ml_collections import ConfigDict
 
+from attnrl_jax import JobError
 from attnrl_jax.data import read_verl_parquet, write_verl_parquet
 from attnrl_jax.task.arith import LEVELS, make_split
 
@@ -43,7 +46,10 @@ def make_data(c: ConfigDict, root: str) -> None:
     os.makedirs(os.path.join(root, "eval"), exist_ok=True)
     seed = c.task.seed
     train, _ = make_split(seed * 3 + 1, c.task.train_per_level)
-    sft, solutions = make_split(seed * 3 + 2, c.task.sft_per_level)
+    # The warm start's solutions come from a fallible teacher; the same problems' correct solutions are the
+    # references of its held-out check.
+    sft, solutions = make_split(seed * 3 + 2, c.task.sft_per_level, slip_rate=c.task.slip_rate)
+    _, references = make_split(seed * 3 + 2, c.task.sft_per_level)
     evals, _ = make_split(seed * 3 + 3, c.task.eval_per_level)
     for level in LEVELS:
         write_verl_parquet(
@@ -52,12 +58,14 @@ def make_data(c: ConfigDict, root: str) -> None:
         )
     write_verl_parquet(os.path.join(root, "sft.parquet"), sft)
     _write_solutions(os.path.join(root, "sft_solutions.json"), solutions)
+    _write_solutions(os.path.join(root, "sft_references.json"), references)
     write_verl_parquet(os.path.join(root, "train.parquet"), train)  # written last: marks the stage done
 
 
-def _load_sft(data_dir: str):
-    """The warm-start problems and their reference solutions written by `make_data`."""
-    with open(os.path.join(data_dir, "sft_solutions.json")) as f:
+def _load_sft(data_dir: str, kind: str = "solutions"):
+    """The warm-start problems and their teacher's solutions (or, with kind="references", their correct
+    solutions) written by `make_data`."""
+    with open(os.path.join(data_dir, f"sft_{kind}.json")) as f:
         return read_verl_parquet(os.path.join(data_dir, "sft.parquet")), json.load(f)
 
 
@@ -112,12 +120,15 @@ def prepare(c: ConfigDict) -> dict[str, str]:
         from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
 
         sft, solutions = _load_sft(data_dir)
+        _, references = _load_sft(data_dir, "references")
         cfg = tiny_task_model(len(tokenizer), tokenizer.eos_token_id)
-        tokens, mask = encode_examples(
-            tokenizer, sft, solutions, c.data.max_prompt_len + c.sampler.max_new_tokens
-        )
-        holdout = len(tokens) // 20  # held out from the warm start, for its stopping rule
-        params, losses = warm_start(
+        length = c.data.max_prompt_len + c.sampler.max_new_tokens
+        tokens, mask = encode_examples(tokenizer, sft, solutions, length)
+        # Held out from the warm start for its stopping rule: the first 5% of the problems, with their
+        # correct solutions (the rule asks whether the model has the procedure, not the teacher's slips).
+        holdout = max(len(tokens) // 20, 1)
+        held = encode_examples(tokenizer, sft[:holdout], references[:holdout], length)
+        result = warm_start(
             cfg,
             tokens[holdout:],
             mask[holdout:],
@@ -125,13 +136,25 @@ def prepare(c: ConfigDict) -> dict[str, str]:
             batch_size=c.task.warm_batch,
             lr=c.task.warm_lr,
             seed=c.task.seed,
-            holdout=(tokens[:holdout], mask[:holdout]),
+            holdout=held,
             target=c.task.warm_target,
+            cooldown=c.task.warm_cooldown,
         )
+        losses = result.losses
+        if result.reached_at is None:
+            raise JobError(
+                f"warm start: after {result.steps} steps (config.task.warm_steps) the held-out exact match "
+                f"is {result.holdout_match:.2f}, below config.task.warm_target={c.task.warm_target}: the "
+                "model did not learn the task, so RL is not started. Nothing was saved; rerun with a larger "
+                "config.task.warm_steps (or another config.task.seed)."
+            )
         print(
-            f"warm start: {len(losses)} steps, loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}",
+            f"warm start: held-out exact match reached {c.task.warm_target} at step {result.reached_at}, "
+            f"{result.holdout_match:.2f} after the cool-down ({result.steps} steps); loss "
+            f"{losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}",
             flush=True,
         )
+        params = result.params
         save_checkpoint(warm_dir, cfg, params, tokenizer=tokenizer)  # atomic: temp dir + rename
 
     eval_data = os.path.join(data_dir, "eval")
@@ -177,6 +200,13 @@ def run(c: ConfigDict) -> dict:
     if not done:
         trainer.run(rl)
     final_dir = trainer.latest_export(rl_dir)
+    if final_dir is None:  # stopped early (SIGTERM): the trainer saved its latest step
+        print(
+            f"stopped during AttnRL; its latest step is saved in {os.path.join(rl_dir, 'ckpt')}. "
+            "Run the same command again to resume.",
+            flush=True,
+        )
+        return {"interrupted": True, "minutes": (time.perf_counter() - start) / 60}
 
     final_prefix = os.path.join(eval_dir, "final")
     done = os.path.isfile(final_prefix + ".json")
@@ -202,7 +232,7 @@ def run(c: ConfigDict) -> dict:
     print(
         f"built-in task avg@{c.task.eval_k}: {100 * before['avg@k']:.1f}% after the warm start -> "
         f"{100 * after['avg@k']:.1f}% after AttnRL (pass@{c.task.eval_k} {100 * before['pass@k']:.1f}% -> "
-        f"{100 * after['pass@k']:.1f}%); report: {path}",
+        f"{100 * after['pass@k']:.1f}%) in {summary['minutes']:.1f} min; report: {path}",
         flush=True,
     )
     return summary

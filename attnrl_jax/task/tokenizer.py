@@ -12,8 +12,11 @@ from collections.abc import Iterable
 # "<|endoftext|>" is the pad token, as in Qwen: a Qwen2 config.json makes transformers expect it.
 SPECIAL = ["<|endoftext|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 # Plain (not special) tokens: decoding keeps them, as Qwen's does. "\n\n", the step separator, is one token
-# whatever follows it (byte-level BPE would otherwise split it before a non-space character).
-ADDED = ["<think>", "</think>", "\n\n"]
+# whatever follows it (byte-level BPE would otherwise split it before a non-space character). Each of the
+# task's four operations is one token too, so a step's result depends on the two tokens just before it
+# ("7", "+2", "=" -> "9"): the warm start then learns the task within a few hundred steps on every seed
+# instead of after a plateau of unpredictable length (benchmarks/RESULTS.md, "Built-in task").
+ADDED = ["<think>", "</think>", "\n\n", "+1", "+2", "-1", "-2"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"

@@ -1,8 +1,10 @@
-"""Supervised warm start: a tiny Qwen2 trained with cross-entropy on reference solutions (the response
-tokens only), so that RL starts from partial accuracy instead of from nothing."""
+"""Supervised warm start: a tiny Qwen2 trained with cross-entropy on a fallible teacher's solutions (the
+response tokens only; `arith.make_split(slip_rate=...)`), so that RL starts from partial accuracy instead of
+from nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -52,6 +54,15 @@ def encode_examples(tokenizer, problems: Sequence[Problem], solutions: Sequence[
     return tokens, loss
 
 
+@dataclasses.dataclass
+class WarmStartResult:
+    params: Params
+    losses: list[float]  # training loss of every step
+    reached_at: int | None  # the step at which the held-out check first met the target (None: never)
+    holdout_match: float  # the held-out exact-match rate of the returned params (nan without a holdout)
+    steps: int  # optimizer steps taken
+
+
 def warm_start(
     cfg: ModelConfig,
     tokens: np.ndarray,
@@ -64,21 +75,28 @@ def warm_start(
     progress: bool = True,
     holdout: tuple[np.ndarray, np.ndarray] | None = None,
     target: float | None = None,
-    check_every: int = 100,
-) -> tuple[Params, list[float]]:
-    """Trains from a random init for at most `steps` Adam steps on random batches; returns (params, losses).
+    check_every: int = 50,
+    warmup: int = 50,
+    cooldown: int = 200,
+) -> WarmStartResult:
+    """Trains from a random init with AdamW on random batches of the examples (right-padded rows).
 
-    With `holdout` (tokens, loss mask) and `target`, every `check_every` steps it measures the held-out
-    exact-match rate (every response token is the argmax) and stops once it reaches `target`: these small
-    models learn the task abruptly, so a step count alone lands anywhere between 10% and 99%, while the
-    held-out check stops at the partial accuracy RL should start from.
+    The schedule is warmup-stable-decay: `warmup` steps up to `lr`, constant until the held-out check
+    (every `check_every` steps: the fraction of `holdout` rows whose every response token is the argmax)
+    first reaches `target`, then a linear decay to zero over `cooldown` steps, and stop. Small models learn
+    this task after a plateau whose length varies with the seed and the machine's float rounding, so a
+    fixed step count or a decaying schedule fixed in advance lands anywhere; a constant rate until the
+    model demonstrably has the procedure, then a cool-down that settles its output distribution, does not.
+    `steps` caps the total; without a holdout and target it is simply the step count (cool-down included).
     """
+    if steps < 1 or batch_size < 1 or check_every < 1:
+        raise ValueError(f"steps, batch_size and check_every must be positive, got {steps}, {batch_size}")
     params = init_params(cfg, jax.random.key(seed))
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 10 + 1), steps), 0.01)
+    opt = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.01)
     opt_state = opt.init(params)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, tok, mask):
+    def step(params, opt_state, tok, mask, rate):
         def loss_fn(p):
             # Right padding needs no mask here: causal attention keeps it out of the loss positions.
             logits = forward(p, tok[:, :-1], cfg=cfg, segment_ids=jnp.ones_like(tok[:, :-1]))
@@ -88,15 +106,9 @@ def warm_start(
             return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
+        opt_state.hyperparams["learning_rate"] = rate
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
-
-    # Length buckets (multiples of 16): each batch comes from one bucket and is cut to its length, so short
-    # examples do not pay for the longest one; a few shapes, a few compilations.
-    lengths = np.array([np.flatnonzero(m)[-1] + 1 if m.any() else 1 for m in loss_mask])
-    cut = np.minimum(-(-lengths // 16) * 16, tokens.shape[1])
-    buckets = [np.flatnonzero(cut == c) for c in np.unique(cut)]
-    weights = np.array([len(b) for b in buckets], np.float64) / len(tokens)
 
     @jax.jit
     def exact_match(params, tok, mask):
@@ -104,21 +116,31 @@ def warm_start(
         wrong = (jnp.argmax(logits, axis=-1) != tok[:, 1:]) & (mask[:, 1:] > 0)
         return jnp.mean(~jnp.any(wrong, axis=-1))
 
+    checking = holdout is not None and target is not None
+    held = (jnp.asarray(holdout[0]), jnp.asarray(holdout[1])) if holdout is not None else None
     rng = np.random.default_rng(seed)
-    losses = []
-    for _ in tqdm(range(steps), desc="warm start", unit="step", disable=not progress):
-        idx = rng.choice(buckets[rng.choice(len(buckets), p=weights)], batch_size)
-        length = int(cut[idx[0]])
+    losses, reached_at, decay_from = [], None, None if checking else max(steps - cooldown, warmup)
+    bar = tqdm(total=steps, desc="warm start", unit="step", disable=not progress)
+    for i in range(steps):
+        if decay_from is not None and i >= decay_from + cooldown:
+            break
+        if i < warmup:
+            rate = lr * (i + 1) / warmup
+        elif decay_from is None or i < decay_from:
+            rate = lr
+        else:
+            rate = lr * (1.0 - (i - decay_from) / cooldown)
+        idx = rng.choice(len(tokens), batch_size)
         params, opt_state, loss = step(
-            params, opt_state, jnp.asarray(tokens[idx, :length]), jnp.asarray(loss_mask[idx, :length])
+            params, opt_state, jnp.asarray(tokens[idx]), jnp.asarray(loss_mask[idx]), jnp.float32(rate)
         )
         losses.append(loss)
-        if holdout is not None and target is not None and len(losses) % check_every == 0:
-            rate = float(exact_match(params, jnp.asarray(holdout[0]), jnp.asarray(holdout[1])))
-            if rate >= target:
-                print(
-                    f"warm start: held-out exact match {rate:.2f} >= {target} at step {len(losses)}",
-                    flush=True,
-                )
-                break
-    return params, [float(x) for x in jax.device_get(losses)]
+        bar.update()
+        if checking and reached_at is None and ((i + 1) % check_every == 0 or i + 1 == steps):
+            match = float(exact_match(params, *held))
+            bar.set_postfix(holdout_match=f"{match:.2f}")
+            if match >= target:
+                reached_at, decay_from = i + 1, i + 1
+    bar.close()
+    match = float(exact_match(params, *held)) if held is not None else float("nan")
+    return WarmStartResult(params, [float(x) for x in jax.device_get(losses)], reached_at, match, len(losses))

@@ -40,6 +40,7 @@ setup(
         "optax>=0.2",
         "orbax-checkpoint>=0.12",
         "transformers>=4.45",
+        "jinja2",  # transformers' apply_chat_template needs it but does not install it (torch brings it)
         "safetensors>=0.4",
         "sentencepiece",
         "math-verify",

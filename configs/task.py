@@ -56,8 +56,8 @@ def get_config(variant: str = "") -> ConfigDict:
     c.sampler.max_new_tokens = 80  # the longest reference solution has 74 tokens (end token included)
 
     # A k3 KL anchor to the warm start (the paper's form, 0.001 there). Without it, RL at this learning rate
-    # broke one level's stop decision on 3 runs of 4 (its responses went on past the last step, e.g. level 4
-    # fell to 8%) while the other levels rose; with 0.05 every level improved (benchmarks/RESULTS.md).
+    # broke one level's stop decision in each of 4 runs (its responses went on past the last step, e.g.
+    # level 4 fell to 8%) while the other levels rose; with 0.05 every level improved (benchmarks/RESULTS.md).
     c.loss.kl_coef = 0.05
 
     c.optim.lr = 3e-4  # AdamW on a 0.5M-parameter model (the paper's 1e-6 is for 1.5B parameters)

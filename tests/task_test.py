@@ -154,9 +154,22 @@ def test_task_job_end_to_end_and_resume(toy_run):
         assert all(isinstance(r[key], float) and r[key] >= 0 for r in records), key
         assert f"{key}=" in first.stdout
 
+    summary = json.loads((work / "summary.json").read_text())
+    warm = json.loads((work / "eval" / "warm.json").read_text())["mean"]["avg@k"]
+    assert summary["accuracy_before"] == warm and set(summary["levels"]) == {
+        f"arith_l{n}" for n in range(2, 7)
+    }
+    assert summary["warm_start"]["steps"] == 40 and summary["warm_start"]["reached_target_at_step"] == 40
+    timings = json.loads((work / "timings.json").read_text())
+    assert len(timings) == 7 and summary["minutes"] == pytest.approx(sum(timings.values()) / 60)
+
     second = subprocess.run(_task_cmd(work), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert second.stdout.count("done, skipped") == 6  # every stage but the report
+    again = json.loads((work / "timings.json").read_text())
+    assert {k: v for k, v in again.items() if k != "report"} == {
+        k: v for k, v in timings.items() if k != "report"
+    }
 
 
 def test_the_report_renders_in_chromium(toy_run, tmp_path):

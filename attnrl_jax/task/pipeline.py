@@ -29,15 +29,50 @@ from attnrl_jax.task.arith import LEVELS, make_split
 STAGES = ("data", "tokenizer", "warm start", "evaluate warm start", "AttnRL", "evaluate final", "report")
 
 
-def _stage(i: int, done: bool) -> None:
-    state = "done, skipped" if done else "running"
-    print(f"[{i + 1}/{len(STAGES)}] {STAGES[i]}: {state}", flush=True)
+class Stages:
+    """Announces each stage and records how long each one that ran took in <workdir>/timings.json, summed
+    over invocations (an interrupted stage counts once it completes), so a resumed job's total is still the
+    whole job's; the report, rewritten every time, counts its latest run."""
+
+    def __init__(self, work: str):
+        self.path = os.path.join(work, "timings.json")
+        self.seconds: dict[str, float] = _read_json(self.path) or {}
+        self._running: tuple[str, float] | None = None
+
+    def start(self, i: int, done: bool) -> None:
+        self.finish()
+        state = "done, skipped" if done else "running"
+        print(f"[{i + 1}/{len(STAGES)}] {STAGES[i]}: {state}", flush=True)
+        if not done:
+            self._running = (STAGES[i], time.perf_counter())
+
+    def finish(self) -> None:
+        """Records the running stage (call it once the last stage is done)."""
+        if self._running is None:
+            return
+        name, t0 = self._running
+        self._running = None
+        spent = time.perf_counter() - t0
+        self.seconds[name] = spent if name == STAGES[-1] else self.seconds.get(name, 0.0) + spent
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        _write_json(self.path, self.seconds)
+
+    @property
+    def total_minutes(self) -> float:
+        return sum(self.seconds.values()) / 60
 
 
-def _write_solutions(path: str, solutions: list[str]) -> None:
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(solutions, f)
+        json.dump(value, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -57,8 +92,8 @@ def make_data(c: ConfigDict, root: str) -> None:
             [p for p in evals if p.data_source == f"arith_l{level}"],
         )
     write_verl_parquet(os.path.join(root, "sft.parquet"), sft)
-    _write_solutions(os.path.join(root, "sft_solutions.json"), solutions)
-    _write_solutions(os.path.join(root, "sft_references.json"), references)
+    _write_json(os.path.join(root, "sft_solutions.json"), solutions)
+    _write_json(os.path.join(root, "sft_references.json"), references)
     write_verl_parquet(os.path.join(root, "train.parquet"), train)  # written last: marks the stage done
 
 
@@ -89,11 +124,13 @@ def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) 
     return eval_job.run(e)
 
 
-def prepare(c: ConfigDict) -> dict[str, str]:
+def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
     """Stages 1-4 (data, tokenizer, warm start, its evaluation); returns the paths of their outputs."""
     from transformers import AutoTokenizer
 
     work = os.path.abspath(c.workdir)
+    stages = stages or Stages(work)
+    _stage = stages.start
     data_dir, tok_dir, warm_dir = (os.path.join(work, d) for d in ("data", "tokenizer", "warm"))
     rl_dir, eval_dir = os.path.join(work, "rl"), os.path.join(work, "eval")
 
@@ -156,6 +193,14 @@ def prepare(c: ConfigDict) -> dict[str, str]:
         )
         params = result.params
         save_checkpoint(warm_dir, cfg, params, tokenizer=tokenizer)  # atomic: temp dir + rename
+        warm_record = {
+            "reached_target_at_step": result.reached_at,
+            "steps": result.steps,
+            "holdout_exact_match": result.holdout_match,
+            "loss_first": losses[0],
+            "loss_last_20": float(np.mean(losses[-20:])),
+        }
+        _write_json(os.path.join(work, "warm_start.json"), warm_record)
 
     eval_data = os.path.join(data_dir, "eval")
     warm_prefix = os.path.join(eval_dir, "warm")
@@ -163,6 +208,7 @@ def prepare(c: ConfigDict) -> dict[str, str]:
     _stage(3, done)
     if not done:
         evaluate_checkpoint(c, warm_dir, eval_data, warm_prefix)
+    stages.finish()
 
     return {
         "work": work,
@@ -188,8 +234,9 @@ def rl_config(c: ConfigDict, paths: dict[str, str], workdir: str | None = None) 
 
 
 def run(c: ConfigDict) -> dict:
-    start = time.perf_counter()
-    paths = prepare(c)
+    stages = Stages(os.path.abspath(c.workdir))
+    _stage = stages.start
+    paths = prepare(c, stages)
     work, rl_dir, eval_dir, eval_data = paths["work"], paths["rl"], paths["eval"], paths["eval_data"]
     warm_prefix = paths["warm_eval"]
     rl = rl_config(c, paths)
@@ -206,7 +253,8 @@ def run(c: ConfigDict) -> dict:
             "Run the same command again to resume.",
             flush=True,
         )
-        return {"interrupted": True, "minutes": (time.perf_counter() - start) / 60}
+        stages.finish()
+        return {"interrupted": True}
 
     final_prefix = os.path.join(eval_dir, "final")
     done = os.path.isfile(final_prefix + ".json")
@@ -218,21 +266,33 @@ def run(c: ConfigDict) -> dict:
     from attnrl_jax.report import write_report
 
     path = write_report(work, rl, final_dir, samples=c.task.report_samples)
+    stages.finish()
     with open(warm_prefix + ".json") as f:
-        before = json.load(f)["mean"]
+        before = json.load(f)
     with open(final_prefix + ".json") as f:
-        after = json.load(f)["mean"]
+        after = json.load(f)
     summary = {
-        "accuracy_before": before["avg@k"],
-        "accuracy_after": after["avg@k"],
-        "pass_at_k_before": before["pass@k"],
-        "pass_at_k_after": after["pass@k"],
-        "minutes": (time.perf_counter() - start) / 60,
+        "seed": c.task.seed,
+        "accuracy_before": before["mean"]["avg@k"],
+        "accuracy_after": after["mean"]["avg@k"],
+        "pass_at_k_before": before["mean"]["pass@k"],
+        "pass_at_k_after": after["mean"]["pass@k"],
+        "k": c.task.eval_k,
+        "levels": {
+            name: [before["benchmarks"][name]["avg@k"], after["benchmarks"][name]["avg@k"]]
+            for name in before["benchmarks"]
+        },
+        "warm_start": _read_json(os.path.join(work, "warm_start.json")),
+        "minutes": stages.total_minutes,  # the whole job's, summed over resumed invocations
+        "stage_seconds": dict(stages.seconds),
     }
+    _write_json(os.path.join(work, "summary.json"), summary)
+    k = c.task.eval_k
     print(
-        f"built-in task avg@{c.task.eval_k}: {100 * before['avg@k']:.1f}% after the warm start -> "
-        f"{100 * after['avg@k']:.1f}% after AttnRL (pass@{c.task.eval_k} {100 * before['pass@k']:.1f}% -> "
-        f"{100 * after['pass@k']:.1f}%) in {summary['minutes']:.1f} min; report: {path}",
+        f"built-in task avg@{k}: {100 * summary['accuracy_before']:.1f}% after the warm start -> "
+        f"{100 * summary['accuracy_after']:.1f}% after AttnRL (pass@{k} "
+        f"{100 * summary['pass_at_k_before']:.1f}% -> {100 * summary['pass_at_k_after']:.1f}%) in "
+        f"{summary['minutes']:.1f} min; report: {path}",
         flush=True,
     )
     return summary

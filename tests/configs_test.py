@@ -52,19 +52,18 @@ def test_token_distance_from_the_command_line():
         "flags.FLAGS(sys.argv); print(c.value.algo.token_distance)"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ok = subprocess.run(
-        [sys.executable, "-c", probe, "--config=configs/base.py", "--config.algo.token_distance=0"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def parse(value):
+        cmd = [
+            sys.executable,
+            "-c",
+            probe,
+            "--config=configs/base.py",
+            f"--config.algo.token_distance={value}",
+        ]
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+
+    ok = parse(0)
     assert ok.returncode == 0 and ok.stdout.strip() == "0", ok.stderr[-2000:]
-    bad = subprocess.run(
-        [sys.executable, "-c", probe, "--config=configs/base.py", "--config.algo.token_distance=far"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode != 0
+    bad = parse("far")
+    assert bad.returncode != 0 and "token_distance" in bad.stderr

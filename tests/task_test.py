@@ -222,8 +222,12 @@ def test_a_warm_start_that_misses_its_target_stops_the_job(tmp_path):
     assert not (work / "warm").exists() and not (work / "rl").exists()
 
 
-def test_sigterm_during_the_job_saves_and_exits_zero(tmp_path):
+def test_sigterm_during_the_job_saves_and_exits_zero(toy_run, tmp_path):
     work = tmp_path / "run"
+    # The toy run's first four stages (data, tokenizer, warm start and its evaluation), so RL starts at once.
+    for name in ("data", "tokenizer", "warm", "eval"):
+        shutil.copytree(toy_run[0] / name, work / name)
+    (work / "eval" / "final.json").unlink()
     cmd = _task_cmd(work, "--config.train.steps=200")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

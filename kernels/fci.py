@@ -11,11 +11,12 @@ step is at least s(j) + Delta, and the per-step result is a sum of those column 
 A_ij = exp(s_ij - lse_i) is recomputed from q, k and the log-sum-exp that flash attention saved, so no
 L x L (or steps x steps) array exists at any point.
 
-The Pallas kernel loops over key tiles outside (the grid) and query tiles inside, the structure of a flash
-backward dK/dV kernel, and writes the weighted column sums [B, N, S]; `fci_step_sums` reduces them per key
-step with a segment sum. `fci_step_sums_xla` computes the same in plain XLA, chunked over queries (the
-compiled CPU path and the benchmark baseline of the kernel), and `fci_reference` is the dense formula from
-explicit attention maps (tests and benchmarks only).
+The Pallas kernel visits key tiles outside and, for each, the query tiles that can see it, the structure of
+a flash backward dK/dV kernel (two forms, `kernels/target.py`: the GPU form loops over query tiles inside
+the program, the TPU form makes them a grid axis), and writes the weighted column sums [B, N, S];
+`fci_step_sums` reduces them per key step with a segment sum. `fci_step_sums_xla` computes the same in
+plain XLA, chunked over queries (the compiled CPU path and the benchmark baseline of the kernel), and
+`fci_reference` is the dense formula from explicit attention maps (tests and benchmarks only).
 
 Per-token inputs: step ids (0 for the prompt, c >= 1 for response step c, -1 for padding) and step lengths
 (|U_{s(i)}|, anything for padding). One sequence per row; queries and keys are the same tokens.
@@ -31,29 +32,127 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnrl_jax.kernels.flash_attention import _dot_t, _fit, _round_up, default_interpret
+from attnrl_jax.kernels import target as tg
+from attnrl_jax.kernels.flash_attention import _dot_t, _fit, _round_up, padded_length
 
 DELTA = 4  # steps at least this many later count (ALGORITHM.md section 5.2)
 
 
+TRITON_BLOCKS = (64, 64)  # (query tile, key tile) of the GPU form
+TPU_BLOCKS = (256, 256)  # of the TPU form: [256, 128] q/k tiles and [256, 256] float32 probabilities
+
+
+def _colsum_tile(q, lse, qstep, qw, k, kstep, q_start, k_start, scale, delta):
+    """sum_i w_i exp(q_i k_j / sqrt(H) - lse_i) over one query tile for one key tile ([1, bk]), counting
+    query i for key j iff i >= j, key j has a step and s(i) >= s(j) + delta."""
+    bq, bk = q.shape[0], k.shape[0]
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    mask = (q_pos >= k_pos) & (kstep >= 0) & (qstep >= kstep + delta)
+    p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse), 0.0)
+    return jnp.sum(p * qw, axis=0, keepdims=True)
+
+
 def _fci_kernel(q_ref, lse_ref, qstep_ref, qw_ref, k_ref, kstep_ref, out_ref, *, scale, bq, nq, delta):
+    """Triton form: one program per (row, head, key tile), looping over the query tiles that see it."""
     jk = pl.program_id(2)
     bk = k_ref.shape[0]
-    k = k_ref[...]
-    kstep = kstep_ref[...]  # [1, bk]
+    k, kstep = k_ref[...], kstep_ref[...]  # [bk, H], [1, bk]
 
     def body(i, colsum):
         qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-        k_pos = jk * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-        qstep = qstep_ref[qs, :]  # [bq, 1]
-        mask = (q_pos >= k_pos) & (kstep >= 0) & (qstep >= kstep + delta)
-        p = jnp.where(mask, jnp.exp(_dot_t(q_ref[qs, :], k) * scale - lse_ref[qs, :]), 0.0)
-        return colsum + jnp.sum(p * qw_ref[qs, :], axis=0, keepdims=True)
+        tile = _colsum_tile(
+            q_ref[qs, :],
+            lse_ref[qs, :],
+            qstep_ref[qs, :],
+            qw_ref[qs, :],
+            k,
+            kstep,
+            i * bq,
+            jk * bk,
+            scale,
+            delta,
+        )
+        return colsum + tile
 
     # Query tiles before this key tile cannot attend to it (causality).
     lo = jnp.clip((jk * bk) // bq, 0, nq)
     out_ref[...] = lax.fori_loop(lo, nq, body, jnp.zeros((1, bk), jnp.float32))
+
+
+def _fci_kernel_tpu(q_ref, lse_ref, qstep_ref, qw_ref, k_ref, kstep_ref, out_ref, *, scale, delta):
+    """TPU form: grid (row, head, key tile, query tile); the column sums accumulate in the output tile,
+    which stays in VMEM over the query tiles."""
+    jk, iq = pl.program_id(2), pl.program_id(3)
+    bq, bk = q_ref.shape[0], k_ref.shape[0]
+
+    @pl.when(iq == 0)
+    def _():
+        out_ref[...] = jnp.zeros(out_ref.shape, jnp.float32)
+
+    @pl.when((iq + 1) * bq > jk * bk)  # the tile's last query is at or after the key tile's first key
+    def _():
+        out_ref[...] += _colsum_tile(
+            q_ref[...],
+            lse_ref[...],
+            qstep_ref[...],
+            qw_ref[...],
+            k_ref[...],
+            kstep_ref[...],
+            iq * bq,
+            jk * bk,
+            scale,
+            delta,
+        )
+
+
+def _fci_call(qh, lse_p, steps, weights, kh, *, bq, bk, delta, target, interpret):
+    b, n, lp, h = qh.shape
+    g = n // kh.shape[1]
+    nq, nk = lp // bq, lp // bk
+    args = (qh, lse_p[..., None], steps[:, :, None], weights[:, :, None], kh, steps[:, None, :])
+    out_shape = jax.ShapeDtypeStruct((b, n, 1, lp), jnp.float32)
+    if target == "tpu":
+
+        def qt(bi, kj, qi):  # query tiles before the key tile repeat the first visible one: no fetch
+            return jnp.minimum(jnp.maximum(qi, (kj * bk) // bq), nq - 1)
+
+        return pl.pallas_call(
+            functools.partial(_fci_kernel_tpu, scale=h**-0.5, delta=delta),
+            grid=(b, n, nk, nq),
+            in_specs=[
+                pl.BlockSpec((None, None, bq, h), lambda bi, ni, kj, qi: (bi, ni, qt(bi, kj, qi), 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda bi, ni, kj, qi: (bi, ni, qt(bi, kj, qi), 0)),
+                pl.BlockSpec((None, bq, 1), lambda bi, ni, kj, qi: (bi, qt(bi, kj, qi), 0)),
+                pl.BlockSpec((None, bq, 1), lambda bi, ni, kj, qi: (bi, qt(bi, kj, qi), 0)),
+                pl.BlockSpec((None, None, bk, h), lambda bi, ni, kj, qi: (bi, ni // g, kj, 0)),
+                pl.BlockSpec((None, 1, bk), lambda bi, ni, kj, qi: (bi, 0, kj)),
+            ],
+            out_specs=pl.BlockSpec((None, None, 1, bk), lambda bi, ni, kj, qi: (bi, ni, 0, kj)),
+            out_shape=out_shape,
+            compiler_params=tg.compiler_params(
+                target, interpret, "parallel", "parallel", "parallel", "arbitrary"
+            ),
+            interpret=interpret,
+            name="fci_column_sums",
+        )(*args)
+    return pl.pallas_call(
+        functools.partial(_fci_kernel, scale=h**-0.5, bq=bq, nq=nq, delta=delta),
+        grid=(b, n, nk),
+        in_specs=[
+            pl.BlockSpec((None, None, lp, h), lambda bi, ni, kj: (bi, ni, 0, 0)),
+            pl.BlockSpec((None, None, lp, 1), lambda bi, ni, kj: (bi, ni, 0, 0)),
+            pl.BlockSpec((None, lp, 1), lambda bi, ni, kj: (bi, 0, 0)),
+            pl.BlockSpec((None, lp, 1), lambda bi, ni, kj: (bi, 0, 0)),
+            pl.BlockSpec((None, None, bk, h), lambda bi, ni, kj: (bi, ni // g, kj, 0)),
+            pl.BlockSpec((None, 1, bk), lambda bi, ni, kj: (bi, 0, kj)),
+        ],
+        out_specs=pl.BlockSpec((None, None, 1, bk), lambda bi, ni, kj: (bi, ni, 0, kj)),
+        out_shape=out_shape,
+        compiler_params=tg.compiler_params(target, interpret),
+        interpret=interpret,
+        name="fci_column_sums",
+    )(*args)
 
 
 def _token_weights(step_ids, step_lens):
@@ -61,8 +160,10 @@ def _token_weights(step_ids, step_lens):
     return jnp.where(valid, 1.0 / jnp.maximum(step_lens, 1).astype(jnp.float32), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("delta", "block_q", "block_k", "interpret"))
-def fci_column_sums(q, k, lse, step_ids, step_lens, *, delta=DELTA, block_q=128, block_k=128, interpret=None):
+@functools.partial(jax.jit, static_argnames=("delta", "block_q", "block_k", "target", "interpret"))
+def fci_column_sums(
+    q, k, lse, step_ids, step_lens, *, delta=DELTA, block_q=None, block_k=None, target=None, interpret=None
+):
     """Pallas kernel: c[b, n, j] = sum_{i : s(i) >= s(j) + delta, i >= j} w_i exp(q_i k_j / sqrt(H) - lse_i).
 
     Args:
@@ -70,8 +171,9 @@ def fci_column_sums(q, k, lse, step_ids, step_lens, *, delta=DELTA, block_q=128,
       lse: [B, N, L] float32 log-sum-exp of the scaled logits (from `flash_attention`).
       step_ids, step_lens: [B, L] per-token step id and step length (see the module docstring).
       delta: the step gap Delta.
-      block_q, block_k: tiles (multiples of 8; shrunk for short sequences, L padded).
-      interpret: as in `flash_attention`.
+      block_q, block_k: tiles (multiples of 8; None: the form's default, `TRITON_BLOCKS` or `TPU_BLOCKS`;
+        shrunk for short sequences, L padded).
+      target, interpret: as in `flash_attention` (None: the form of the lowering platform).
 
     Returns:
       [B, N, L] float32 weighted column sums (0 for keys in padding).
@@ -87,10 +189,17 @@ def fci_column_sums(q, k, lse, step_ids, step_lens, *, delta=DELTA, block_q=128,
             f"lse must be [B, N, L]={b, n, length} and step ids/lengths [B, L]; "
             f"got {lse.shape}, {step_ids.shape}, {step_lens.shape}"
         )
-    if interpret is None:
-        interpret = default_interpret()
-    bq, bk = _fit(block_q, length), _fit(block_k, length)
-    lp = _round_up(length, bq * bk // np.gcd(bq, bk))
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if blk is not None and (blk <= 0 or blk % 8):
+            raise ValueError(f"{name} must be a positive multiple of 8, got {blk}")
+    resolved, _ = tg.resolve(target, interpret)
+
+    def blocks(tgt):
+        default = TPU_BLOCKS if tgt == "tpu" else TRITON_BLOCKS
+        return (block_q or default[0], block_k or default[1])
+
+    # One padded length that every form's tiles divide, so the padding is shared (flash_attention's rule).
+    lp = padded_length(length, [x for t in ((resolved,) if resolved else tg.TARGETS) for x in blocks(t)])
     pad = lp - length
     qh = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
     kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -100,24 +209,12 @@ def fci_column_sums(q, k, lse, step_ids, step_lens, *, delta=DELTA, block_q=128,
     )
     steps = jnp.pad(step_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     weights = jnp.pad(_token_weights(step_ids, step_lens), ((0, 0), (0, pad)))
-    g = n // kv_heads
-    kernel = functools.partial(_fci_kernel, scale=h**-0.5, bq=bq, nq=lp // bq, delta=delta)
-    out = pl.pallas_call(
-        kernel,
-        grid=(b, n, lp // bk),
-        in_specs=[
-            pl.BlockSpec((None, None, lp, h), lambda bi, ni, kj: (bi, ni, 0, 0)),
-            pl.BlockSpec((None, None, lp, 1), lambda bi, ni, kj: (bi, ni, 0, 0)),
-            pl.BlockSpec((None, lp, 1), lambda bi, ni, kj: (bi, 0, 0)),
-            pl.BlockSpec((None, lp, 1), lambda bi, ni, kj: (bi, 0, 0)),
-            pl.BlockSpec((None, None, bk, h), lambda bi, ni, kj: (bi, ni // g, kj, 0)),
-            pl.BlockSpec((None, 1, bk), lambda bi, ni, kj: (bi, 0, kj)),
-        ],
-        out_specs=pl.BlockSpec((None, None, 1, bk), lambda bi, ni, kj: (bi, ni, 0, kj)),
-        out_shape=jax.ShapeDtypeStruct((b, n, 1, lp), jnp.float32),
-        interpret=interpret,
-        name="fci_column_sums",
-    )(qh, lse_p[..., None], steps[:, :, None], weights[:, :, None], kh, steps[:, None, :])
+
+    def build(tgt, interp):
+        bq, bk = (_fit(x, lp) for x in blocks(tgt))
+        return functools.partial(_fci_call, bq=bq, bk=bk, delta=delta, target=tgt, interpret=interp)
+
+    out = tg.dispatch(build, (qh, lse_p, steps, weights, kh), target, interpret)
     return out[:, :, 0, :length]
 
 
@@ -191,8 +288,9 @@ def fci_step_sums(
     delta=DELTA,
     impl="pallas",
     interpret=None,
-    block_q=128,
-    block_k=128,
+    target=None,
+    block_q=None,
+    block_k=None,
 ):
     """Per-head FCI sums y^{l,h}_c of one layer, [B, N, num_steps] (before zeroing and max).
 
@@ -200,7 +298,16 @@ def fci_step_sums(
     """
     if impl == "pallas":
         colsum = fci_column_sums(
-            q, k, lse, step_ids, step_lens, delta=delta, block_q=block_q, block_k=block_k, interpret=interpret
+            q,
+            k,
+            lse,
+            step_ids,
+            step_lens,
+            delta=delta,
+            block_q=block_q,
+            block_k=block_k,
+            target=target,
+            interpret=interpret,
         )
     elif impl == "xla":
         colsum = fci_column_sums_xla(q, k, lse, step_ids, step_lens, delta=delta)

@@ -46,8 +46,8 @@ def _dense_attention(q, k, n_valid):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
-def test_fci_matches_dense_reference(layout, impl):
+@pytest.mark.parametrize("impl,target", [("pallas", "triton"), ("pallas", "tpu"), ("xla", None)])
+def test_fci_matches_dense_reference(layout, impl, target):
     prompt, lens = LAYOUTS[layout]()
     total = prompt + sum(lens) + 7  # right padding
     rng = np.random.default_rng(len(layout))
@@ -59,7 +59,20 @@ def test_fci_matches_dense_reference(layout, impl):
     _, lse = attention_reference(q, kk, kk, seg, seg)
     num_steps = len(lens) + 1
     ids = jnp.asarray(steps)
-    y = fci_step_sums(q, kk, lse, ids, step_lengths(ids), num_steps, impl=impl, block_q=16, block_k=8)
+    interpret = True if target else None
+    y = fci_step_sums(
+        q,
+        kk,
+        lse,
+        ids,
+        step_lengths(ids),
+        num_steps,
+        impl=impl,
+        target=target,
+        interpret=interpret,
+        block_q=16,
+        block_k=8,
+    )
     assert y.shape == (b, n, num_steps)
     for row in range(b):
         valid = int((steps[row] >= 0).sum())
@@ -84,7 +97,16 @@ def test_fci_kernel_under_tpu_interpret_mode():
     want = fci_step_sums(q, k, lse, ids, step_lengths(ids), 11, impl="xla")
     try:
         got = fci_step_sums(
-            q, k, lse, ids, step_lengths(ids), 11, interpret=pltpu.InterpretParams(), block_q=16, block_k=16
+            q,
+            k,
+            lse,
+            ids,
+            step_lengths(ids),
+            11,
+            target="tpu",
+            interpret=pltpu.InterpretParams(),
+            block_q=16,
+            block_k=16,
         )
     finally:
         pltpu.reset_tpu_interpret_mode_state()

@@ -1,5 +1,8 @@
-"""The Pallas flash attention against the dense reference, in interpret mode on CPU (generic interpret and
-TPU interpret mode): outputs, log-sum-exp and gradients."""
+"""The Pallas flash attention against the dense reference, in interpret mode on CPU: both compiled forms
+("triton", "tpu"; `kernels/target.py`) under generic interpretation, the TPU form also under TPU interpret
+mode, and the per-platform default; outputs, log-sum-exp and gradients."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +34,12 @@ def _segments(b, length, kind):
     return jnp.asarray(seg)
 
 
-def _check(q, k, v, do, qseg, kseg, blocks, interpret=True, atol=1e-5, grad_atol=1e-5):
-    out, lse = flash_attention(q, k, v, qseg, kseg, block_sizes=blocks, interpret=interpret)
+FORMS = [("triton", True), ("tpu", True)]
+
+
+def _check(q, k, v, do, qseg, kseg, blocks, target=None, interpret=None, atol=1e-5, grad_atol=1e-5):
+    kernel = functools.partial(flash_attention, block_sizes=blocks, target=target, interpret=interpret)
+    out, lse = kernel(q, k, v, qseg, kseg)
     ref_out, ref_lse = attention_reference(q, k, v, qseg, kseg)
     rows = np.asarray(qseg) != 0
     np.testing.assert_allclose(
@@ -53,9 +60,7 @@ def _check(q, k, v, do, qseg, kseg, blocks, interpret=True, atol=1e-5, grad_atol
 
         return jax.grad(f, argnums=(0, 1, 2))
 
-    ours = loss(
-        lambda q, k, v: flash_attention(q, k, v, qseg, kseg, block_sizes=blocks, interpret=interpret)
-    )(q, k, v)
+    ours = loss(lambda q, k, v: kernel(q, k, v, qseg, kseg))(q, k, v)
     theirs = loss(lambda q, k, v: attention_reference(q, k, v, qseg, kseg))(q, k, v)
     for name, a, b in zip("qkv", ours, theirs):
         err = float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
@@ -68,20 +73,31 @@ def _check(q, k, v, do, qseg, kseg, blocks, interpret=True, atol=1e-5, grad_atol
         (4, 4, 32, BlockSizes(8, 8, 8, 8), "none"),  # GQA ratio 1
         (4, 2, 37, BlockSizes(16, 8, 8, 16), "padded"),  # ratio 2, length not a multiple of the block
         (8, 2, 45, BlockSizes(16, 16, 16, 16), "packed"),  # ratio 4, packed rows
-        (4, 1, 20, BlockSizes(), "padded"),  # default blocks shrunk to a short sequence, MQA
+        (4, 1, 20, None, "padded"),  # each form's default blocks shrunk to a short sequence, MQA
+        (6, 2, 70, BlockSizes(24, 16, 16, 24), "padded"),  # group of 6 (the 1.5B model's), ragged tiles
     ],
 )
-def test_float32_matches_reference(n, k, t, blocks, segments):
+@pytest.mark.parametrize("target,interpret", FORMS, ids=["triton", "tpu"])
+def test_float32_matches_reference(n, k, t, blocks, segments, target, interpret):
     q, kk, v, do = _inputs(2, t, t, n, k, 16, seed=n + k + t)
     seg = _segments(2, t, segments)
-    _check(q, kk, v, do, seg, seg, blocks)
+    _check(q, kk, v, do, seg, seg, blocks, target, interpret)
 
 
-def test_queries_aligned_to_the_end_of_the_keys():
+def test_per_platform_default_on_cpu():
+    """No target: the program picks its form where it is lowered (on the CPU: the interpreted GPU form),
+    with a padding that both forms' default tiles divide."""
+    q, kk, v, do = _inputs(1, 300, 300, 4, 2, 16, seed=11)
+    seg = _segments(1, 300, "padded")
+    _check(q, kk, v, do, seg, seg, None)
+
+
+@pytest.mark.parametrize("target,interpret", FORMS, ids=["triton", "tpu"])
+def test_queries_aligned_to_the_end_of_the_keys(target, interpret):
     """T < S: the T queries are the last T positions (a cached prefill); forward and gradients."""
     q, k, v, do = _inputs(2, 9, 30, 4, 2, 16, seed=3)
     kseg = _segments(2, 30, "none")
-    _check(q, k, v, do, kseg[:, -9:], kseg, BlockSizes(8, 8, 8, 8))
+    _check(q, k, v, do, kseg[:, -9:], kseg, BlockSizes(8, 8, 8, 8), target, interpret)
 
 
 def test_bfloat16_within_stated_tolerance():
@@ -89,16 +105,17 @@ def test_bfloat16_within_stated_tolerance():
     reference on the same bf16 inputs."""
     q, k, v, do = _inputs(2, 40, 40, 4, 2, 32, seed=5, dtype=jnp.bfloat16)
     seg = _segments(2, 40, "padded")
-    _check(q, k, v, do, seg, seg, BlockSizes(16, 16, 16, 16), atol=2e-2, grad_atol=6e-2)
+    _check(q, k, v, do, seg, seg, BlockSizes(16, 16, 16, 16), "tpu", True, atol=2e-2, grad_atol=6e-2)
 
 
 @pytest.mark.parametrize("n,k,t", [(4, 2, 40), (2, 2, 24)])
 def test_tpu_interpret_mode(n, k, t):
-    """Pallas's TPU interpreter (TPU memory spaces and DMA semantics simulated on CPU)."""
+    """The TPU form under Pallas's TPU interpreter (TPU memory spaces, scratch and DMA semantics simulated
+    on CPU)."""
     q, kk, v, do = _inputs(1, t, t, n, k, 16, seed=t)
     seg = _segments(1, t, "padded")
     try:
-        _check(q, kk, v, do, seg, seg, BlockSizes(16, 16, 16, 16), interpret=pltpu.InterpretParams())
+        _check(q, kk, v, do, seg, seg, BlockSizes(16, 16, 16, 16), "tpu", pltpu.InterpretParams())
     finally:
         pltpu.reset_tpu_interpret_mode_state()
 
@@ -110,3 +127,16 @@ def test_block_sizes_are_validated_and_shapes_checked():
     seg = jnp.ones((1, 8), jnp.int32)
     with pytest.raises(ValueError, match="query heads 3 are not a multiple of key/value heads 2"):
         flash_attention(q, k, v, seg, seg)
+    with pytest.raises(ValueError, match="unknown kernel target 'mosaic'"):
+        flash_attention(q, k[:, :, :1], v[:, :, :1], seg, seg, target="mosaic")
+
+
+def test_padded_length_is_divisible_by_every_tile_or_covered_by_it():
+    from attnrl_jax.kernels.flash_attention import padded_length
+
+    assert padded_length(20, [128, 64, 256]) == 24  # one tile of 24 for every form
+    assert padded_length(200, [128, 64, 256]) == 256
+    assert padded_length(300, [128, 64, 256]) == 512
+    for length in (1, 7, 130, 1000):
+        p = padded_length(length, [136, 128])
+        assert p >= length and all(p % b == 0 or b >= p for b in (136, 128))

@@ -325,10 +325,13 @@ def test_sharded_sampler_gives_the_same_tokens(params):
     np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(with_mesh["logprobs"]), atol=1e-5)
 
 
-def test_pallas_decode_kernel_path_equals_the_xla_path(params):
-    """attention_impl="pallas": decode steps go through the Pallas decode kernel (interpreted on CPU)."""
+@pytest.mark.parametrize("segmentations", [1, 2], ids=["one-table", "newline-fallback"])
+def test_pallas_decode_kernel_path_equals_the_xla_path(params, segmentations):
+    """attention_impl="pallas": decode steps go through the Pallas decode kernel (interpreted on CPU), also
+    with the sampler's default two segmentations (key steps [B, S, 2]), which the shipped configs use."""
     settings = LoopSettings(max_new_tokens=6, sampling=SamplingParams(temperature=1.0), num_steps=8)
-    sep = jnp.asarray(np.arange(64) % 3 == 0)
+    sep = np.arange(64) % 3 == 0
+    sep = jnp.asarray(sep if segmentations == 1 else np.stack([sep, np.arange(64) % 2 == 0], -1))
     keys = jax.random.split(jax.random.key(4), 3)
     xla = _run(params, SRC, LENS, [0, 1, 2], LENS, keys, settings, stop=-1, sep=sep)
     pallas = _run(

@@ -27,7 +27,7 @@ from attnrl_jax.kernels import target as tg
 from attnrl_jax.kernels.flash_attention import _dot_t, _init_stats, _round_up, finish, online_step
 
 TRITON_BLOCK_K = 64  # cache tile of the GPU form: [64, 128] bfloat16 K and V tiles, two stages
-TPU_BLOCK_K = 512  # cache tile of the TPU form: 128 KiB K and V tiles per grid step
+TPU_BLOCK_K = 256  # cache tile of the TPU form: 64 KiB K and V tiles, a [256, R C] float32 one-hot
 
 
 def _onehot(steps_col, width):

@@ -186,3 +186,22 @@ class Sharder:
             shapes_tree,
             is_leaf=lambda x: isinstance(x, tuple),
         )
+
+    def kernel_axes(self, batch: int, q_heads: int, kv_heads: int):
+        """Mesh axes (PartitionSpec entries) of a kernel call's batch and head dimensions: the batch over
+        its rule's axes where they divide it, the heads over theirs only where that divides both the query
+        and the key/value heads, so that every shard holds whole query-head groups with their KV head."""
+        b = self.spec(("batch",), (batch,))[0]
+        hq = self.spec(("act_heads",), (q_heads,))[0]
+        hk = self.spec(("act_kv_heads",), (kv_heads,))[0]
+        return b, (hq if hq == hk else None)
+
+    def per_device(self, fn, in_specs, out_specs):
+        """`fn` run on each device's shards (`jax.shard_map`) under an active mesh, else `fn` itself.
+
+        For the Pallas kernels: XLA's partitioner cannot split a custom call, so without this a kernel on
+        sharded activations would run on all-gathered operands, every device computing every row.
+        """
+        if not self.active:
+            return fn
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -291,24 +291,24 @@ def fci_step_sums(
     target=None,
     block_q=None,
     block_k=None,
+    sharder=None,
 ):
     """Per-head FCI sums y^{l,h}_c of one layer, [B, N, num_steps] (before zeroing and max).
 
-    `impl` is "pallas" (the kernel) or "xla" (query-chunked XLA).
+    `impl` is "pallas" (the kernel, on each device's rows and heads under `sharder`'s mesh) or "xla"
+    (query-chunked XLA).
     """
     if impl == "pallas":
-        colsum = fci_column_sums(
-            q,
-            k,
-            lse,
-            step_ids,
-            step_lens,
-            delta=delta,
-            block_q=block_q,
-            block_k=block_k,
-            target=target,
-            interpret=interpret,
+        kernel = functools.partial(
+            fci_column_sums, delta=delta, block_q=block_q, block_k=block_k, target=target, interpret=interpret
         )
+        if sharder is not None and sharder.active:
+            from jax.sharding import PartitionSpec as P
+
+            b, hd = sharder.kernel_axes(q.shape[0], q.shape[2], k.shape[2])
+            heads, rows = P(b, None, hd, None), P(b, None)
+            kernel = sharder.per_device(kernel, (heads, heads, P(b, hd, None), rows, rows), P(b, hd, None))
+        colsum = kernel(q, k, lse, step_ids, step_lens)
     elif impl == "xla":
         colsum = fci_column_sums_xla(q, k, lse, step_ids, step_lens, delta=delta)
     else:

@@ -1,6 +1,8 @@
 """On 8 forced CPU devices (see conftest.py): a 2x4 mesh shards parameters as the rules table says, and
 the sharded forward equals the unsharded one."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,62 @@ def test_a_batch_that_does_not_divide_the_mesh_is_reported(mesh, caplog):
         assert sharder.spec(("batch", None), (8, 4)) == P("fsdp", None)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "5 rows" in said[0] and "'fsdp' (size 2)" in said[0], said
+
+
+def _kernel_operand_shapes(fn, *args):
+    from attnrl_jax.kernels import lowering
+
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return {
+        str(e.params["name"]): [tuple(v.aval.shape) for v in e.invars] for e in lowering._pallas_calls(jaxpr)
+    }
+
+
+@pytest.mark.parametrize("tensor", [2, 4], ids=["heads-split", "kv-heads-indivisible"])
+def test_kernels_run_on_each_devices_shards(tensor):
+    """attention_impl="pallas" under a mesh: the flash, FCI and decode kernels see each device's rows (and
+    heads, where the tensor axis divides the KV heads too), never the all-gathered batch, and the
+    results equal the unsharded XLA path's."""
+    from attnrl_jax.model import forward_with_fci
+    from attnrl_jax.model.transformer import forward_cached, init_cache
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8 // tensor, tensor=tensor))
+    sharder = Sharder(mesh)
+    rows = 8 // mesh.shape["fsdp"]  # of the batch of 8
+    q_heads = 8 // tensor if tensor == 2 else 8  # 2 KV heads do not split 4 ways: heads stay whole
+    cfg = CFG.replace(attention_impl="pallas")
+    params = init_params(CFG, jax.random.key(1))
+    placed = jax.device_put(params, sharder.tree_shardings(param_axes(CFG), params))
+    b = 8
+    tokens, mask = padded_batch(CFG.vocab_size, [16, 9, 12, 5, 16, 16, 3, 10], 16)
+    steps = np.where(mask > 0, np.arange(16)[None] // 3, -1)
+    put = lambda x: jax.device_put(jnp.asarray(x), sharder.sharding(("batch", "length"), x.shape))  # noqa: E731
+
+    def fci_fn(p, t, s, c):
+        return forward_with_fci(p, t, s, jnp.full((b,), -1), cfg=c, num_steps=8, sharder=sharder)
+
+    got = jax.jit(functools.partial(fci_fn, c=cfg))(placed, put(tokens), put(steps))
+    ref = forward_with_fci(
+        params, jnp.asarray(tokens), jnp.asarray(steps), jnp.full((b,), -1), cfg=CFG, num_steps=8
+    )
+    np.testing.assert_allclose(got["logits"], ref["logits"], atol=1e-5)
+    np.testing.assert_allclose(got["fci"], ref["fci"], atol=1e-6)
+    shapes = _kernel_operand_shapes(functools.partial(fci_fn, c=cfg), placed, put(tokens), put(steps))
+    assert shapes["flash_attention_fwd"][0][:2] == (rows, q_heads)  # head-major q [B, N, T, H] per device
+    assert shapes["fci_column_sums"][0][:2] == (rows, q_heads)
+
+    # One decode step with two segmentations of the key steps.
+    cache = init_cache(CFG, b, 20)
+    _, cache, _ = forward_cached(params, jnp.asarray(tokens), cache, cfg=CFG, valid=jnp.asarray(mask > 0))
+    key_steps = jnp.asarray(np.stack([np.arange(20) // 4, np.arange(20) // 5], -1)[None].repeat(b, 0))
+    new = jnp.asarray(tokens[:, :1])
+
+    def decode(p, c, cfg):
+        return forward_cached(p, new, c, cfg=cfg, key_steps=key_steps, num_steps=6, sharder=sharder)
+
+    h, _, mass = jax.jit(functools.partial(decode, cfg=cfg))(placed, cache)
+    h_ref, _, mass_ref = forward_cached(params, new, cache, cfg=CFG, key_steps=key_steps, num_steps=6)
+    np.testing.assert_allclose(h, h_ref, atol=1e-5)
+    np.testing.assert_allclose(mass, mass_ref, atol=1e-6)
+    shapes = _kernel_operand_shapes(functools.partial(decode, cfg=cfg), placed, cache)
+    assert shapes["decode_attention"][0][0] == rows

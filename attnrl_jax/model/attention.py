@@ -72,15 +72,26 @@ def xla_attention(
 
 
 def pallas_attention(
-    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array
+    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, sharder=None
 ) -> tuple[Array, Array]:
-    """The Pallas flash-attention kernel (interpreted where no GPU/TPU compiler is present)."""
+    """The Pallas flash-attention kernel (interpreted where no GPU/TPU compiler is present), run on each
+    device's rows and heads under a mesh (`Sharder.per_device`)."""
+    from jax.sharding import PartitionSpec as P
+
     from attnrl_jax.kernels.flash_attention import flash_attention
 
-    return flash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    if sharder is None or not sharder.active:
+        return flash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    b, h = sharder.kernel_axes(q.shape[0], q.shape[2], k.shape[2])
+    heads, seg = P(b, None, h, None), P(b, None)
+    fn = sharder.per_device(flash_attention, (heads, heads, heads, seg, seg), (heads, P(b, h, None)))
+    return fn(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-IMPLS: dict[str, Callable[..., tuple[Array, Array]]] = {"xla": xla_attention, "pallas": pallas_attention}
+IMPLS: dict[str, Callable[..., tuple[Array, Array]]] = {
+    "xla": lambda *args, sharder=None: xla_attention(*args),  # XLA partitions it like any einsum
+    "pallas": pallas_attention,
+}
 
 
 def attention(
@@ -93,12 +104,15 @@ def attention(
     impl: str = "xla",
     return_lse: bool = False,
     q_offsets: Array | None = None,
+    sharder=None,
 ):
     """Dispatches to the attention implementation `impl` (see the module docstring for the contract).
 
     `q_offsets` [B] places each row's queries at key index q_offsets[b] + t (a KV cache with per-row
     lengths); it is served by the XLA path here, the reference for cached decoding (single-token decode
     steps with attention_impl "pallas" go to `kernels/decode_attention.py` from the model's cached path).
+
+    `sharder` (an `attnrl_jax.mesh.Sharder`) runs a kernel on each device's shards under a mesh.
 
     Returns the output [B, T, N, H], or (output, lse [B, N, T]) with `return_lse`.
     """
@@ -109,5 +123,5 @@ def attention(
     if q_offsets is not None:
         out, lse = xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offsets)
     else:
-        out, lse = IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids)
+        out, lse = IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids, sharder=sharder)
     return (out, lse) if return_lse else out

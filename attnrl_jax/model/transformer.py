@@ -165,14 +165,22 @@ def _layer(
     [B, N, num_steps] (before zeroing)."""
     lp = jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.dtype)), lp)
     q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
-    a, lse = attention(q, k, v, seg, seg, impl=cfg.attention_impl, return_lse=True)  # [B, T, N, H]
+    a, lse = attention(q, k, v, seg, seg, impl=cfg.attention_impl, return_lse=True, sharder=sharder)
     x = _out_and_mlp(cfg, sharder, lp, x, a)
     if fci is None:
         return x, None
     from attnrl_jax.kernels.fci import fci_step_sums
 
     y = fci_step_sums(
-        q, k, lse, fci.step_ids, fci.step_lens, fci.num_steps, delta=fci.delta, impl=cfg.attention_impl
+        q,
+        k,
+        lse,
+        fci.step_ids,
+        fci.step_lens,
+        fci.num_steps,
+        delta=fci.delta,
+        impl=cfg.attention_impl,
+        sharder=sharder,
     )
     return x, sharder.constrain(y, ("batch", "act_heads", None))
 
@@ -435,11 +443,7 @@ def forward_cached(
         if cfg.attention_impl == "pallas" and t == 1:
             # The Pallas decode kernel: reads only the blocks below each row's length and returns the
             # per-step attention mass itself. (Rows with no valid token compute values nobody reads.)
-            from attnrl_jax.kernels.decode_attention import decode_attention
-
-            out, _, mass = decode_attention(
-                q[:, 0], k_all, v_all, new_lengths, key_steps, num_steps=num_steps if track else 0
-            )
+            out, mass = _decode_per_device(sharder, q[:, 0], k_all, v_all, new_lengths, key_steps, num_steps)
             x = _out_and_mlp(cfg, sharder, lp, x, out[:, None])
             return (x, ck, cv), (mass[:, :, None] if track else None)
         a, lse = attention(q, k_all, v_all, q_seg, kv_seg, return_lse=True, q_offsets=cache.lengths)
@@ -455,6 +459,31 @@ def forward_cached(
         mass = mass[..., 0, :]
     h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
     return h, KVCache(ck, cv, new_lengths), mass
+
+
+def _decode_per_device(sharder, q, k, v, lengths, key_steps, num_steps):
+    """The Pallas decode kernel on each device's rows and heads: (out [B, N, H], mass [B, N, R, C] or
+    None without key steps)."""
+    from jax.sharding import PartitionSpec as P
+
+    from attnrl_jax.kernels.decode_attention import decode_attention
+
+    track = key_steps is not None
+    steps = num_steps if track else 0
+
+    def run(q, k, v, lengths, *key_steps):
+        out, _, mass = decode_attention(q, k, v, lengths, *key_steps, num_steps=steps)
+        return (out, mass) if track else (out,)
+
+    if not sharder.active:
+        return (*run(q, k, v, lengths, *([key_steps] if track else [])), None)[:2]
+    b, h = sharder.kernel_axes(q.shape[0], q.shape[1], k.shape[2])
+    in_specs = (P(b, h, None), P(b, None, h, None), P(b, None, h, None), P(b)) + (
+        (P(b, None, None),) if track else ()
+    )
+    out_specs = (P(b, h, None),) + ((P(b, h, None, None),) if track else ())
+    outs = sharder.per_device(run, in_specs, out_specs)(q, k, v, lengths, *([key_steps] if track else []))
+    return (*outs, None)[:2]
 
 
 def _step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):

@@ -65,3 +65,35 @@ def test_on_chip_estimate_flags_a_kernel_that_holds_a_whole_sequence():
     for form in ("tpu", "triton"):
         (m,) = whole(form)
         assert m.form == form and not m.fits, m
+
+
+def test_on_a_tpu_mesh_each_kernel_sees_its_devices_rows():
+    """forward_with_fci at the 1.5B shapes on an abstract 8-chip v5e mesh (FSDP 8), 8 rows: every kernel
+    call in the lowered program takes one row (shard_map), not the all-gathered eight."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    from attnrl_jax.mesh import Sharder
+    from attnrl_jax.model.transformer import forward_with_fci
+
+    cfg = lowering._model_cfg()
+    device = AbstractDevice(device_kind="TPU v5e", num_cores=1, platform="tpu")
+    mesh = AbstractMesh((1, 8, 1), ("data", "fsdp", "tensor"), abstract_device=device)
+    sharder = Sharder(mesh)
+    row = jax.ShapeDtypeStruct((8, 1024), jnp.int32)
+
+    def fn(p, t, s):
+        return forward_with_fci(
+            p, t, s, jnp.full((8,), -1), cfg=cfg, num_steps=512, targets=t, sharder=sharder
+        )
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = (
+            jax.jit(fn)
+            .trace(lowering._abstract_params(cfg), row, row)
+            .lower(lowering_platforms=("tpu",))
+            .as_text()
+        )
+    calls = [line for line in text.splitlines() if "tpu_custom_call" in line]
+    assert len(calls) == 2  # flash attention forward and FCI, once each in the scanned layer
+    for call in calls:
+        assert "tensor<1x12x1024x128xbf16>" in call and "tensor<8x" not in call, call[-400:]

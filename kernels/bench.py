@@ -1,8 +1,10 @@
-"""Standalone kernel benchmarks: attention forward, attention backward, FCI.
+"""Standalone kernel benchmarks: attention forward and backward, FCI, FCI's forward overhead, decode.
 
     python -m attnrl_jax.kernels.bench fci --seq-len 2048 4096 8192
     python -m attnrl_jax.kernels.bench attention --seq-len 4096
     python -m attnrl_jax.kernels.bench attention-bwd --seq-len 4096
+    python -m attnrl_jax.kernels.bench fci-forward --seq-len 8192 --dtype bfloat16
+    python -m attnrl_jax.kernels.bench decode --batch 256 --seq-len 4096 --dtype bfloat16
 
 Every row first checks its result against the reference, then times the compiled programs (median of
 --iters runs after a warm-up) and reads their temporary memory from the compiled executable's memory
@@ -10,7 +12,13 @@ analysis. Ratios are against baselines measured in the same run:
 
 * attention: XLA `jax.nn.dot_product_attention` (and cuDNN's where the backend has it);
 * FCI: the dense official-style computation (materialise each layer's attention, step-average it with
-  W A W^T, sum the later steps, take the max).
+  W A W^T, sum the later steps, take the max);
+* FCI forward: one layer's attention forward that also yields FCI (flash attention with its log-sum-exp,
+  then the FCI kernel and the per-step reduction) against plain attention forward (cuDNN's where the
+  backend has it, else XLA's); the ratio is FCI's overhead (target: <= 1.3x cuDNN at L = 8192);
+* decode: one layer's decode attention over B rows of a cache filled to --seq-len, with and without the
+  per-step mass (R = 2 segmentations, C = --buckets), against the memory roofline: the K/V bytes below
+  the rows' lengths read once at the device's HBM bandwidth (--hbm-gbps; known for H100 and H200).
 
 "ours" is the Pallas kernel where a GPU/TPU compiles it; on CPU it is the compiled XLA path (the Pallas
 kernels run there only in interpret mode, which is for correctness, not speed).
@@ -202,9 +210,105 @@ def bench_fci(args):
     _table(f"FCI of one layer, {args.dtype}, {jax.devices()[0].device_kind}", rows, DENSE)
 
 
+def bench_fci_forward(args):
+    """Attention forward that also yields FCI vs plain attention forward, per layer."""
+    impl, rng = _ours_impl(), np.random.default_rng(0)
+    baseline = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    rows = []
+    for length in args.seq_len:
+        q, k, v, _, seg = _inputs(args, length)
+        steps = np.stack(
+            [_random_steps(length, args.prompt_len, args.mean_step, rng) for _ in range(args.batch)]
+        )
+        steps = jnp.asarray(steps)
+        num_steps = int(steps.max()) + 1
+
+        def with_fci(q, k, v, steps, num_steps=num_steps):
+            from attnrl_jax.model.attention import attention
+
+            seg = jnp.ones_like(steps)
+            out, lse = attention(q, k, v, seg, seg, impl=impl, return_lse=True)
+            y = fci_step_sums(q, k, lse, steps, step_lengths(steps), num_steps, impl=impl)
+            return out, y
+
+        plain = _compiled(lambda q, k, v: _dpa(q, k, v, baseline), q, k, v)
+        ours = _compiled(with_fci, q, k, v, steps)
+        ref_out = attention_reference(q, k, v, seg, seg)[0].astype(jnp.float32)
+        got_out, y = ours(q, k, v, steps)
+        tol = 2e-3 if args.dtype == "float32" else 5e-2
+        err = float(jnp.abs(got_out.astype(jnp.float32) - ref_out).max() / (jnp.abs(ref_out).max() + 1e-6))
+        assert err <= tol and bool(jnp.isfinite(y).all()), (
+            f"attention with FCI differs by {err} at L={length}"
+        )
+        shape = f"B{args.batch} L{length} S{num_steps} N{args.heads}/K{args.kv_heads}"
+        name = f"jax.nn.dot_product_attention ({baseline})"
+        rows.append((shape, name, _time(plain, (q, k, v), args.iters), _mem(plain)))
+        rows.append(
+            (shape, f"ours ({impl}): attention + FCI", _time(ours, (q, k, v, steps), args.iters), _mem(ours))
+        )
+    _table(f"Attention forward with FCI, {args.dtype}, {jax.devices()[0].device_kind}", rows, name)
+
+
+HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM3 (SXM) and HBM3e peak bandwidths, GB/s
+
+
+def _hbm_gbps(args) -> float | None:
+    if args.hbm_gbps:
+        return args.hbm_gbps
+    kind = jax.devices()[0].device_kind
+    return next((bw for name, bw in HBM_GBPS.items() if name in kind), None)
+
+
+def bench_decode(args):
+    """Decode attention of one layer: rows/s and the fraction of the memory roofline it reaches."""
+    from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference
+
+    impl = _ours_impl()
+    dt = jnp.dtype(args.dtype)
+    b, n, kv, h, length = args.batch, args.heads, args.kv_heads, args.head_dim, args.seq_len[0]
+    size = length + 128  # a cache with room left, as the sampler's
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (b, n, h), dt)
+    k = jax.random.normal(ks[1], (b, size, kv, h), dt)
+    v = jax.random.normal(ks[2], (b, size, kv, h), dt)
+    lengths = jnp.full((b,), length, jnp.int32)
+    steps = jnp.stack([jnp.arange(size) // args.mean_step, jnp.arange(size) // (2 * args.mean_step)], -1)
+    steps = jnp.broadcast_to(steps, (b, size, 2)).astype(jnp.int32)
+    c = args.buckets
+    kernel = decode_attention if impl == "pallas" else decode_attention_reference
+    cases = {
+        "output only": (lambda q, k, v, n_: kernel(q, k, v, n_)[:2], (q, k, v, lengths)),
+        f"output + mass (R=2, C={c})": (
+            lambda q, k, v, n_, s: (
+                kernel(q, k, v, n_, s, num_steps=c) if impl == "pallas" else kernel(q, k, v, n_, s, c)
+            ),
+            (q, k, v, lengths, steps),
+        ),
+    }
+    want = decode_attention_reference(q, k, v, lengths, steps, c)
+    bw = _hbm_gbps(args)
+    read = 2 * b * length * kv * h * dt.itemsize  # K and V below the rows' lengths
+    print(
+        f"\nDecode attention of one layer ({impl}), B{b} cache {length}/{size} N{n}/K{kv} H{h} {args.dtype}, "
+        f"{jax.devices()[0].device_kind}; K/V read per call {read / 2**20:.1f} MiB; HBM peak "
+        f"{'unknown (pass --hbm-gbps)' if bw is None else f'{bw:.0f} GB/s'}"
+    )
+    print(f"{'case':<34}{'ms':>10}{'rows/s':>12}{'GB/s':>10}{'roofline':>10}")
+    for name, (fn, fargs) in cases.items():
+        compiled = _compiled(fn, *fargs)
+        got = compiled(*fargs)
+        for w, g in zip(want, got):
+            err = float(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)).max())
+            assert err <= (1e-3 if args.dtype == "float32" else 5e-2), f"{name} differs by {err}"
+        secs = _time(compiled, fargs, args.iters)
+        gbps = read / secs / 1e9
+        frac = f"{100 * gbps / bw:.0f}%" if bw else "-"
+        print(f"{name:<34}{secs * 1e3:>10.3f}{b / secs:>12.0f}{gbps:>10.1f}{frac:>10}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("op", choices=["attention", "attention-bwd", "fci"])
+    ap.add_argument("op", choices=["attention", "attention-bwd", "fci", "fci-forward", "decode"])
     ap.add_argument("--seq-len", type=int, nargs="+", default=[2048])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=12)
@@ -214,10 +318,16 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=200, help="FCI: prompt tokens (step 0)")
     ap.add_argument("--mean-step", type=int, default=40, help="FCI: mean step length in tokens")
+    ap.add_argument("--buckets", type=int, default=512, help="decode: FCI step buckets C")
+    ap.add_argument("--hbm-gbps", type=float, default=0.0, help="decode: HBM bandwidth (0: by device kind)")
     args = ap.parse_args(argv)
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
     if args.op == "fci":
         bench_fci(args)
+    elif args.op == "fci-forward":
+        bench_fci_forward(args)
+    elif args.op == "decode":
+        bench_decode(args)
     else:
         bench_attention(args, backward=args.op == "attention-bwd")
 

@@ -1,7 +1,8 @@
 """Every kernel and every model entry point that uses one lowers for CUDA (JAX's default Pallas GPU
 configuration) and for TPU v5e, v5p and v6e, from this CPU-only machine, at the 1.5B model's shapes and
-L = 1024, 8192 and 32768, with the form each platform gets (`kernels/target.py`), and each compiled
-kernel's estimated on-chip memory fits the smallest target (`kernels/lowering.py`)."""
+L = 1024, 8192 and 32768 (and 9216, the paper's training row), with the form each platform gets
+(`kernels/target.py`), and each compiled kernel's estimated on-chip memory fits the smallest target
+(`kernels/lowering.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ def test_the_default_pallas_gpu_backend_is_in_force():
     assert config.jax_pallas_use_mosaic_gpu.value
 
 
-@pytest.mark.parametrize("length", lowering.LENGTHS)
+@pytest.mark.parametrize("length", [*lowering.LENGTHS, 9216])  # and the paper's row length, not a power of 2
 def test_every_entry_point_lowers_for_every_target(length):
     points = lowering.entry_points(length)
     assert {name.split(" (")[0] for name in points} == set(TPU_KERNELS)

@@ -45,17 +45,15 @@ KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
 def lower(fn: Callable, args, target: str) -> str:
-    """StableHLO text of jit(fn) lowered for `target` (a key of TARGETS); raises what the backend raises."""
+    """StableHLO text of jit(fn) lowered for `target` (a key of TARGETS); raises what the backend raises.
+    A TPU target is traced inside its abstract mesh too: the TPU kernels read the device kind when traced."""
     platform, kind = TARGETS[target]
-    traced = jax.jit(fn).trace(*args)
     if kind is None:
-        return traced.lower(lowering_platforms=(platform,)).as_text()
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     from jax._src.mesh import AbstractDevice, AbstractMesh
 
-    mesh = AbstractMesh(
-        (1,), ("x",), abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu")
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
+    device = AbstractDevice(device_kind=kind, num_cores=1, platform="tpu")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -303,16 +301,21 @@ def _model_points(cfg, length):
     }
 
 
-def check(name: str, fn, args, target: str) -> tuple[list[str], list[KernelMemory]]:
-    """Lowers one entry point for one target; returns its kernel names and on-chip estimates for the
-    target's form. Raises if lowering fails or the program has no compiled kernel for the target."""
-    text = lower(fn, args, target)
-    platform = TARGETS[target][0]
-    names = kernel_names(text)
-    if KERNEL_CALL[platform] not in text or not names:
-        raise AssertionError(f"{name}: the {target} lowering holds no compiled Pallas kernel")
-    form = "tpu" if platform == "tpu" else "triton"
-    return names, [m for m in on_chip_bytes(fn, args) if m.form == form]
+def check(name: str, fn, args, targets) -> dict[str, tuple[list[str], list[KernelMemory]]]:
+    """Lowers one entry point for each target; returns, per target, its kernel names and the on-chip
+    estimates of the target's form (both forms come from one trace). Raises if lowering fails or a
+    target's program holds no compiled kernel."""
+    memory = on_chip_bytes(fn, args)
+    out = {}
+    for target in targets:
+        text = lower(fn, args, target)
+        platform = TARGETS[target][0]
+        names = kernel_names(text)
+        if KERNEL_CALL[platform] not in text or not names:
+            raise AssertionError(f"{name}: the {target} lowering holds no compiled Pallas kernel")
+        form = "tpu" if platform == "tpu" else "triton"
+        out[target] = names, [m for m in memory if m.form == form]
+    return out
 
 
 def main(argv=None) -> int:
@@ -327,13 +330,13 @@ def main(argv=None) -> int:
     failures = 0
     for length in args.lengths:
         for name, (fn, fargs) in entry_points(length, args.layers or None).items():
-            for target in args.targets:
-                try:
-                    names, mem = check(name, fn, fargs, target)
-                except Exception as e:  # noqa: BLE001 - reported per row, counted in the exit status
-                    failures += 1
-                    print(f"{name:<48}{length:>7}  {target:<9}FAIL    {type(e).__name__}: {str(e)[:200]}")
-                    continue
+            try:
+                results = check(name, fn, fargs, args.targets)
+            except Exception as e:  # noqa: BLE001 - reported per row, counted in the exit status
+                failures += 1
+                print(f"{name:<48}{length:>7}  {'':<9}FAIL    {type(e).__name__}: {str(e)[:200]}")
+                continue
+            for target, (names, mem) in results.items():
                 worst = max(mem, key=lambda m: m.bytes / m.limit)
                 ok = "ok" if all(m.fits for m in mem) else "TOO BIG"
                 failures += ok != "ok"

@@ -18,8 +18,10 @@ FORMS = {
 
 
 @pytest.mark.parametrize("n,k,block", [(4, 2, 16), (12, 2, 8), (7, 1, None)])
-@pytest.mark.parametrize("segmentations", [0, 1, 2], ids=["steps[B,S]", "R=1", "R=2"])
-@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize(
+    "segmentations,form",
+    [(r, f) for r in (0, 1, 2) for f in ("triton", "tpu", "tpu-interpret")] + [(2, "per-platform")],
+)
 def test_decode_attention_matches_reference(n, k, block, segmentations, form):
     target, interpret = FORMS[form]
     rng = np.random.default_rng(n * (block or 3) + segmentations)

@@ -134,6 +134,20 @@ def _last_visible(qi, bq, bk, offset, nk):
     return jnp.maximum(_causal_hi(qi, bq, bk, offset, nk) - 1, 0)
 
 
+def _key_tile_maps(g, bq, bk, offset, nk):
+    """Index maps of the TPU form's key tiles on a (row, head, query tile, key tile) grid: K/V [B, K, S, H]
+    (head n reads KV head n // g) and key segment ids [B, 1, S], clamped to the query tile's last visible
+    key tile, so invisible tiles repeat the previous block (no fetch)."""
+
+    def kv_index(bi, ni, qi, kj):
+        return bi, ni // g, jnp.minimum(kj, _last_visible(qi, bq, bk, offset, nk)), 0
+
+    def kseg_index(bi, ni, qi, kj):
+        return bi, 0, jnp.minimum(kj, _last_visible(qi, bq, bk, offset, nk))
+
+    return kv_index, kseg_index
+
+
 def _first_visible(kj, bq, bk, offset, nq):
     """The first query tile whose last query sees key tile kj's first key."""
     return jnp.clip((kj * bk - offset) // bq, 0, nq)
@@ -197,13 +211,7 @@ def _forward(q, k, v, qseg, kseg, scale, offset, blocks, target, interpret):
     nq, nk = t // bq, s // bk
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)]
     if target == "tpu":
-
-        def kv_index(bi, ni, qi, kj):
-            return bi, ni // g, jnp.minimum(kj, _last_visible(qi, bq, bk, offset, nk)), 0
-
-        def kseg_index(bi, ni, qi, kj):
-            return bi, 0, jnp.minimum(kj, _last_visible(qi, bq, bk, offset, nk))
-
+        kv_index, kseg_index = _key_tile_maps(g, bq, bk, offset, nk)
         return pl.pallas_call(
             functools.partial(_fwd_kernel_tpu, scale=scale, offset=offset, nk=nk),
             grid=(b, n, nq, nk),
@@ -403,12 +411,7 @@ def _backward(q, k, v, qseg, kseg, o, lse, do, dlse, scale, offset, blocks, targ
     if target == "tpu":
         params = functools.partial(tg.compiler_params, target, interpret)
 
-        def kv_index(bi, ni, qi, kj):
-            return bi, ni // g, jnp.minimum(kj, _last_visible(qi, bq, bk, offset, nk)), 0
-
-        def kseg_index(bi, ni, qi, kj):
-            return bi, 0, jnp.minimum(kj, _last_visible(qi, bq, bk, offset, nk))
-
+        kv_index, kseg_index = _key_tile_maps(g, bq, bk, offset, nk)
         q_tile = pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi, kj: (bi, ni, qi, 0))
         row_tile = pl.BlockSpec((None, None, bq, 1), lambda bi, ni, qi, kj: (bi, ni, qi, 0))
         dq = pl.pallas_call(

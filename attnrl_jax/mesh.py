@@ -187,6 +187,15 @@ class Sharder:
             is_leaf=lambda x: isinstance(x, tuple),
         )
 
+    def batch_parallelism(self) -> int:
+        """How many ways the mesh splits a batch dimension (the product of the "batch" rule's mesh axes):
+        training rows come in multiples of it."""
+        if self.mesh is None:
+            return 1
+        target = dict(self.rules)["batch"]
+        axes = () if target is None else (target if isinstance(target, tuple) else (target,))
+        return math.prod(self.mesh.shape[a] for a in axes)
+
     def kernel_axes(self, batch: int, q_heads: int, kv_heads: int):
         """Mesh axes (PartitionSpec entries) of a kernel call's batch and head dimensions: the batch over
         its rule's axes where they divide it, the heads over theirs only where that divides both the query

@@ -19,15 +19,20 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
-from attnrl_jax.model import ModelConfig, count_params, forward, init_sharded_params
+from attnrl_jax.model import ModelConfig, count_params, init_sharded_params, token_log_probs
 from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
 
-MODEL_OVERRIDES = ("param_dtype", "dtype", "remat", "attention_impl")
+MODEL_OVERRIDES = ("param_dtype", "dtype", "remat", "attention_impl", "logits_chunk", "mlp_chunk")
+
+
+def model_overrides(c: ConfigDict) -> dict:
+    """The config.model fields that a ModelConfig takes beyond config.json (those a config sets)."""
+    return {k: c.model[k] for k in MODEL_OVERRIDES if k in c.model}
 
 
 def model_config(c: ConfigDict) -> ModelConfig:
     """The ModelConfig named by config.model (a preset, or the config.json of hf_path)."""
-    overrides = {k: c.model[k] for k in MODEL_OVERRIDES}
+    overrides = model_overrides(c)
     if c.model.hf_path:
         return ModelConfig.from_hf_dir(c.model.hf_path, **overrides)
     return ModelConfig.preset(c.model.preset, **overrides)
@@ -61,9 +66,7 @@ def run(c: ConfigDict) -> dict:
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, mesh {dict(mesh.shape)}")
 
     if c.model.hf_path:
-        cfg, params, tokenizer = load_checkpoint(
-            c.model.hf_path, sharder, **{k: c.model[k] for k in MODEL_OVERRIDES}
-        )
+        cfg, params, tokenizer = load_checkpoint(c.model.hf_path, sharder, **model_overrides(c))
     else:
         params, tokenizer = init_sharded_params(cfg, jax.random.key(c.seed), sharder), None
     print(f"model: {count_params(params):,} parameters, {cfg.num_layers} layers, {cfg.param_dtype} params")
@@ -76,18 +79,17 @@ def run(c: ConfigDict) -> dict:
 
     @functools.partial(jax.jit, static_argnames=("cfg",))
     def nll(params, tokens, mask, cfg):
-        logits = forward(params, tokens, cfg=cfg, segment_ids=mask, sharder=sharder)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        tok_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        valid = mask[:, 1:] * mask[:, :-1]
-        return -(tok_logp * valid).sum() / valid.sum(), logits
+        targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # the last column is not scored
+        tok_logp = token_log_probs(params, tokens, targets, cfg=cfg, segment_ids=mask, sharder=sharder)
+        valid = jnp.concatenate([mask[:, 1:] * mask[:, :-1], jnp.zeros_like(mask[:, :1])], axis=1)
+        return -(tok_logp * valid).sum() / valid.sum(), tok_logp
 
     t0 = time.perf_counter()
-    loss, logits = jax.block_until_ready(nll(params, tokens, mask, cfg))
+    loss, logp = jax.block_until_ready(nll(params, tokens, mask, cfg))
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in tqdm(range(c.smoke.iters), desc="forward", unit="batch"):
-        loss, logits = nll(params, tokens, mask, cfg)
+        loss, logp = nll(params, tokens, mask, cfg)
     jax.block_until_ready(loss)
     per_iter = (time.perf_counter() - t0) / c.smoke.iters
     n_tokens = int(np.asarray(mask).sum())
@@ -96,10 +98,10 @@ def run(c: ConfigDict) -> dict:
 
     export_dir = os.path.join(c.workdir, "hf")
     save_checkpoint(export_dir, cfg, params, tokenizer=tokenizer, overwrite=True)
-    cfg2, params2, _ = load_checkpoint(export_dir, sharder, **{k: c.model[k] for k in MODEL_OVERRIDES})
-    _, logits2 = nll(params2, tokens, mask, cfg2)
+    cfg2, params2, _ = load_checkpoint(export_dir, sharder, **model_overrides(c))
+    _, logp2 = nll(params2, tokens, mask, cfg2)
     valid = np.asarray(mask, bool)
-    diff = float(np.abs(np.asarray(logits2) - np.asarray(logits))[valid].max())
+    diff = float(np.abs(np.asarray(logp2) - np.asarray(logp))[valid].max())
 
     summary = {
         "next_token_nll": float(loss),
@@ -113,6 +115,6 @@ def run(c: ConfigDict) -> dict:
         print(f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     if diff > 0:
         raise RuntimeError(
-            f"exported checkpoint at {export_dir} reloads with different logits (max diff {diff})"
+            f"exported checkpoint at {export_dir} reloads with different log-probs (max diff {diff})"
         )
     return summary

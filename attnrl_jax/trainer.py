@@ -8,6 +8,19 @@ Two pipelines (`config.train.off_policy`):
     responses first (it is on-policy, as in the paper).
   * on-policy (`rollout`): initial responses, then continuations, two sampler calls per step (TreeRL).
 
+One training step is a sequence of named stages, each a function below:
+
+  sample     the rollout: sampler calls (with FCI), the verifier's rewards, trees and paths, training rows
+             (`rollout.py`), as a host TrainBatch;
+  rows       the rows cut into fixed-shape PPO mini-batches (empty rows pad the last one and make every
+             micro-batch divide the mesh), placed on the mesh;
+  reference  the frozen reference's log-probs (k3 KL) and, with `recompute_logprobs`, the behaviour
+             log-probs recomputed by the policy before any update, one jitted pass per mini-batch, on device;
+  update     one optimizer step per mini-batch;
+  checkpoint Orbax, every `ckpt.every` steps, on the last step and on SIGTERM;
+  log        the step's record, written once its device metrics arrive (one step later, so that fetching
+             them never stalls the device).
+
 Everything a step depends on is in the checkpoint (train state, data position, the FCI filter's running
 mean, the adaptive batch size, the off-policy in-flight batch with its rewards) or derived from
 (seed, step) (the sampling keys), so a resumed run repeats the uninterrupted one exactly. SIGTERM (TPU
@@ -21,6 +34,7 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,23 +51,28 @@ from attnrl_jax.algo import (
 )
 from attnrl_jax.checkpoint import Checkpointer, PreemptionGuard
 from attnrl_jax.data import IteratorState, PromptIterator, read_verl_parquet
-from attnrl_jax.distributed import ShardedScorer, any_process, fetch, is_main
+from attnrl_jax.distributed import ShardedScorer, any_process, is_main
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
 from attnrl_jax.model import ModelConfig, init_sharded_params
 from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
+from attnrl_jax.model.transformer import compute_params
 from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.rl import (
     LossConfig,
+    Microbatching,
     OptimConfig,
+    TrainBatch,
+    TrainState,
+    batch_log_probs,
     init_sharded_train_state,
     jit_train_step,
     make_optimizer,
-    recompute_log_probs,
+    plan_microbatches,
 )
-from attnrl_jax.rollout import InitialBatch, offpolicy_step, rollout, sample_initial
+from attnrl_jax.rollout import InitialBatch, RolloutResult, offpolicy_step, rollout, sample_initial
 from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
-from attnrl_jax.smoke import MODEL_OVERRIDES, model_config
+from attnrl_jax.smoke import model_config, model_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +106,12 @@ def algo_config(c: ConfigDict) -> AlgoConfig:
     )
 
 
-def settings_from_config(c: ConfigDict) -> Settings:
-    """Typed settings from the ConfigDict; raises ValueError/FileNotFoundError naming the key."""
+def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_paths: bool = True) -> Settings:
+    """Typed settings from the ConfigDict for a mesh of `num_devices` (default: all devices); raises
+    ValueError/FileNotFoundError naming the key. `check_paths=False` skips the checkpoint and data files
+    (a compile-only measurement of the shipped config, `benchmarks/scale_memory.py`)."""
     for key, path in (("model.hf_path", c.model.hf_path), ("data.train_path", c.data.train_path)):
-        if key == "model.hf_path" and not path:
+        if not check_paths or (key == "model.hf_path" and not path):
             continue
         if not path or not os.path.exists(path):
             raise FileNotFoundError(f"config.{key}={path!r}: no such file or directory")
@@ -122,15 +143,18 @@ def settings_from_config(c: ConfigDict) -> Settings:
         * max(1, -(-c.algo.target_paths // (c.train.mini_batch_rows or c.algo.target_paths))),
     )
     mesh = MeshConfig(**c.mesh)
-    mesh.resolve(jax.device_count())
-    for key in ("steps", "micro_batches", "row_length"):
+    mesh.resolve(jax.device_count() if num_devices is None else num_devices)
+    if "micro_batches" in c.train:
+        raise ValueError(
+            "config.train.micro_batches is no longer a setting: set config.train.rows_per_device (rows per "
+            "device per micro-batch; the micro-batch count follows from the mesh)"
+        )
+    for key in ("steps", "row_length"):
         if c.train[key] < 1:
             raise ValueError(f"config.train.{key} must be at least 1, got {c.train[key]}")
-    if c.train.mini_batch_rows < 0 or c.train.mini_batch_rows % c.train.micro_batches:
-        raise ValueError(
-            f"config.train.mini_batch_rows={c.train.mini_batch_rows} must be 0 or a positive multiple of "
-            f"config.train.micro_batches={c.train.micro_batches}"
-        )
+    for key in ("mini_batch_rows", "rows_per_device"):
+        if c.train[key] < 0:
+            raise ValueError(f"config.train.{key} must be 0 or positive, got {c.train[key]}")
     for key in ("every", "max_to_keep"):
         if c.ckpt[key] < 1:
             raise ValueError(f"config.ckpt.{key} must be at least 1, got {c.ckpt[key]}")
@@ -166,27 +190,6 @@ class _Clock:
         return _Timed()
 
 
-def _update(step_fn, state, batch, rows: int, place):
-    """One optimizer step per `rows`-row mini-batch of the host `batch`, in order (section 11: ppo_epochs 1),
-    each placed on the mesh by `place`. Returns the new state and the list of each mini-batch's metrics,
-    still on the device (see `_reduce`)."""
-    n = batch.tokens.shape[0]
-    rows = rows or n
-    outs = []
-    for lo in range(0, n, rows):
-        state, m = step_fn(state, place(jax.tree.map(lambda x, lo=lo: x[lo : lo + rows], batch)))
-        outs.append(m)
-    return state, outs
-
-
-def _reduce(per_minibatch: list[dict]) -> dict[str, float]:
-    """Host-side mean of fetched mini-batch metrics (`finite`: the minimum), plus the optimizer step count."""
-    out = {k: float(np.mean([float(m[k]) for m in per_minibatch])) for k in per_minibatch[0]}
-    out["finite"] = float(min(float(m["finite"]) for m in per_minibatch))
-    out["optimizer_steps"] = float(len(per_minibatch))
-    return out
-
-
 def _tokens(batch: InitialBatch | None) -> int:
     return 0 if batch is None else sum(len(s.tokens) for group in batch.samples for s in group)
 
@@ -214,8 +217,227 @@ def latest_export(workdir: str) -> str | None:
     return os.path.join(root, f"step_{max(steps)}") if steps else None
 
 
-def run(c: ConfigDict) -> dict:
-    """Trains for config.train.steps steps (resuming from config.workdir); returns the last step's metrics."""
+# ------------------------------------------------------------------------------------------------------
+# What a run holds
+
+
+@dataclasses.dataclass
+class Progress:
+    """Everything besides the train state that a step changes and a checkpoint keeps: the data position
+    (in the iterator), the FCI filter's running mean, the adaptive batch size, the run's totals and the
+    off-policy in-flight batch."""
+
+    iterator: PromptIterator
+    running: RunningMean
+    bsz: BatchSizeState
+    totals: dict
+    inflight: InitialBatch | None = None
+
+    def meta(self, c: ConfigDict) -> tuple[dict, dict | None]:
+        meta = {
+            "data": self.iterator.state.to_dict(),
+            "running_fci": self.running._asdict(),
+            "batch_size": list(self.bsz),
+            "totals": dict(self.totals),
+            "config": c.to_dict(),
+            "inflight_problems": None,
+        }
+        arrays = None
+        if self.inflight is not None:
+            arrays, meta["inflight_problems"] = self.inflight.to_arrays()
+        return meta, arrays
+
+    def restore(self, meta: dict, arrays, decode) -> None:
+        self.iterator.restore(IteratorState.from_dict(meta["data"]))
+        self.running = RunningMean(**meta["running_fci"])
+        self.bsz = BatchSizeState(*meta["batch_size"])
+        self.totals.update(meta.get("totals", {}))
+        if arrays is not None:
+            self.inflight = InitialBatch.from_arrays(arrays, meta["inflight_problems"], decode)
+
+
+@dataclasses.dataclass
+class Job:
+    """The fixed parts of a run: config, settings, mesh, model, reference, optimizer and the compiled
+    functions of the update (one per mini-batch shape: one for a run with fixed mini-batches)."""
+
+    c: ConfigDict
+    s: Settings
+    sharder: Sharder
+    cfg: ModelConfig
+    optimizer: object
+    ref_params: object | None
+    _compiled: dict = dataclasses.field(default_factory=dict)
+
+    def place(self, batch: TrainBatch) -> TrainBatch:
+        """A host TrainBatch (the same on every process) on the mesh, rows split over the batch axes."""
+        return jax.tree.map(lambda x: self.sharder.put(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
+
+    def plan(self, rows: int) -> Microbatching:
+        """The micro-batching of a mini-batch of `rows` real rows on this mesh."""
+        return plan_microbatches(rows, self.c.train.rows_per_device, self.sharder.batch_parallelism())
+
+    def step_fn(self, state: TrainState, count: int) -> Callable:
+        key = ("update", count)
+        if key not in self._compiled:
+            self._compiled[key] = jit_train_step(
+                self.cfg, self.s.loss, self.optimizer, state, count, self.sharder
+            )
+        return self._compiled[key]
+
+    def passes_fn(self, count: int) -> Callable:
+        """The reference and recompute passes of one mini-batch, jitted (see `reference_stage`)."""
+        key = ("passes", count)
+        if key not in self._compiled:
+            cfg, loss, sharder = self.cfg, self.s.loss, self.sharder
+            reference, recompute = self.ref_params is not None, self.c.train.recompute_logprobs
+            log_probs = functools.partial(
+                batch_log_probs, model_cfg=cfg, num_microbatches=count, sharder=sharder
+            )
+
+            def passes(params, ref_params, mb: TrainBatch):
+                mismatch = {}
+                if reference:
+                    mb = dataclasses.replace(mb, ref_logp=log_probs(ref_params, mb, temperature=1.0))
+                if recompute:
+                    logp = log_probs(params, mb, temperature=loss.temperature)
+                    mask = mb.loss_mask.astype(jnp.float32)
+                    mismatch = {"sum": jnp.sum(jnp.abs(logp - mb.old_logp) * mask), "tokens": jnp.sum(mask)}
+                    mb = dataclasses.replace(mb, old_logp=logp)
+                return mb, mismatch
+
+            self._compiled[key] = jax.jit(passes, donate_argnums=(2,))
+        return self._compiled[key]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The stages of a step
+
+
+def sample_stage(
+    job: Job, progress: Progress, sampler: Sampler, score, step: int
+) -> tuple[RolloutResult, int]:
+    """Rollouts for this step's prompts: sampling (with FCI), rewards, trees, paths and training rows.
+    Returns the result and the number of tokens sampled."""
+    c, s = job.c, job.s
+    seed = c.seed * 1_000_003 + 4 * step
+    generated = 0
+    take = progress.iterator.take
+    if c.train.off_policy:
+        if progress.inflight is None:  # the first step samples its own initial responses (on-policy)
+            progress.inflight = sample_initial(
+                sampler, take(progress.bsz.size), s.algo.group_size, score, seed=seed + 2
+            )
+            generated += _tokens(progress.inflight)
+        result, progress.inflight = offpolicy_step(
+            sampler,
+            score,
+            progress.inflight,
+            take(progress.bsz.size),
+            s.algo,
+            progress.running,
+            seed=seed,
+            row_length=c.train.row_length,
+        )
+        generated += _tokens(progress.inflight)
+    else:
+        result = rollout(
+            sampler,
+            score,
+            take(progress.bsz.size),
+            s.algo,
+            progress.running,
+            seed=seed,
+            row_length=c.train.row_length,
+        )
+        generated += int(result.metrics["initial_tokens"])
+    generated += int(result.metrics.get("continuation_tokens", 0))
+    progress.running = result.running_fci
+    return result, generated
+
+
+def rows_stage(job: Job, batch: TrainBatch) -> tuple[list[TrainBatch], Microbatching]:
+    """The host batch's real rows cut into mini-batches of `train.mini_batch_rows` (0: one of all rows),
+    each padded with empty rows to the same micro-batched shape and placed on the mesh."""
+    real = batch.tokens.shape[0]
+    rows = job.c.train.mini_batch_rows or real
+    plan = job.plan(rows)
+    out = []
+    for lo in range(0, real, rows):
+        part = jax.tree.map(lambda x, lo=lo: np.asarray(x)[lo : min(lo + rows, real)], batch)
+        pad = plan.padded_rows - part.tokens.shape[0]
+        part = jax.tree.map(lambda x, pad=pad: np.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)), part)
+        out.append(job.place(part))
+    return out, plan
+
+
+def reference_stage(
+    job: Job, params, minibatches: list[TrainBatch], plan: Microbatching
+) -> tuple[list[TrainBatch], dict]:
+    """Reference log-probs (k3 KL) and recomputed behaviour log-probs for every mini-batch, all from the
+    parameters before this step's first update, one fixed-shape jitted pass per mini-batch, on device.
+    Returns the mini-batches with those fields filled and the mismatch sums (empty without recompute)."""
+    if job.ref_params is None and not job.c.train.recompute_logprobs:
+        return minibatches, {}
+    fn = job.passes_fn(plan.count)
+    out, sums = [], []
+    for mb in minibatches:
+        mb, mismatch = fn(params, job.ref_params, mb)
+        out.append(mb)
+        sums.append(mismatch)
+    if not sums[0]:
+        return out, {}
+    total = sum(m["sum"] for m in sums) / jnp.maximum(sum(m["tokens"] for m in sums), 1.0)
+    return out, {"logp_mismatch": total}
+
+
+def update_stage(
+    job: Job, state: TrainState, minibatches: list[TrainBatch], plan: Microbatching
+) -> tuple[TrainState, list[dict]]:
+    """One optimizer step per mini-batch, in order (section 11: ppo_epochs 1). Returns the new state and
+    each mini-batch's metrics, still on the device."""
+    step_fn = job.step_fn(state, plan.count)
+    outs = []
+    for mb in minibatches:
+        state, m = step_fn(state, mb)
+        outs.append(m)
+    return state, outs
+
+
+def _reduce(per_minibatch: list[dict]) -> dict[str, float]:
+    """Host-side mean of fetched mini-batch metrics (`finite`: the minimum), plus the optimizer step count."""
+    out = {k: float(np.mean([float(m[k]) for m in per_minibatch])) for k in per_minibatch[0]}
+    out["finite"] = float(min(float(m["finite"]) for m in per_minibatch))
+    out["optimizer_steps"] = float(len(per_minibatch))
+    return out
+
+
+def checkpoint_stage(job: Job, ckpt: Checkpointer, progress: Progress, state: TrainState, step: int) -> None:
+    meta, arrays = progress.meta(job.c)
+    ckpt.save(step, state, meta, arrays)
+
+
+def log_stage(writer: MetricWriter, held: dict[int, dict], done) -> dict | None:
+    """Writes the record of a step whose device metrics arrived (`done` = (step, fetched) or None) and
+    returns it; None when nothing arrived."""
+    if done is None:
+        return None
+    step, fetched = done
+    record = held.pop(step)
+    device = _reduce(fetched["minibatches"]) if fetched.get("minibatches") else {}
+    if "logp_mismatch" in fetched:
+        device["logp_mismatch"] = float(fetched["logp_mismatch"])
+    record.update({f"update/{k}": v for k, v in device.items()})
+    writer.write(step, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------------
+# Set-up and the loop
+
+
+def _setup(c: ConfigDict):
+    """Settings, tokenizer, mesh, model (loaded or initialised), reference, optimizer and train state."""
     s = settings_from_config(c)
     tokenizer_path = c.tokenizer_path or c.model.hf_path
     if not tokenizer_path:
@@ -232,108 +454,92 @@ def run(c: ConfigDict) -> dict:
         f"mesh {dict(sharder.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s) "
         f"in {jax.process_count()} process(es)"
     )
-
-    def place(batch):
-        """A host TrainBatch (the same on every process) on the mesh, rows split over the batch axes."""
-        return jax.tree.map(lambda x: sharder.put(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
-
     if c.model.hf_path:
-        cfg, params, _ = load_checkpoint(c.model.hf_path, sharder, **{k: c.model[k] for k in MODEL_OVERRIDES})
+        cfg, params, _ = load_checkpoint(c.model.hf_path, sharder, **model_overrides(c))
     else:
         cfg, params = s.model, init_sharded_params(s.model, jax.random.key(c.seed), sharder)
-    # The frozen reference is the initial policy; copied, since the train state's buffers are donated.
-    ref_params = jax.tree.map(jnp.copy, params) if s.loss.kl_coef > 0 else None
+    if cfg.param_dtype == "bfloat16" and s.optim.lr < BF16_MIN_LR:
+        _say(
+            f"warning: config.model.param_dtype=bfloat16 with config.optim.lr={s.optim.lr:g}: a bfloat16 "
+            "weight near 0.02 has a rounding step of about 1e-4, so most updates this small round away; "
+            "use param_dtype=float32 (float32 master weights, bfloat16 compute)"
+        )
+    # The frozen reference is the initial policy in the compute dtype; a copy, since the train state's
+    # buffers are donated.
+    ref_params = None
+    if s.loss.kl_coef > 0:
+        ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, compute_params(p, cfg)))(params)
+    optimizer = make_optimizer(s.optim)
+    state = init_sharded_train_state(params, optimizer, sharder, cfg)
+    return Job(c, s, sharder, cfg, optimizer, ref_params), tokenizer, state
 
+
+# Below this learning rate, bfloat16 parameters lose most AdamW updates (ENVIRONMENT.md: a weight of 0.02
+# has a rounding step of 1.2e-4, and an update under half of it leaves the weight unchanged).
+BF16_MIN_LR = 1e-4
+
+
+def run(c: ConfigDict) -> dict:
+    """Trains for config.train.steps steps (resuming from config.workdir); returns the last step's metrics."""
+    job, tokenizer, state = _setup(c)
+    s, cfg = job.s, job.cfg
     problems = read_verl_parquet(c.data.train_path)
 
     def prompt_len(p):
         out = tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True)
         return len(out["input_ids"] if hasattr(out, "keys") else out)
 
-    iterator = PromptIterator(problems, c.data.shuffle_seed, prompt_len, c.data.max_prompt_len)
-    optimizer = make_optimizer(s.optim)
-    state = init_sharded_train_state(params, optimizer, sharder, cfg)
-    running, bsz = RunningMean(), BatchSizeState(s.algo.batch_size.initial, 0)
-    totals = {"generated_tokens": 0, "elapsed_s": 0.0}  # cumulative over the run, resumes included
-    inflight: InitialBatch | None = None
-    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
-
+    progress = Progress(
+        PromptIterator(problems, c.data.shuffle_seed, prompt_len, c.data.max_prompt_len),
+        RunningMean(),
+        BatchSizeState(s.algo.batch_size.initial, 0),
+        {"generated_tokens": 0, "elapsed_s": 0.0},  # cumulative over the run, resumes included
+    )
     ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.ckpt.max_to_keep)
     start = 0
     if ckpt.latest_step() is not None:
         state, meta, arrays, start = ckpt.restore_all(state)
-        iterator.restore(IteratorState.from_dict(meta["data"]))
-        running = RunningMean(**meta["running_fci"])
-        bsz = BatchSizeState(*meta["batch_size"])
-        totals.update(meta.get("totals", {}))
-        if arrays is not None:
-            inflight = InitialBatch.from_arrays(arrays, meta["inflight_problems"], decode)
+        progress.restore(meta, arrays, functools.partial(tokenizer.decode, skip_special_tokens=True))
         _say(f"resumed from step {start} in {ckpt.directory}")
+    if progress.iterator.dropped and start == 0:
+        _say(f"dropped {progress.iterator.dropped} prompts longer than {c.data.max_prompt_len} tokens")
+    if c.train.mini_batch_rows:
+        plan = job.plan(c.train.mini_batch_rows)
+        if plan.padded_rows > plan.rows:
+            _say(
+                f"config.train.mini_batch_rows={plan.rows} on a {job.sharder.batch_parallelism()}-way "
+                f"data-parallel mesh: each mini-batch is padded to {plan.padded_rows} rows "
+                f"({plan.count} micro-batches of {plan.micro_rows})"
+            )
+    sampler_params = (
+        (lambda p: p) if cfg.param_dtype == cfg.dtype else jax.jit(lambda p: compute_params(p, cfg))
+    )
 
-    step_fn = jit_train_step(cfg, s.loss, optimizer, state, c.train.micro_batches, sharder)
-
-    @jax.jit
-    def recompute(params, batch):
-        """Old log-probs from a forward pass and their mean |difference| to the sampler's (loss tokens)."""
-        logp = recompute_log_probs(
-            params, batch, model_cfg=cfg, temperature=s.loss.temperature, sharder=sharder
-        )
-        mask = batch.loss_mask.astype(jnp.float32)
-        mismatch = jnp.sum(jnp.abs(logp - batch.old_logp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-        return logp, mismatch
-
-    ref_fn = jax.jit(functools.partial(recompute_log_probs, model_cfg=cfg, temperature=1.0, sharder=sharder))
     writer = MetricWriter(c.workdir, resume_step=start)
     lagged = LaggedMetrics()
     held: dict[int, dict] = {}  # host metrics of steps whose device metrics are not fetched yet
     last: dict = {}
-    if iterator.dropped and start == 0:
-        _say(f"dropped {iterator.dropped} prompts longer than {c.data.max_prompt_len} tokens")
+    current_step = start
 
-    def save(step):
-        meta = {
-            "data": iterator.state.to_dict(),
-            "running_fci": running._asdict(),
-            "batch_size": list(bsz),
-            "totals": dict(totals),
-            "config": c.to_dict(),
-            "inflight_problems": None,
-        }
-        arrays = None
-        if inflight is not None:
-            arrays, meta["inflight_problems"] = inflight.to_arrays()
-        ckpt.save(step, state, meta, arrays)
-
-    def emit(done):
-        """Writes a step's record once its device metrics arrive; stops on a non-finite update."""
+    def log(done):
+        """The log stage; stops the run (state saved) on a non-finite update."""
         nonlocal last
-        if done is None:
+        record = log_stage(writer, held, done)
+        if record is None:
             return
-        step, fetched = done
-        record = held.pop(step)
-        device = _reduce(fetched["minibatches"]) if fetched.get("minibatches") else {}
-        if "logp_mismatch" in fetched:
-            device["logp_mismatch"] = float(fetched["logp_mismatch"])
-        record.update({f"update/{k}": v for k, v in device.items()})
-        writer.write(step, record)
         last = record
-        if device and device["finite"] == 0.0:
-            save(current_step)
+        if record.get("update/finite") == 0.0:
+            checkpoint_stage(job, ckpt, progress, state, current_step)
             raise FloatingPointError(
-                f"step {step}: non-finite loss or gradient; the update was skipped and the last good state "
-                f"is saved in {ckpt.directory} (step {current_step})"
+                f"step {done[0]}: non-finite loss or gradient; the update was skipped and the last good "
+                f"state is saved in {ckpt.directory} (step {current_step})"
             )
 
-    current_step = start
     clock = _Clock()
-    rows = {
-        "row_length": c.train.row_length,
-        "rows_multiple": c.train.mini_batch_rows or c.train.micro_batches,
-    }
     finished = start >= c.train.steps
     mode = "off-policy" if c.train.off_policy else "on-policy"
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
-        sampler = Sampler(state.params, cfg, tokenizer, s.loop, sharder=sharder)
+        sampler = Sampler(sampler_params(state.params), cfg, tokenizer, s.loop, sharder=job.sharder)
         # Each process grades its share of the responses; every process gets all verdicts.
         scorer = ShardedScorer(pool.submit)
         score = lambda texts, gts: clock.wrap(scorer(texts, gts))  # noqa: E731
@@ -348,42 +554,20 @@ def run(c: ConfigDict) -> dict:
         for step in bar:
             t0 = time.perf_counter()
             clock.waited = 0.0
-            sampler.params = state.params
-            seed = c.seed * 1_000_003 + 4 * step
-            generated = 0
-            if c.train.off_policy:
-                if inflight is None:  # the first step samples its own initial responses (on-policy)
-                    inflight = sample_initial(
-                        sampler, iterator.take(bsz.size), s.algo.group_size, score, seed=seed + 2
-                    )
-                    generated += _tokens(inflight)
-                result, inflight = offpolicy_step(
-                    sampler, score, inflight, iterator.take(bsz.size), s.algo, running, seed=seed, **rows
-                )
-                generated += _tokens(inflight)
-            else:
-                result = rollout(sampler, score, iterator.take(bsz.size), s.algo, running, seed=seed, **rows)
-                generated += int(result.metrics["initial_tokens"])
-            generated += int(result.metrics.get("continuation_tokens", 0))
-            running = result.running_fci
+            sampler.params = sampler_params(state.params)
+            result, generated = sample_stage(job, progress, sampler, score, step)
             t1 = time.perf_counter()
-            metrics = dict(result.metrics)
             device_metrics = {}
             if result.batch is not None:
-                batch = result.batch
-                if c.train.recompute_logprobs:
-                    recomputed, mismatch = recompute(state.params, place(batch))
-                    batch = dataclasses.replace(batch, old_logp=fetch(recomputed))
-                if ref_params is not None:
-                    batch = dataclasses.replace(batch, ref_logp=fetch(ref_fn(ref_params, place(batch))))
-                state, minibatches = _update(step_fn, state, batch, c.train.mini_batch_rows, place)
-                device_metrics = {"minibatches": minibatches}
-                if c.train.recompute_logprobs:
-                    device_metrics["logp_mismatch"] = mismatch
+                minibatches, plan = rows_stage(job, result.batch)
+                minibatches, device_metrics = reference_stage(job, state.params, minibatches, plan)
+                state, device_metrics["minibatches"] = update_stage(job, state, minibatches, plan)
             current_step = step + 1
             if c.algo.adaptive_batch:
-                bsz = update_batch_size(bsz, result.num_paths, s.algo.batch_size)
+                progress.bsz = update_batch_size(progress.bsz, result.num_paths, s.algo.batch_size)
             t2 = time.perf_counter()
+            totals = progress.totals
+            metrics = dict(result.metrics)
             metrics.update(
                 time_sample=t1 - t0 - clock.waited,
                 time_score=clock.waited,
@@ -393,10 +577,10 @@ def run(c: ConfigDict) -> dict:
                 total_time_s=totals["elapsed_s"] + (t2 - t0),
                 generated_tokens=generated,
                 tokens_per_s=generated / max(t1 - t0 - clock.waited, 1e-9),
-                next_prompt_batch=bsz.size,
+                next_prompt_batch=progress.bsz.size,
             )
             held[step + 1] = metrics
-            emit(lagged.push(step + 1, device_metrics))
+            log(lagged.push(step + 1, device_metrics))
             bar.set_postfix(
                 acc=f"{metrics['accuracy']:.3f}",
                 paths=result.num_paths,
@@ -414,15 +598,15 @@ def run(c: ConfigDict) -> dict:
             finished = finished or last_step
             stop_requested = any_process(guard.requested)  # a preemption notice to any host stops all
             if (step + 1) % c.ckpt.every == 0 or last_step or stop_requested:
-                emit(lagged.flush())
-                save(step + 1)
+                log(lagged.flush())
+                checkpoint_stage(job, ckpt, progress, state, step + 1)
             if budget_spent:
                 break
             if stop_requested:
                 _say(f"SIGTERM: saved step {step + 1} and stopping")
                 break
         bar.close()
-        emit(lagged.flush())
+        log(lagged.flush())
     if c.ckpt.export and finished:
         path = os.path.join(c.workdir, "export", f"step_{current_step}")
         if not _exists_on_main(path):  # every process gathers the params; process 0 writes

@@ -15,8 +15,13 @@ def get_config() -> ConfigDict:
     c.model = ConfigDict()
     c.model.preset = ""  # ModelConfig preset name (used when hf_path is empty)
     c.model.hf_path = ""  # Hugging Face Qwen2 directory (config.json + safetensors [+ tokenizer])
-    c.model.param_dtype = "bfloat16"  # parameter storage dtype: float32 | bfloat16
-    c.model.dtype = "bfloat16"  # activation dtype (logits and log-probs are float32 regardless)
+    # Parameter storage dtype: float32 | bfloat16. float32 master weights: a bfloat16 weight near 0.02 has a
+    # rounding step of about 1e-4, so the paper's 1e-6 updates would round away (the sampler and the
+    # reference read a bfloat16 copy).
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"  # compute dtype of activations and matmuls (logits, log-probs are float32)
+    c.model.logits_chunk = 512  # tokens per row whose float32 logits exist at once in the loss
+    c.model.mlp_chunk = 2048  # tokens per row whose SwiGLU hidden exists at once
     c.model.remat = "full"  # none | full | dots
     c.model.attention_impl = "pallas"  # pallas (GPU/TPU kernels) | xla
 
@@ -73,7 +78,10 @@ def get_config() -> ConfigDict:
     c.train.steps = 500  # training steps
     c.train.max_generated_tokens = 0  # stop once this many tokens were sampled (0: no limit; equal budgets)
     c.train.mini_batch_rows = 192  # training rows per optimizer step (PPO mini-batch; 0: all rows, one step)
-    c.train.micro_batches = 8  # gradient-accumulation micro-batches per optimizer step
+    # Rows each device holds per gradient-accumulation micro-batch (0: the whole mini-batch at once). The
+    # micro-batch count follows from the mesh: 192 rows on 8 devices are 8 micro-batches of 24 rows, on 32
+    # devices 2 of 96; a mini-batch that does not divide the mesh is padded with empty rows, never replicated.
+    c.train.rows_per_device = 3
     c.train.row_length = 9216  # prompt + response tokens per training row
     c.train.off_policy = (
         True  # one-step off-policy pipeline (section 10); False: on-policy, two sampler calls

@@ -64,7 +64,7 @@ def get_config(variant: str = "") -> ConfigDict:
 
     c.train.steps = 40
     c.train.mini_batch_rows = 64
-    c.train.micro_batches = 1
+    c.train.rows_per_device = 0  # the whole 64-row mini-batch in one micro-batch
     c.train.row_length = 112  # data.max_prompt_len + sampler.max_new_tokens
 
     c.reward.workers = 1

@@ -85,6 +85,62 @@ def test_token_log_probs_is_gathered_log_softmax(params):
     assert lp.dtype == jnp.float32 and float(lp.max()) <= 0
 
 
+def _full_log_probs_and_entropy(params, x, targets, cfg, temperature):
+    """The plain formula the chunked head must equal: full float32 logits, log-softmax, gather."""
+    logits = forward(params, x, cfg=cfg) / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
+    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 64], ids=["ragged-chunks", "even-chunks", "one-chunk"])
+def test_chunked_log_probs_and_entropy_equal_the_full_logits_formula(params, chunk):
+    """Values and gradients (through the target log-probs and the entropy) of the chunked head equal those
+    of full logits, for chunks that do and do not divide the 9-token rows, at a sampling temperature."""
+    from attnrl_jax.model.transformer import hidden_states, token_log_probs_from_hidden
+
+    cfg = CFG.replace(logits_chunk=chunk, mlp_chunk=chunk)
+    x = _tokens((2, 9), 6)
+    targets = jnp.roll(x, -1, axis=1)
+    w = jnp.linspace(-1.0, 1.0, 18).reshape(2, 9)  # weights make every position's gradient distinct
+
+    def chunked(p):
+        h = hidden_states(p, x, cfg=cfg)
+        lp, ent = token_log_probs_from_hidden(p, h, targets, cfg=cfg, temperature=0.7, with_entropy=True)
+        return jnp.sum(w * lp) + jnp.sum(w * ent), (lp, ent)
+
+    def full(p):
+        lp, ent = _full_log_probs_and_entropy(p, x, targets, CFG, 0.7)
+        return jnp.sum(w * lp) + jnp.sum(w * ent), (lp, ent)
+
+    (_, (lp, ent)), g = jax.value_and_grad(chunked, has_aux=True)(params)
+    (_, (lp_ref, ent_ref)), g_ref = jax.value_and_grad(full, has_aux=True)(params)
+    np.testing.assert_allclose(lp, lp_ref, atol=1e-5)
+    np.testing.assert_allclose(ent, ent_ref, atol=1e-5)
+    assert float(ent.min()) > 0
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_chunked_head_holds_one_chunk_of_logits():
+    """The compiled gradient of 64 chunks keeps about one chunk's float32 logits, not the row's: its
+    temporaries stay far below the [rows, length, vocab] array the full formula needs."""
+    from attnrl_jax.model.transformer import token_log_probs_from_hidden
+
+    cfg = CFG.replace(vocab_size=4096, logits_chunk=64)
+    b, t, d = 2, 4096, cfg.hidden_size
+    full_logits = b * t * cfg.vocab_size * 4
+    h = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+    targets = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    head = jax.ShapeDtypeStruct((cfg.vocab_size, d), jnp.float32)
+
+    def loss(w, h, tg):
+        return token_log_probs_from_hidden({"lm_head": w}, h, tg, cfg=cfg)[0].sum()
+
+    mem = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(head, h, targets).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < full_logits / 8, (mem.temp_size_in_bytes, full_logits)
+
+
 @pytest.mark.parametrize("policy", ["none", "dots"])
 def test_remat_policies_give_the_same_gradients(params, policy):
     x = _tokens((2, 8), 5)

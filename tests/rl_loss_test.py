@@ -11,12 +11,15 @@ from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.model import ModelConfig, init_params
 from attnrl_jax.rl.loss import LossConfig, k3_kl, policy_loss
 from attnrl_jax.rl.train_step import (
+    Microbatching,
     OptimConfig,
     TrainBatch,
+    batch_log_probs,
     init_sharded_train_state,
     init_train_state,
     jit_train_step,
     make_optimizer,
+    plan_microbatches,
     train_step,
 )
 
@@ -188,7 +191,8 @@ def test_sharded_jitted_step_equals_unsharded():
         init_train_state(params, opt), _batch(), model_cfg=CFG, loss_cfg=LossConfig(), optimizer=opt
     )
     state = init_sharded_train_state(params, opt, sharder, CFG)
-    step = jit_train_step(CFG, LossConfig(), opt, state, num_microbatches=2, sharder=sharder)
+    # 4 rows over the mesh's 4-way batch parallelism (data x fsdp): one micro-batch of one row per device.
+    step = jit_train_step(CFG, LossConfig(), opt, state, num_microbatches=1, sharder=sharder)
     new, m = step(state, _batch())
     assert new.params["layers"]["q"].sharding.spec == state.params["layers"]["q"].sharding.spec
     assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-5)
@@ -196,3 +200,77 @@ def test_sharded_jitted_step_equals_unsharded():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     trace = new.opt_state[1][0].trace["layers"]["q"]
     assert trace.sharding.spec == state.params["layers"]["q"].sharding.spec
+
+
+def test_a_micro_batch_that_does_not_divide_the_mesh_is_refused():
+    """2-row micro-batches on a 4-way batch mesh would be replicated (every device computing every row)."""
+    sharder = Sharder(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    params = init_params(CFG, jax.random.key(2))
+    opt = make_optimizer(OptimConfig())
+    state = init_sharded_train_state(params, opt, sharder, CFG)
+    step = jit_train_step(CFG, LossConfig(), opt, state, num_microbatches=2, sharder=sharder)
+    with pytest.raises(ValueError, match="micro-batches of 2 rows .* do not divide the mesh's 4-way batch"):
+        step(state, _batch())
+
+
+@pytest.mark.parametrize(
+    "rows,per_device,dp,want",
+    [
+        (192, 3, 8, Microbatching(192, 24, 8)),  # the paper's mini-batch on one 8-chip host
+        (192, 3, 32, Microbatching(192, 96, 2)),  # a 32-chip slice: same rows per device, fewer steps
+        (192, 3, 128, Microbatching(192, 256, 1)),  # 1.5 rows per device: padded to 2, one micro-batch
+        (192, 0, 8, Microbatching(192, 192, 1)),  # 0: the whole mini-batch at once
+        (20, 1, 8, Microbatching(20, 8, 3)),  # 20 rows -> 3 x 8 = 24 (4 empty rows)
+        (5, 4, 1, Microbatching(5, 4, 2)),  # one device: 2 x 4 = 8 (3 empty rows)
+    ],
+)
+def test_plan_microbatches_by_hand(rows, per_device, dp, want):
+    plan = plan_microbatches(rows, per_device, dp)
+    assert plan == want
+    assert plan.padded_rows >= rows and plan.micro_rows % dp == 0
+    assert plan.padded_rows - rows < plan.micro_rows  # never a whole empty micro-batch
+
+
+def test_plan_microbatches_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="rows_per_device >= 0"):
+        plan_microbatches(192, -1, 8)
+
+
+def test_batch_log_probs_equal_the_full_formula_in_micro_batches():
+    from attnrl_jax.model import forward
+
+    params = init_params(CFG, jax.random.key(4))
+    batch = _batch()
+    got = batch_log_probs(params, batch, model_cfg=CFG, temperature=0.8, num_microbatches=2)
+    logits = forward(params, batch.tokens, cfg=CFG, segment_ids=batch.segment_ids) / 0.8
+    want = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch.targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_paper_settings_move_most_parameters_in_ten_steps():
+    """configs/attnrl_1p5b.py as shipped (dtypes, lr 1e-6, AdamW, clip), on a tiny model shape: float32
+    master weights take the 1e-6 steps. The same ten steps with bfloat16 storage move almost nothing."""
+    import configs.attnrl_1p5b as paper
+
+    c = paper.get_config()
+    model = ModelConfig.tiny(
+        param_dtype=c.model.param_dtype, dtype=c.model.dtype, logits_chunk=c.model.logits_chunk
+    )
+    optim = OptimConfig(lr=c.optim.lr, weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+    loss_cfg = LossConfig(c.loss.clip_low, c.loss.clip_high, c.loss.dual_clip, c.loss.kl_coef)
+
+    def moved(cfg):
+        opt = make_optimizer(optim)
+        start = init_params(cfg, jax.random.key(5))
+        state = init_train_state(start, opt)
+        step = jax.jit(lambda s, b: train_step(s, b, model_cfg=cfg, loss_cfg=loss_cfg, optimizer=opt))
+        for _ in range(10):
+            state, _ = step(state, _batch())
+        changed = sum(
+            int(jnp.sum(a != b)) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(start))
+        )
+        return changed / sum(x.size for x in jax.tree.leaves(start))
+
+    assert c.model.param_dtype == "float32" and c.model.dtype == "bfloat16" and c.optim.lr == 1e-6
+    assert moved(model) > 0.75  # 86% at 2026-12 (bfloat16: 2%)
+    assert moved(model.replace(param_dtype="bfloat16")) < 0.2

@@ -28,7 +28,7 @@ SIZES = {
     "sampler.max_new_tokens": 10,
     "train.steps": 1,
     "train.mini_batch_rows": 16,
-    "train.micro_batches": 2,
+    "train.rows_per_device": 1,
     "train.row_length": 56,
     "reward.workers": 1,
 }

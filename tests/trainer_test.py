@@ -37,7 +37,7 @@ def _overrides(world, workdir, steps, preset="attnrl", off_policy=True) -> dict:
         "sampler.max_new_tokens": 10,
         "optim.lr": 1e-3,
         "train.steps": steps,
-        "train.micro_batches": 2,
+        "train.rows_per_device": 1,
         "train.mini_batch_rows": 16,
         "train.row_length": 56,
         "train.off_policy": off_policy,
@@ -185,7 +185,8 @@ def test_sigterm_saves_and_exits_zero(task_world, tmp_path):
         ("--config.loss.aggregation=mean", "loss.aggregation"),
         ("--config.data.train_path=/nonexistent.parquet", "config.data.train_path='/nonexistent.parquet'"),
         ("--config.model.hf_path=/nonexistent_model", "/nonexistent_model"),
-        ("--config.train.mini_batch_rows=3", "config.train.mini_batch_rows=3"),
+        ("--config.train.rows_per_device=-1", "config.train.rows_per_device must be 0 or positive"),
+        ("--config.train.micro_batches=2", "micro_batches"),  # the old key: rows_per_device replaced it
     ],
 )
 def test_bad_config_gives_a_clear_error(task_world, tmp_path, override, message):

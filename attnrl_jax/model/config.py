@@ -39,6 +39,11 @@ class ModelConfig:
         matmul outputs).
       attention_impl: the attention implementation behind the seam in `attention.py` ("xla" or
         "pallas"); FCI uses the matching implementation (Pallas kernel or query-chunked XLA).
+      logits_chunk: tokens per row whose float32 logits exist at once when log-probs and entropies are
+        computed (`token_log_probs_from_hidden`): the memory of that step is rows x logits_chunk x vocab x
+        4 bytes per device instead of rows x length x vocab x 4.
+      mlp_chunk: tokens per row whose SwiGLU hidden ([rows, chunk, intermediate_size]) exists at once, in
+        the forward and in the rematerialised backward (the largest activation of a layer otherwise).
       bos_token_id, eos_token_id: written back on export.
     """
 
@@ -56,6 +61,8 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "full"
     attention_impl: str = "xla"
+    logits_chunk: int = 512
+    mlp_chunk: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -67,6 +74,8 @@ class ModelConfig:
             "num_layers",
             "num_heads",
             "num_kv_heads",
+            "logits_chunk",
+            "mlp_chunk",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

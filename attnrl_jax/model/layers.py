@@ -32,8 +32,41 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def swiglu(x: Array, gate: Array, up: Array, down: Array) -> Array:
-    """down(silu(x @ gate) * (x @ up)) for x [B, T, D], gate/up [D, F], down [F, D]."""
-    g = jnp.einsum("btd,df->btf", x, gate)
-    u = jnp.einsum("btd,df->btf", x, up)
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down)
+def over_token_chunks(fn, chunk: int, *arrays: Array):
+    """`fn` applied to `chunk`-token pieces of `arrays` ([B, T, ...] each) one piece at a time, its outputs
+    ([B, c, ...] each, any pytree) put back together as [B, T, ...].
+
+    For per-token computations whose intermediates are much wider than their inputs and outputs (the
+    SwiGLU MLP's F-wide hidden, the V-wide logits): each piece is rematerialised in the backward pass
+    (`jax.checkpoint`), so forward and backward hold one piece's intermediates, not the whole row's. A row
+    shorter than `chunk` is one piece (decoding pays nothing). T need not divide by `chunk`.
+    """
+    b, t = arrays[0].shape[:2]
+    c = min(chunk, t)
+    n = -(-t // c)
+    if n == 1:
+        return fn(*arrays)
+    pad = n * c - t
+
+    def split(x):
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+        return x.reshape(b, n, c, *x.shape[2:]).swapaxes(0, 1)
+
+    def merge(y):
+        return y.swapaxes(0, 1).reshape(b, n * c, *y.shape[3:])[:, :t]
+
+    piece = jax.checkpoint(fn)
+    out = jax.lax.map(lambda xs: piece(*xs), tuple(split(x) for x in arrays))
+    return jax.tree.map(merge, out)
+
+
+def swiglu(x: Array, gate: Array, up: Array, down: Array, chunk: int | None = None) -> Array:
+    """down(silu(x @ gate) * (x @ up)) for x [B, T, D], gate/up [D, F], down [F, D], `chunk` tokens at a
+    time when given (`over_token_chunks`: the [B, T, F] hidden is the largest activation of a layer)."""
+
+    def mlp(x):
+        g = jnp.einsum("btd,df->btf", x, gate)
+        u = jnp.einsum("btd,df->btf", x, up)
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down)
+
+    return mlp(x) if chunk is None else over_token_chunks(mlp, chunk, x)

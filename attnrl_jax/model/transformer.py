@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.attention import attention
 from attnrl_jax.model.config import ModelConfig
-from attnrl_jax.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from attnrl_jax.model.layers import apply_rope, over_token_chunks, rms_norm, rope_cos_sin, swiglu
 from attnrl_jax.typing import Array, Params, PRNGKey
 
 INIT_STD = 0.02  # transformers' Qwen2 initializer_range
@@ -117,6 +117,16 @@ def init_sharded_params(cfg: ModelConfig, rng: PRNGKey, sharder: Sharder | None 
     return jax.jit(functools.partial(init_params, cfg), out_shardings=shardings)(rng)
 
 
+def compute_params(params: Params, cfg: ModelConfig) -> Params:
+    """The parameters in the compute dtype: what the sampler and the frozen reference read. With float32
+    master weights (param_dtype float32, dtype bfloat16) this is a bfloat16 copy, half the bytes to hold and
+    to stream per decode step; with equal dtypes it is `params` itself."""
+    dtype = jnp.dtype(cfg.dtype)
+    if jnp.dtype(cfg.param_dtype) == dtype:
+        return params
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
 def count_params(params_or_shapes) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params_or_shapes))
 
@@ -154,7 +164,7 @@ def _out_and_mlp(cfg: ModelConfig, sharder: Sharder, lp: Params, x: Array, a: Ar
     x = x + jnp.einsum("btnh,nhd->btd", a, lp["o"])
     x = sharder.constrain(x, ("batch", "length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    x = x + swiglu(h, lp["gate"], lp["up"], lp["down"])
+    x = x + swiglu(h, lp["gate"], lp["up"], lp["down"], chunk=cfg.mlp_chunk)
     return sharder.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -292,6 +302,46 @@ def forward(
     return logits_from_hidden(params, h, cfg=cfg, sharder=sharder)
 
 
+def token_log_probs_from_hidden(
+    params: Params,
+    h: Array,
+    targets: Array,
+    *,
+    cfg: ModelConfig,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    sharder: Sharder | None = None,
+) -> tuple[Array, Array | None]:
+    """Float32 log p(targets) [B, T] under softmax(logits / temperature), and the entropy of that
+    distribution per position [B, T] (or None without `with_entropy`), from hidden states [B, T, D].
+
+    The one implementation of log-softmax-and-gather over the vocabulary (training loss, reference and
+    recomputed log-probs, `token_log_probs`, `forward_with_fci(targets=...)`). It never holds the
+    [B, T, V] logits: a scan over sequence chunks of `cfg.logits_chunk` tokens computes one chunk's float32
+    logits, its log-sum-exp, the target's logit and the entropy, and the chunk is rematerialised in the
+    backward pass (`jax.checkpoint`), so the gradient too holds one chunk's logits at a time. At the 1.5B
+    shape (V = 151,936) a 9,216-token row's full float32 logits are 5.6 GB; a 512-token chunk's are 0.3 GB.
+    Written here rather than taken from a library: the loss needs both the target log-prob and the entropy
+    from the same chunk, at the sampler's temperature, under the mesh's vocabulary sharding.
+    """
+    sharder = sharder or Sharder()
+    # Cast before the FSDP all-gather, so the gathered head is in the compute dtype, not float32.
+    w = sharder.constrain(lm_head(params, cfg).astype(h.dtype), ("vocab", None))
+    inv_temp = 1.0 / temperature
+
+    def chunk(hc: Array, tc: Array):
+        logits = jnp.einsum("bcd,vd->bcv", hc, w, preferred_element_type=jnp.float32)
+        logits = sharder.constrain(logits * inv_temp, ("batch", "length", "act_vocab"))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
+        if not with_entropy:
+            return logp, None
+        probs = jnp.exp(logits - lse[..., None])
+        return logp, lse - jnp.sum(probs * logits, axis=-1)
+
+    return over_token_chunks(chunk, cfg.logits_chunk, h, targets.astype(jnp.int32))
+
+
 def token_log_probs(
     params: Params,
     tokens: Array,
@@ -300,12 +350,14 @@ def token_log_probs(
     cfg: ModelConfig,
     segment_ids: Array | None = None,
     positions: Array | None = None,
+    temperature: float = 1.0,
     sharder: Sharder | None = None,
 ) -> Array:
-    """Float32 log p(targets[b, t] | tokens[b, :t+1]) [B, T], from a float32 log-softmax."""
-    logits = forward(params, tokens, cfg=cfg, segment_ids=segment_ids, positions=positions, sharder=sharder)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """Float32 log p(targets[b, t] | tokens[b, :t+1]) [B, T] (at `temperature`), without full logits."""
+    h = hidden_states(params, tokens, cfg=cfg, segment_ids=segment_ids, positions=positions, sharder=sharder)
+    return token_log_probs_from_hidden(params, h, targets, cfg=cfg, temperature=temperature, sharder=sharder)[
+        0
+    ]
 
 
 def forward_with_fci(
@@ -348,13 +400,11 @@ def forward_with_fci(
     fci = FciSpec(step_ids, step_lengths(step_ids), num_steps, delta)
     segment_ids = (step_ids >= 0).astype(jnp.int32)
     h, fci_max, fci_layers = _decoder(params, tokens, cfg, segment_ids, positions, sharder, fci, per_head)
-    logits = logits_from_hidden(params, h, cfg=cfg, sharder=sharder)
     out = {"fci": zero_steps(fci_max, think_step)}
     if targets is None:
-        out["logits"] = logits
+        out["logits"] = logits_from_hidden(params, h, cfg=cfg, sharder=sharder)
     else:
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        out["log_probs"] = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        out["log_probs"] = token_log_probs_from_hidden(params, h, targets, cfg=cfg, sharder=sharder)[0]
     if per_head:
         out["fci_per_head"] = fci_layers
     return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from attnrl_jax.typing import Array
@@ -135,11 +134,3 @@ def policy_loss(
         metrics["entropy"] = jnp.sum(entropy * mask_f)
     loss_sum, denom = aggregate(total, mask, cfg.aggregation)
     return loss_sum, denom, metrics
-
-
-def token_log_probs_and_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
-    """Float32 log p(target) and entropy per position from logits [B, T, V]."""
-    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    logp = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy

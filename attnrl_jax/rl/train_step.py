@@ -5,6 +5,13 @@ adds up the gradients of the unreduced loss sums and the token counts, and divid
 result is the exact token-mean over the whole batch whatever the micro-batching. A non-finite loss or
 gradient norm leaves the state unchanged and reports `finite = 0`, so that the trainer can stop with the
 last good state saved.
+
+Memory: no function here holds [rows, length, vocab] logits (`token_log_probs_from_hidden` works in chunks),
+a micro-batch's rows are split over the mesh's batch axes and must divide them (`plan_microbatches` pads a
+mini-batch with empty rows so that they do; `train_step` refuses a batch that does not, rather than
+replicate it), and `batch_log_probs` computes the reference and recomputed log-probs with the same
+micro-batches as the update. The parameters may be stored in float32 while the model computes in bfloat16
+(the shipped setting): a bfloat16 weight near 0.02 cannot take a 1e-6 step, a float32 one can.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import optax
 
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
-from attnrl_jax.model.transformer import forward, param_axes
-from attnrl_jax.rl.loss import LossConfig, policy_loss, token_log_probs_and_entropy
+from attnrl_jax.model.transformer import hidden_states, param_axes, token_log_probs_from_hidden
+from attnrl_jax.rl.loss import LossConfig, policy_loss
 from attnrl_jax.typing import Array, Params
 
 
@@ -103,11 +110,64 @@ class TrainBatch:
     ref_logp: Array
 
 
-def _microbatches(batch: TrainBatch, n: int) -> TrainBatch:
+@dataclasses.dataclass(frozen=True)
+class Microbatching:
+    """How one optimizer step's mini-batch is laid out: `count` micro-batches of `micro_rows` rows (a
+    multiple of the mesh's batch parallelism), `rows` of them real and the rest empty (zero loss weight)."""
+
+    rows: int
+    micro_rows: int
+    count: int
+
+    @property
+    def padded_rows(self) -> int:
+        return self.count * self.micro_rows
+
+
+def plan_microbatches(rows: int, rows_per_device: int, data_parallel: int) -> Microbatching:
+    """The micro-batching of a `rows`-row mini-batch on a mesh whose batch axes have `data_parallel` devices.
+
+    Each micro-batch puts at most `rows_per_device` rows on every device (0: the whole mini-batch at once),
+    and fewer when the mini-batch is too small to fill them, so padding stays below one row per device per
+    micro-batch. The micro-batch rows always divide the mesh: a batch axis is never left replicated.
+    """
+    if rows < 1 or rows_per_device < 0 or data_parallel < 1:
+        raise ValueError(
+            f"need rows >= 1, rows_per_device >= 0 and data_parallel >= 1; got {rows}, {rows_per_device}, "
+            f"{data_parallel}"
+        )
+    per_device = -(-rows // data_parallel)  # rows each device needs for the whole mini-batch
+    if rows_per_device:
+        per_device = min(per_device, rows_per_device)
+    micro_rows = per_device * data_parallel
+    return Microbatching(rows, micro_rows, -(-rows // micro_rows))
+
+
+def _microbatches(batch: TrainBatch, n: int, sharder: Sharder | None) -> TrainBatch:
     b = batch.tokens.shape[0]
     if b % n:
         raise ValueError(f"batch of {b} rows does not split into {n} micro-batches")
+    dp = (sharder or Sharder()).batch_parallelism()
+    if (b // n) % dp:
+        raise ValueError(
+            f"micro-batches of {b // n} rows ({b} rows / {n}) do not divide the mesh's {dp}-way batch "
+            "parallelism, so every device would compute every row: pad the batch (plan_microbatches)"
+        )
     return jax.tree.map(lambda x: x.reshape(n, b // n, *x.shape[1:]), batch)
+
+
+def _policy_log_probs(params, mb: TrainBatch, model_cfg, temperature, with_entropy, sharder):
+    """log pi(targets) [b, T] of one micro-batch at the sampling temperature (and the entropies)."""
+    h = hidden_states(params, mb.tokens, cfg=model_cfg, segment_ids=mb.segment_ids, sharder=sharder)
+    return token_log_probs_from_hidden(
+        params,
+        h,
+        mb.targets,
+        cfg=model_cfg,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        sharder=sharder,
+    )
 
 
 def train_step(
@@ -121,10 +181,10 @@ def train_step(
     sharder: Sharder | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step on `batch` (module docstring). Returns the new state and scalar metrics."""
+    with_entropy = loss_cfg.entropy_coef > 0
 
     def loss_sums(params, mb: TrainBatch):
-        logits = forward(params, mb.tokens, cfg=model_cfg, segment_ids=mb.segment_ids, sharder=sharder)
-        logp, entropy = token_log_probs_and_entropy(logits / loss_cfg.temperature, mb.targets)
+        logp, entropy = _policy_log_probs(params, mb, model_cfg, loss_cfg.temperature, with_entropy, sharder)
         loss_sum, denom, metrics = policy_loss(
             logp, mb.old_logp, mb.advantages, mb.loss_mask, loss_cfg, ref_logp=mb.ref_logp, entropy=entropy
         )
@@ -139,7 +199,7 @@ def train_step(
         metrics = jax.tree.map(jnp.add, metrics, m)
         return (grads, total + loss_sum, denom + d, metrics), None
 
-    mbs = _microbatches(batch, num_microbatches)
+    mbs = _microbatches(batch, num_microbatches, sharder)
     first = jax.tree.map(lambda x: x[0], mbs)
     metric_shapes = jax.eval_shape(lambda: loss_sums(state.params, first)[1][1])
     init = (
@@ -164,18 +224,25 @@ def train_step(
     return new, metrics
 
 
-def recompute_log_probs(
+def batch_log_probs(
     params: Params,
     batch: TrainBatch,
     *,
     model_cfg: ModelConfig,
     temperature: float = 1.0,
+    num_microbatches: int = 1,
     sharder: Sharder | None = None,
 ) -> Array:
-    """Float32 log-probs [B, T] of the batch's targets under `params` at the sampling temperature: the
-    behaviour log-probs recomputed by a forward pass (the trainer's `recompute_logprobs` setting)."""
-    logits = forward(params, batch.tokens, cfg=model_cfg, segment_ids=batch.segment_ids, sharder=sharder)
-    return token_log_probs_and_entropy(logits / temperature, batch.targets)[0]
+    """Float32 log-probs [B, T] of the batch's targets under `params` at `temperature`, one micro-batch at a
+    time (the update's micro-batches, so the pass needs no more memory than the update's forward): the
+    reference log-probs (temperature 1) and the recomputed behaviour log-probs (`recompute_logprobs`)."""
+    mbs = _microbatches(batch, num_microbatches, sharder)
+
+    def one(_, mb):
+        return None, _policy_log_probs(params, mb, model_cfg, temperature, False, sharder)[0]
+
+    _, logp = jax.lax.scan(one, None, mbs)
+    return (sharder or Sharder()).constrain(logp.reshape(batch.tokens.shape), ("batch", "length"))
 
 
 def jit_train_step(
@@ -200,16 +267,59 @@ def jit_train_step(
     return jax.jit(fn, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
 
 
+def jit_batch_log_probs(
+    model_cfg: ModelConfig, temperature: float, num_microbatches: int = 1, sharder: Sharder | None = None
+):
+    """`batch_log_probs` jitted once (the trainer calls it on fixed-shape mini-batches, so it compiles
+    once per run)."""
+    fn = functools.partial(
+        batch_log_probs,
+        model_cfg=model_cfg,
+        temperature=temperature,
+        num_microbatches=num_microbatches,
+        sharder=sharder,
+    )
+    return jax.jit(fn)
+
+
+def _opt_state_shardings(optimizer, abstract_params, param_shardings, sharder: Sharder):
+    """The optimizer state's shardings: each moment like the parameter it tracks, the rest replicated."""
+    abstract = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = sharder.sharding((), ())
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda _, s: s, abstract, param_shardings, transform_non_params=lambda _: replicated
+    )
+
+
 def init_sharded_train_state(
     params: Params, optimizer: optax.GradientTransformation, sharder: Sharder, model_cfg: ModelConfig
 ) -> TrainState:
     """The train state with the optimizer's moments placed like the parameters they track."""
     param_shardings = sharder.tree_shardings(param_axes(model_cfg), params)
     params = jax.device_put(params, param_shardings)
-    abstract = jax.eval_shape(optimizer.init, params)
-    replicated = sharder.sharding((), ())
-    opt_shardings = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, s: s, abstract, param_shardings, transform_non_params=lambda _: replicated
-    )
+    opt_shardings = _opt_state_shardings(optimizer, params, param_shardings, sharder)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    replicated = sharder.sharding((), ())
     return TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated))
+
+
+def abstract_train_state(
+    model_cfg: ModelConfig, optimizer: optax.GradientTransformation, sharder: Sharder
+) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings: what `jit_train_step(...).lower`
+    needs to compile (and measure) the update at full scale without allocating it."""
+    from attnrl_jax.model.transformer import init_params
+
+    params = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
+    param_shardings = sharder.tree_shardings(param_axes(model_cfg), params)
+    opt = jax.eval_shape(optimizer.init, params)
+    opt_shardings = _opt_state_shardings(optimizer, params, param_shardings, sharder)
+
+    def spec(x, sharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return TrainState(
+        jax.tree.map(spec, params, param_shardings),
+        jax.tree.map(spec, opt, opt_shardings),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=sharder.sharding((), ())),
+    )

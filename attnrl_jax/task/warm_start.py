@@ -15,7 +15,7 @@ import optax
 from tqdm import tqdm
 
 from attnrl_jax.data import Problem
-from attnrl_jax.model import ModelConfig, forward, init_params
+from attnrl_jax.model import ModelConfig, forward, init_params, token_log_probs
 from attnrl_jax.typing import Params
 
 
@@ -99,9 +99,9 @@ def warm_start(
     def step(params, opt_state, tok, mask, rate):
         def loss_fn(p):
             # Right padding needs no mask here: causal attention keeps it out of the loss positions.
-            logits = forward(p, tok[:, :-1], cfg=cfg, segment_ids=jnp.ones_like(tok[:, :-1]))
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            nll = -jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1)[..., 0]
+            nll = -token_log_probs(
+                p, tok[:, :-1], tok[:, 1:], cfg=cfg, segment_ids=jnp.ones_like(tok[:, :-1])
+            )
             m = mask[:, 1:]
             return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 

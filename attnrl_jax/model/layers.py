@@ -61,12 +61,14 @@ def over_token_chunks(fn, chunk: int, *arrays: Array):
 
 
 def swiglu(x: Array, gate: Array, up: Array, down: Array, chunk: int | None = None) -> Array:
-    """down(silu(x @ gate) * (x @ up)) for x [B, T, D], gate/up [D, F], down [F, D], `chunk` tokens at a
-    time when given (`over_token_chunks`: the [B, T, F] hidden is the largest activation of a layer)."""
+    """down(silu(x @ gate) * (x @ up)) for x [B, T, D], gate/up [D, F], down [F, D], in x's dtype, `chunk`
+    tokens at a time when given (`over_token_chunks`: the [B, T, F] hidden is the largest activation of a
+    layer). The weights are cast inside each piece, so with float32 master weights their gradient adds up
+    over the pieces in float32."""
 
     def mlp(x):
-        g = jnp.einsum("btd,df->btf", x, gate)
-        u = jnp.einsum("btd,df->btf", x, up)
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down)
+        g = jnp.einsum("btd,df->btf", x, gate.astype(x.dtype))
+        u = jnp.einsum("btd,df->btf", x, up.astype(x.dtype))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down.astype(x.dtype))
 
     return mlp(x) if chunk is None else over_token_chunks(mlp, chunk, x)

@@ -168,12 +168,16 @@ def _out_and_mlp(cfg: ModelConfig, sharder: Sharder, lp: Params, x: Array, a: Ar
     return sharder.constrain(x, ("batch", "length", "act_embed"))
 
 
+_MLP_WEIGHTS = ("gate", "up", "down")
+
+
 def _layer(
     cfg: ModelConfig, sharder: Sharder, x: Array, lp: Params, cos: Array, sin: Array, seg: Array, fci=None
 ):
     """One decoder layer on x [B, T, D]; with an FciSpec also returns this layer's per-head FCI sums
     [B, N, num_steps] (before zeroing)."""
-    lp = jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.dtype)), lp)
+    # The MLP weights stay in their storage dtype: `swiglu` casts them per token chunk (its docstring).
+    lp = {k: p if k in _MLP_WEIGHTS else p.astype(jnp.dtype(cfg.dtype)) for k, p in lp.items()}
     q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
     a, lse = attention(q, k, v, seg, seg, impl=cfg.attention_impl, return_lse=True, sharder=sharder)
     x = _out_and_mlp(cfg, sharder, lp, x, a)
@@ -325,12 +329,12 @@ def token_log_probs_from_hidden(
     from the same chunk, at the sampler's temperature, under the mesh's vocabulary sharding.
     """
     sharder = sharder or Sharder()
-    # Cast before the FSDP all-gather, so the gathered head is in the compute dtype, not float32.
-    w = sharder.constrain(lm_head(params, cfg).astype(h.dtype), ("vocab", None))
+    w = lm_head(params, cfg)
     inv_temp = 1.0 / temperature
 
     def chunk(hc: Array, tc: Array):
-        logits = jnp.einsum("bcd,vd->bcv", hc, w, preferred_element_type=jnp.float32)
+        # Cast per chunk: the head's gradient then adds up over the chunks in its storage dtype.
+        logits = jnp.einsum("bcd,vd->bcv", hc, w.astype(hc.dtype), preferred_element_type=jnp.float32)
         logits = sharder.constrain(logits * inv_temp, ("batch", "length", "act_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse

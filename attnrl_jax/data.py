@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from attnrl_jax.rewards.math_grader import ground_truths
+
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 
 
@@ -53,6 +55,10 @@ def read_verl_parquet(path: str) -> list[Problem]:
         gt = (row.get("reward_model") or {}).get("ground_truth")
         if gt is None:
             raise ValueError(f"{path}: row {row_id}: reward_model.ground_truth is missing")
+        try:  # the verifier's own check (non-empty strings), here where the file and row can be named
+            ground_truths(gt)
+        except ValueError as e:
+            raise ValueError(f"{path}: row {row_id}: reward_model.ground_truth: {e}") from None
         gt = gt if isinstance(gt, str) else tuple(str(g) for g in gt)
         info = row.get("extra_info") or {}
         index = info.get("index", row_id)

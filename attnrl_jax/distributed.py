@@ -238,15 +238,17 @@ class _Gathered:
             width = -(-self._total // jax.process_count())  # every process sends the same shape
             acc = np.full(width, -1, np.int32)
             score = np.zeros(width, np.float32)
+            restarts = np.zeros(width, np.int32)
             acc[: len(local)] = [v.acc for v in local]
             score[: len(local)] = [v.score for v in local]
+            restarts[: len(local)] = [getattr(v, "restarts", 0) for v in local]
             # Reasons and answers are strings (logging only): they travel as fixed-width byte arrays.
             text = np.zeros((width, 2, 64), np.uint8)
             for k, v in enumerate(local):
                 for j, s in enumerate((v.reason, v.answer or "")):
                     raw = s.encode()[:64]
                     text[k, j, : len(raw)] = np.frombuffer(raw, np.uint8)
-            acc, score, text = multihost_utils.process_allgather((acc, score, text))
+            acc, score, restarts, text = multihost_utils.process_allgather((acc, score, restarts, text))
             verdicts = []
             for p in range(jax.process_count()):
                 for k in range(width):
@@ -255,7 +257,8 @@ class _Gathered:
                     reason, answer = (
                         bytes(text[p, k, j]).rstrip(b"\0").decode(errors="replace") for j in (0, 1)
                     )
-                    verdicts.append(Verdict(int(acc[p, k]), float(score[p, k]), reason, answer or None))
+                    fields = (int(acc[p, k]), float(score[p, k]), reason, answer or None, int(restarts[p, k]))
+                    verdicts.append(Verdict(*fields))
             if len(verdicts) != self._total:
                 raise RuntimeError(f"gathered {len(verdicts)} verdicts for {self._total} responses")
             self._value = verdicts

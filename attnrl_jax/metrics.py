@@ -33,10 +33,12 @@ HEADLINE = (
     "time_sample",
     "time_score",
     "time_update",
-    # what the run would otherwise lose silently: verdicts that timed out or failed (scored 0), initial
-    # responses whose steps overflowed the FCI buckets or had no step separator (fallback segmentation)
+    # what the run would otherwise lose silently: verdicts that timed out or failed (scored 0), verifier
+    # worker restarts, initial responses whose steps overflowed the FCI buckets or had no step separator
+    # (fallback segmentation)
     "verifier_timeouts",
     "verifier_errors",
+    "verifier_restarts",
     "step_overflow",
     "needs_fallback",
 )

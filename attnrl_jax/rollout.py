@@ -59,12 +59,17 @@ def sample_steps(sample: Sample, prompt_len: int) -> Steps:
 
 
 def _collect(scored) -> tuple[np.ndarray, dict[str, int]]:
-    """0/1 accuracies from a list of numbers or Verdicts, or from a future of one, and how many verdicts
-    were timeouts or errors (the verifier scores those 0; they are counted, never hidden)."""
+    """0/1 accuracies from a list of numbers or Verdicts, or from a future of one, how many verdicts were
+    timeouts or errors (the verifier scores those 0; they are counted, never hidden), and how many worker
+    restarts the verifier needed to produce them."""
     if hasattr(scored, "result"):
         scored = scored.result()
     reasons = [getattr(v, "reason", "") for v in scored]
-    counts = {"timeouts": reasons.count("timeout"), "errors": reasons.count("error")}
+    counts = {
+        "timeouts": reasons.count("timeout"),
+        "errors": reasons.count("error"),
+        "restarts": sum(getattr(v, "restarts", 0) for v in scored),
+    }
     return np.asarray([getattr(v, "acc", v) for v in scored], np.float64), counts
 
 
@@ -82,7 +87,7 @@ class InitialBatch:
     prompts: list[list[int]]
     samples: list[list[Sample]]
     scored: Any
-    verifier: dict[str, int] | None = None  # timeouts and errors among the scored verdicts
+    verifier: dict[str, int] | None = None  # timeouts, errors and worker restarts of the scored verdicts
 
     def accs(self) -> np.ndarray:
         """[P, G] 0/1 accuracies of the initial responses (waits for the verifier once)."""
@@ -90,7 +95,7 @@ class InitialBatch:
             accs, self.verifier = _collect(self.scored)
             self.scored = accs.reshape(len(self.problems), -1)
         if self.verifier is None:  # built from accuracies directly
-            self.verifier = {"timeouts": 0, "errors": 0}
+            self.verifier = {"timeouts": 0, "errors": 0, "restarts": 0}
         return self.scored
 
     # ---- checkpointing: flat numpy arrays (Orbax) plus JSON-able problems
@@ -112,7 +117,7 @@ class InitialBatch:
             "eos": np.asarray([s.finish_reason == "eos" for s in flat], np.int32),
             "needs_fallback": np.asarray([s.needs_fallback for s in flat], np.int32),
             "step_overflow": np.asarray([s.step_overflow for s in flat], np.int32),
-            "verifier": np.asarray([self.verifier["timeouts"], self.verifier["errors"]], np.int32),
+            "verifier": np.asarray([self.verifier[k] for k in ("timeouts", "errors", "restarts")], np.int32),
         }
         # Orbax refuses zero-size arrays: each array carries one trailing pad element.
         arrays = {k: np.append(v, np.zeros(1, v.dtype)) for k, v in arrays.items()}
@@ -162,8 +167,10 @@ class InitialBatch:
         g = len(flat) // max(len(probs), 1)
         samples = [flat[q * g : (q + 1) * g] for q in range(len(probs))]
         accs = a["accs"].astype(np.float64).reshape(len(probs), g)
-        counts = a.get("verifier", np.zeros(2, np.int32))
-        return cls(probs, prompts, samples, accs, {"timeouts": int(counts[0]), "errors": int(counts[1])})
+        counts = a.get("verifier", np.zeros(3, np.int32))  # (checkpoints before restarts were counted: 2)
+        keys = ("timeouts", "errors", "restarts")
+        counts = {k: int(counts[j]) if j < len(counts) else 0 for j, k in enumerate(keys)}
+        return cls(probs, prompts, samples, accs, counts)
 
 
 def encode_problems(sampler: Sampler, problems: Sequence[Problem]) -> list[list[int]]:
@@ -263,6 +270,7 @@ def finish(
         "needs_fallback": sum(bool(s.needs_fallback) for s in flat_initial),
         "verifier_timeouts": batch.verifier["timeouts"],
         "verifier_errors": batch.verifier["errors"],
+        "verifier_restarts": batch.verifier["restarts"],
     }
     if algo.estimator == "grpo":
         adv = grpo_advantages(accs, normalize_std=algo.grpo_normalize_std)
@@ -288,10 +296,11 @@ def finish(
     cont_accs, counts = (
         _collect(score([c.text for _, _, c in flat], [problems[q].ground_truth for q in problem_of]))
         if flat
-        else ([], {"timeouts": 0, "errors": 0})
+        else ([], {"timeouts": 0, "errors": 0, "restarts": 0})
     )
     metrics["verifier_timeouts"] += counts["timeouts"]
     metrics["verifier_errors"] += counts["errors"]
+    metrics["verifier_restarts"] += counts["restarts"]
     plan = branch.expansion
     paths = []
     for q, responses in enumerate(prompt_responses(batch, branch, conts, cont_accs)):

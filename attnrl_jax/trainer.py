@@ -586,6 +586,7 @@ def run(c: ConfigDict) -> dict:
                 paths=result.num_paths,
                 timeouts=metrics["verifier_timeouts"],
                 errors=metrics["verifier_errors"],
+                restarts=metrics["verifier_restarts"],
                 overflow=metrics["step_overflow"],
                 fallback=metrics["needs_fallback"],
             )

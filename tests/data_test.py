@@ -51,6 +51,20 @@ def test_bad_files_name_the_problem(tmp_path):
     )
     with pytest.raises(ValueError, match="row 0: reward_model.ground_truth is missing"):
         read_verl_parquet(str(tmp_path / "gt.parquet"))
+    for good, bad, says in (
+        ("7", "  ", "a ground truth is empty"),
+        (["7"], [], "the list of ground truths is"),
+    ):
+        rows = [
+            {"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": g}}
+            for g in (good, good, bad)
+        ]
+        pq.write_table(
+            pa.Table.from_pylist(rows),
+            tmp_path / "empty.parquet",
+        )
+        with pytest.raises(ValueError, match=f"empty.parquet: row 2: reward_model.ground_truth: {says}"):
+            read_verl_parquet(str(tmp_path / "empty.parquet"))
 
 
 def test_iterator_resumes_exactly_and_reshuffles_each_epoch():

@@ -57,8 +57,8 @@ def test_rollout_to_update(qwen_world, algo):
 
 
 def test_verifier_faults_and_fci_overflow_are_counted(qwen_world):
-    """Timeouts and errors among the verdicts, initial responses whose steps overflowed the FCI buckets
-    and responses with no separator reach the step's metrics (counted from the same samples)."""
+    """Timeouts, errors and worker restarts among the verdicts, initial responses whose steps overflowed the
+    FCI buckets and responses with no separator reach the step's metrics (counted from the same samples)."""
     from attnrl_jax.rewards.math_grader import Verdict
     from attnrl_jax.rollout import sample_initial
 
@@ -70,11 +70,11 @@ def test_verifier_faults_and_fci_overflow_are_counted(qwen_world):
     problems = [Problem(i, "toy", ({"role": "user", "content": f"Say two, {i}."},), "2") for i in range(3)]
     calls = []
 
-    def score(texts, gts):  # every 5th verdict of a call times out, every 7th fails
+    def score(texts, gts):  # every 5th verdict of a call times out, every 7th fails; each costs a restart
         calls.append(len(texts))
         reasons = ["timeout" if i % 5 == 0 else "error" if i % 7 == 3 else "" for i in range(len(texts))]
         return [
-            Verdict.of(False, r) if r else Verdict.of(bool(grade(t, g).acc), "graded")
+            Verdict.of(False, r, restarts=1) if r else Verdict.of(bool(grade(t, g).acc), "graded")
             for i, (t, g, r) in enumerate(zip(texts, gts, reasons))
         ]
 
@@ -85,6 +85,7 @@ def test_verifier_faults_and_fci_overflow_are_counted(qwen_world):
     assert len(calls) == 2 and expected_timeouts > 0 and expected_errors > 0  # initial + continuations
     assert result.metrics["verifier_timeouts"] == expected_timeouts
     assert result.metrics["verifier_errors"] == expected_errors
+    assert result.metrics["verifier_restarts"] == expected_timeouts + expected_errors
     samples = [s for g in sample_initial(sampler, problems, 4, score, seed=3).samples for s in g]
     assert result.metrics["step_overflow"] == sum(s.step_overflow > 0 for s in samples) > 0
     assert result.metrics["needs_fallback"] == sum(s.needs_fallback for s in samples)

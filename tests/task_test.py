@@ -149,7 +149,8 @@ def test_task_job_end_to_end_and_resume(toy_run):
     assert not re.search(r"\d\.\d{4,} s\b", page)  # durations for people, not 4.773575910999966 s
     records = [json.loads(line) for line in (work / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    for key in ("verifier_timeouts", "verifier_errors", "step_overflow", "needs_fallback"):
+    counted = ("verifier_timeouts", "verifier_errors", "verifier_restarts", "step_overflow", "needs_fallback")
+    for key in counted:
         # counted on every step (a 40-step model writes responses without any separator: fallbacks)
         assert all(isinstance(r[key], float) and r[key] >= 0 for r in records), key
         assert f"{key}=" in first.stdout

@@ -126,7 +126,6 @@ EQUIVALENT = [
         "4",
         "think box ignored, text fallback",
     ),
-    ("First \\boxed{3}, then corrected: \\boxed{4}", "4", "last box wins"),
     ("\\fbox{17}", "17", "fbox"),
     ("The answer is $\\boxed 8$.", "8", "boxed with space"),
     ("\\boxed{\\frac{\\sqrt{\\frac{1}{2}}}{2}}", "\\frac{\\sqrt{2}}{4}", "nested braces"),
@@ -169,6 +168,8 @@ NOT_EQUIVALENT = [
     (box("13"), "\\boxed{12}", "boxed gt mismatch"),
     ("<think>The answer is \\boxed{4}</think> so \\boxed{5}", "4", "think box ignored"),
     ("First \\boxed{4}, then corrected: \\boxed{3}", "4", "last box wins (wrong)"),
+    # several boxes that differ offer alternatives: wrong even when the last one is right
+    ("First \\boxed{3}, then corrected: \\boxed{4}", "4", "two boxes that differ"),
     ("I do not know.", "4", "no answer"),
     ("", "4", "empty response"),
     ("\\boxed{}", "4", "empty box"),

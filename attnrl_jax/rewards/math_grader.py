@@ -25,8 +25,9 @@ error are assigned by the pool).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 # Inputs longer than this skip the symbolic checks (string comparison still applies): nothing a sympy
 # parse of a megabyte can tell us is worth the time.
@@ -38,12 +39,13 @@ MAX_DIGITS = 200  # longer digit runs are compared as strings only
 class Verdict:
     acc: int  # 0/1 correctness: the tree values and all filtering use this
     score: float  # +1 / -1, logged only
-    reason: str  # correct | no_answer | mismatch | timeout | error
+    reason: str  # correct | no_answer | mismatch | hedge | timeout | error
     answer: str | None = None  # the extracted boxed answer, if any
+    restarts: int = 0  # worker processes the pool replaced while serving this item (its own kill included)
 
     @classmethod
-    def of(cls, correct: bool, reason: str, answer: str | None = None) -> Verdict:
-        return cls(int(correct), 1.0 if correct else -1.0, reason, answer)
+    def of(cls, correct: bool, reason: str, answer: str | None = None, restarts: int = 0) -> Verdict:
+        return cls(int(correct), 1.0 if correct else -1.0, reason, answer, restarts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,16 +87,34 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def ground_truths(gt: str | Sequence[str]) -> list[str]:
-    """The ground truth(s) as a list of strings, boxed ones unboxed."""
-    items = [gt] if isinstance(gt, str) else list(gt)
+def ground_truths(gt: str | int | Sequence[str | int]) -> list[str]:
+    """The ground truth(s) as a list of non-empty strings, boxed ones unboxed (an integer is its decimal
+    string). Raises ValueError for anything else: None, an empty string or box, an empty list, a float
+    (whose string form is not an answer anyone wrote)."""
+    items = [gt] if isinstance(gt, (str, numbers.Integral)) else gt
+    if isinstance(items, (bytes, dict)) or not isinstance(items, Iterable):
+        raise ValueError(f"a ground truth must be a string or a list of strings, got {_describe(gt)}")
+    items = list(items)
+    if not items:
+        raise ValueError("the list of ground truths is empty")
     out = []
     for item in items:
-        item = str(item)
+        if isinstance(item, numbers.Integral) and not isinstance(item, bool):
+            item = str(int(item))
+        if not isinstance(item, str):
+            raise ValueError(f"a ground truth must be a string or a list of strings, got {_describe(item)}")
         if "\\boxed" in item or "\\fbox" in item:
             item = last_boxed(item) or item
-        out.append(item.strip())
+        item = item.strip()
+        if not item:
+            raise ValueError(f"a ground truth is empty: {_describe(gt)}")
+        out.append(item)
     return out
+
+
+def _describe(x) -> str:
+    text = repr(x)
+    return f"{type(x).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,10 +164,18 @@ def _fix_sqrt(s: str) -> str:
     return re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
 
 
+_TRAILING_UNIT = re.compile(r"(.*?)\\text\{ ([A-Za-z. ]*)\}(?:\^\{?[23]\}?)?\s*", re.S)
+
+
 def _remove_right_units(s: str) -> str:
-    """'5 \\text{ cm}' -> '5' (units written as trailing text)."""
-    if "\\text{ " in s:
-        return s.split("\\text{ ")[0]
+    """'5 \\text{ cm}' -> '5' (units written as trailing text).
+
+    MATH's normaliser cut at the first `\\text{ ` whatever followed, so `5 \\text{ or } 6` became 5; here
+    only a final text of words that are not connectors (`or`, `and`, `either`) is cut.
+    """
+    m = _TRAILING_UNIT.fullmatch(s)
+    if m and m.group(1).strip() and not _CONNECTOR_WORD.search(m.group(2)):
+        return m.group(1)
     return s
 
 
@@ -162,9 +190,9 @@ def normalize_math(s: str) -> str:
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if s.startswith("."):
         s = "0" + s
-    # "x = 5" / "k=5" -> "5" (a short variable name on the left)
+    # "x = 5" / "k=5" -> "5" (a variable name on the left: never "43 = 42" -> "42")
     parts = s.split("=")
-    if len(parts) == 2 and len(parts[0].strip()) <= 2:
+    if len(parts) == 2 and _is_variable(parts[0]):
         s = parts[1]
     s = _fix_sqrt(s)
     s = s.replace(" ", "")
@@ -327,15 +355,7 @@ def _to_sympy(s: str):
     from latex2sympy2_extended import latex2sympy
 
     if re.fullmatch(r"[-+*/^().\d\s a-z]+", s) and "\\" not in s:
-        from sympy.parsing.sympy_parser import (
-            convert_xor,
-            implicit_multiplication_application,
-            parse_expr,
-            standard_transformations,
-        )
-
-        transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
-        return parse_expr(s, transformations=transformations, evaluate=True)
+        return parse_plain(s)
     return latex2sympy(s)
 
 
@@ -376,26 +396,380 @@ def grade_sympy(given: str, gt: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Math-Verify fallback and the full verdict
+# A parser for plain (non-LaTeX) answers that cannot run code
 
 
-def math_verify_fallback(solution: str, gts: list[str]) -> bool:
-    """Math-Verify on the whole solution text (timeouts are the pool's job, so its own are off)."""
+def _safe_names() -> dict:
+    import sympy
+
+    funcs = (
+        "sqrt", "root", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "sinh", "cosh",
+        "tanh", "log", "exp", "Abs", "factorial", "binomial", "floor", "ceiling",
+    )  # fmt: skip
+    names = {n: getattr(sympy, n) for n in funcs}
+    names.update(ln=sympy.log, pi=sympy.pi, E=sympy.E, I=sympy.I, oo=sympy.oo)
+    # The constructors sympy's tokenizer emits (auto_number, auto_symbol): known to it as callables, so it
+    # does not insert implicit products after them; `_build` is what decides what each call may be.
+    names.update(Integer=sympy.Integer, Float=sympy.Float, Rational=sympy.Rational)
+    names.update(Symbol=sympy.Symbol, Function=sympy.Function)
+    return names
+
+
+_PLAIN_MAX_NODES = 200
+
+
+def parse_plain(s: str):
+    """A sympy expression from a plain answer such as `2x^2 + 3` or `sqrt(2)/2`, without evaluating any
+    code.
+
+    Why not `sympy.parse_expr`: it hands the text, rewritten, to Python's `eval`, so `print(123)` or
+    `__import__('os').system(...)` in a boxed answer runs (it did, in DeepScaleR's grader too). Here
+    sympy's tokenizer transformations (implicit multiplication, `^` as a power, `5!`, number and symbol
+    wrapping) only rewrite the tokens; the result is parsed with `ast.parse` and built by `_build`, which
+    accepts numbers, symbols, + - * / ** and calls of a short list of math functions, and refuses every
+    other node (attributes, subscripts, lambdas, comprehensions, keyword arguments, any other name).
+    Nothing is ever passed to eval, exec or compile.
+    """
+    import ast
+
+    from sympy.parsing.sympy_parser import (
+        convert_xor,
+        implicit_multiplication_application,
+        standard_transformations,
+        stringify_expr,
+    )
+
+    names = _safe_names()
+    transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
+    code = stringify_expr(s, {}, dict(names), transformations)
+    tree = ast.parse(code.strip(), mode="eval")
+    if sum(1 for _ in ast.walk(tree)) > _PLAIN_MAX_NODES:
+        raise ValueError("answer too large to parse")
+    return _build(tree.body, names)
+
+
+def _build(node, names: dict):
+    import ast
+    import operator
+
+    import sympy
+
+    binary = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+    if isinstance(node, ast.BinOp):
+        left, right = _build(node.left, names), _build(node.right, names)
+        if isinstance(node.op, ast.Pow):
+            if right.is_Number and abs(right) > 10_000:
+                raise ValueError("exponent too large")
+            return left**right
+        if type(node.op) in binary:
+            return binary[type(node.op)](left, right)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _build(node.operand, names)
+        return -value if isinstance(node.op, ast.USub) else value
+    elif isinstance(node, ast.Name) and node.id in ("pi", "E", "I", "oo"):
+        return names[node.id]
+    elif isinstance(node, ast.Call) and not node.keywords:
+        func, args = node.func, node.args
+        consts = [a.value for a in args if isinstance(a, ast.Constant)]
+        if isinstance(func, ast.Name) and len(consts) == len(args) == 1:
+            (value,) = consts
+            if func.id == "Integer" and type(value) is int:
+                return sympy.Integer(value)
+            if func.id == "Float" and type(value) is str:
+                return sympy.Float(value)
+            if func.id == "Symbol" and type(value) is str:
+                return sympy.Symbol(value)
+        if isinstance(func, ast.Name) and func.id == "Rational" and len(consts) == len(args) == 2:
+            if all(type(v) is int for v in consts):
+                return sympy.Rational(*consts)
+        if isinstance(func, ast.Name) and func.id in names and func.id not in _CONSTRUCTORS:
+            if 1 <= len(args) <= 2:
+                return names[func.id](*(_build(a, names) for a in args))
+        if (  # an undefined function applied: f(x)
+            isinstance(func, ast.Call)
+            and isinstance(func.func, ast.Name)
+            and func.func.id == "Function"
+            and len(func.args) == 1
+            and isinstance(func.args[0], ast.Constant)
+            and type(func.args[0].value) is str
+            and 1 <= len(args) <= 3
+        ):
+            return sympy.Function(func.args[0].value)(*(_build(a, names) for a in args))
+    raise ValueError(f"not a plain math expression: {ast.dump(node)[:80]}")
+
+
+_CONSTRUCTORS = ("Integer", "Float", "Rational", "Symbol", "Function", "pi", "E", "I", "oo")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One answer per response: alternatives, relations, several boxes
+
+MAX_ALTERNATIVES = 8  # a "list" longer than this is compared as a whole string only
+MAX_BOXES = 8  # more distinct boxed answers than this is a hedge by itself
+
+_CONNECTOR_WORD = re.compile(r"(?<![A-Za-z\\])(?:or|either|and)(?![A-Za-z])", re.I)
+_CONNECTOR_CMD = re.compile(r"\\(?:lor|vee|text\{\s*(?:or|either|and)\s*\})(?![A-Za-z])|\bor\b", re.I)
+_TEXT_BLOCK = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox|operatorname)\s*\{([^{}]*)\}")
+_PAD = re.compile(r"^(?:\s|~|\\[,;:! ]|\\q?quad(?![A-Za-z]))+|(?:\s|~|\\[,;:! ]|\\q?quad(?![A-Za-z]))+$")
+_PLUS_MINUS = re.compile(r"\\(?:pm|mp)(?![A-Za-z])|±|∓")
+# Relations other than "=": an answer that states one is not a value (unless the ground truth is one).
+_RELATION = re.compile(
+    r"<|>|≠|≤|≥|≈|∈|\\(?:ne|neq|le|leq|leqslant|ge|geq|geqslant|lt|gt|approx|equiv|sim|simeq|cong|in"
+    r"|notin|subset|subseteq|supset|supseteq|to|rightarrow|Rightarrow|implies|iff|Leftrightarrow|propto)"
+    r"(?![A-Za-z])"
+)
+_VARIABLE = re.compile(
+    r"\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w{1,4}\}?)?'*(?:\s*\((?:[A-Za-z]|\\[A-Za-z]+)(?:,\s*[A-Za-z])*\))?\s*"
+)
+
+
+def _is_variable(s: str) -> bool:
+    """`x`, `k`, `a_n`, `a_{10}`, `\\theta`, `f(x)`: a name one may write on the left of `= value`."""
+    return _VARIABLE.fullmatch(s) is not None and not s.strip().startswith("\\text")
+
+
+def _split_top_level(s: str, seps: str) -> list[str]:
+    """`s` split at the characters in `seps` outside (), [] and {} (thousands commas such as 1,000 kept)."""
+    parts, cur, depth = [], [], 0
+    for k, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth = max(depth - 1, 0)
+        elif c in seps and depth == 0:
+            thousands = (
+                c == ","
+                and k > 0
+                and s[k - 1].isdigit()
+                and s[k + 1 : k + 4].isdigit()
+                and len(s[k + 1 : k + 4]) == 3
+                and not s[k + 4 : k + 5].isdigit()
+            )
+            if not thousands:
+                parts.append("".join(cur))
+                cur = []
+                continue
+        cur.append(c)
+    parts.append("".join(cur))
+    return parts
+
+
+def alternatives(answer: str) -> list[str]:
+    """The values an answer offers: `5` -> [5]; `5 \\text{ or } 6`, `5 \\lor 6`, `either 5 or 6`, `5, 6`,
+    `5; 6`, `5 and 6` -> [5, 6]; `\\pm 3` -> [+3, -3]; a tuple, interval or set in brackets is one value.
+
+    A response must commit to one answer: where the ground truth is a single value, an answer with more
+    than one alternative is wrong (`grade`); where it is a list, the two are compared as sets.
+    """
+    s = answer
+    # connectors inside \text{...}: "\text{ or }", "\text{(C) or (D)}", "\text{either } 5"
+    s = _TEXT_BLOCK.sub(
+        lambda m: _CONNECTOR_WORD.sub(";", m.group(1)) if _CONNECTOR_WORD.search(m.group(1)) else m.group(0),
+        s,
+    )
+    s = _CONNECTOR_CMD.sub(";", s)
+    s = re.sub(r"(?<![A-Za-z\\])either(?![A-Za-z])", ";", s, flags=re.I)
+    pieces = _split_top_level(s, ",;")
+    if len(pieces) == 1 and ";" in s:  # a connector nested in brackets: "5 (or 6)"
+        pieces = s.split(";")
+    out = []
+    for piece in pieces:
+        piece = _PAD.sub("", piece)
+        if not piece:
+            continue
+        expanded = [piece]
+        while len(expanded) <= MAX_ALTERNATIVES and any(_PLUS_MINUS.search(e) for e in expanded):
+            expanded = [
+                v
+                for e in expanded
+                for v in (
+                    (_PLUS_MINUS.sub("+", e, count=1), _PLUS_MINUS.sub("-", e, count=1))
+                    if _PLUS_MINUS.search(e)
+                    else (e,)
+                )
+            ]
+        out += expanded
+        if len(out) > MAX_ALTERNATIVES:
+            break
+    return out or [answer]
+
+
+def equality_sides(answer: str) -> list[str] | None:
+    """The values an answer asserts: `5` -> [5]; `x = 5` -> [5]; `\\frac12 = 0.5` -> [\\frac12, 0.5];
+    `43 = 42` -> [43, 42] (each must be right: a relation is never cut down to its right side); None for
+    an answer that states another relation (`x \\le 5`, `x \\in \\{1, 2\\}`, `\\pi \\approx 3.14`)."""
+    if _RELATION.search(answer):
+        return None
+    sides = _split_top_level(answer, "=")
+    if len(sides) > 1 and _is_variable(sides[0]):
+        sides = sides[1:]
+    return [side.strip() for side in sides]
+
+
+def has_relation(s: str) -> bool:
+    return _RELATION.search(s) is not None or "=" in s
+
+
+def boxed_answers(text: str) -> list[str]:
+    """The content of every `\\boxed{...}` / `\\fbox{...}` in `text`, in order (a box nested in a box
+    counts once, as its innermost last box, as `last_boxed` reads it). Linear in the text."""
+    out, i = [], 0
+    while True:
+        starts = [p for p in (text.find("\\boxed", i), text.find("\\fbox", i)) if p >= 0]
+        if not starts:
+            return out
+        start = min(starts)
+        j = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+        if j < len(text) and text[j] == " ":  # "\boxed 5"
+            end = min(
+                (p for p in (text.find("$", j + 1), text.find("\n", j + 1)) if p >= 0), default=len(text)
+            )
+            content = text[j + 1 : end].strip()
+            if content:
+                out.append(content)
+            i = end
+            continue
+        if j >= len(text) or text[j] != "{":
+            i = j
+            continue
+        depth, end = 0, -1
+        for k in range(j, len(text)):
+            depth += text[k] == "{"
+            depth -= text[k] == "}"
+            if depth == 0:
+                end = k
+                break
+        if end < 0:  # unbalanced: no more boxes
+            return out
+        content = text[j + 1 : end]
+        if "\\boxed" in content or "\\fbox" in content:
+            content = last_boxed(content) or content
+        out.append(content.strip())
+        i = end + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Math-Verify and the full verdict
+
+MAX_MATH_VERIFY_CHARS = 20_000  # text Math-Verify reads: far longer than any final answer section
+
+
+def _math_verify():
     import logging
 
     from math_verify import parse, verify
 
     # Its warning that its own timeouts are off is noise here: the pool enforces the limit from outside.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    if len(solution) > 20_000:  # far longer than any final answer section; not worth a parse
-        solution = solution[-20_000:]
+    return parse, verify
+
+
+def math_verify_equal(answer: str, gt: str) -> bool:
+    """Math-Verify on one boxed answer against one ground truth (gold first; section 12's two checks)."""
+    if len(answer) > MAX_MATH_VERIFY_CHARS:
+        return False
+    parse, verify = _math_verify()
+    parsed = parse("\\boxed{" + answer + "}", parsing_timeout=None)
+    if not parsed:
+        return False
+    if len(parsed) >= 2 and str(parsed[1]) == gt:
+        return True
+    return verify(parse("\\boxed{" + gt + "}", parsing_timeout=None), parsed, timeout_seconds=None)
+
+
+def value_equal(answer: str, gt: str) -> bool:
+    """One value against one value: MATH-normalised strings, DeepScaleR's sympy rules, then Math-Verify."""
+    return grade_mathd(answer, gt) or grade_sympy(answer, gt) or math_verify_equal(answer, gt)
+
+
+def single_equal(answer: str, gt: str) -> bool:
+    """One answer against one ground truth, relations kept: `x = 5` is 5, `43 = 42` is not 42 (every side
+    of an equation must be right), `x \\le 5` is not 5."""
+    if answer == gt:
+        return True
+    if has_relation(gt):
+        return value_equal(answer, gt)
+    sides = equality_sides(answer)
+    return sides is not None and all(sides) and all(value_equal(side, gt) for side in sides)
+
+
+def hedges(answer: str, gt: str) -> bool:
+    """True when the answer offers several values and the ground truth is one."""
+    return len(alternatives(answer)) > 1 and len(alternatives(gt)) <= 1
+
+
+def answer_equal(answer: str, gt: str) -> bool:
+    """One boxed answer against one ground truth: a hedge is wrong; a list is compared with a list as a
+    set (each value matched to a different value of the ground truth)."""
+    if not answer:
+        return False
+    if answer == gt:
+        return True
+    if hedges(answer, gt):
+        return False
+    if single_equal(answer, gt):
+        return True
+    alts, gt_alts = alternatives(answer), alternatives(gt)
+    if 1 < len(alts) == len(gt_alts) <= MAX_ALTERNATIVES:
+        return _one_to_one(alts, gt_alts)
+    return False
+
+
+def _one_to_one(alts: list[str], gt_alts: list[str]) -> bool:
+    """A perfect matching of answer values to ground-truth values (augmenting paths; at most 8 x 8)."""
+    edges = [[j for j, g in enumerate(gt_alts) if single_equal(a, g)] for a in alts]
+    owner: dict[int, int] = {}
+
+    def claim(i: int, seen: set) -> bool:
+        for j in edges[i]:
+            if j not in seen:
+                seen.add(j)
+                if j not in owner or claim(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(claim(i, set()) for i in range(len(alts)))
+
+
+_TEXT_HEDGE = re.compile(
+    r"(?<![A-Za-z\\])(?:or|either)(?![A-Za-z])|\\(?:lor|vee|pm|mp)(?![A-Za-z])|±|∓", re.I
+)
+
+
+def _hedged_sentence(solution: str, extracted: str) -> bool:
+    """Whether the sentence Math-Verify read its answer from offers alternatives ("5 or 6")."""
+    at = solution.rfind(extracted) if extracted else -1
+    if at < 0:
+        at = len(solution.rstrip()) - 1
+    start = max(solution.rfind("\n", 0, max(at, 0)), solution.rfind(". ", 0, max(at, 0))) + 1
+    ends = [
+        p
+        for p in (solution.find("\n", at + len(extracted)), solution.find(". ", at + len(extracted)))
+        if p >= 0
+    ]
+    return _TEXT_HEDGE.search(solution[start : min(ends, default=len(solution))]) is not None
+
+
+def text_answer_equal(solution: str, gts: list[str]) -> bool:
+    """No box: section 12's Math-Verify fallback on the solution text, refused when the sentence it read
+    offers alternatives (for a single-valued ground truth) or states a relation that is not `var = value`."""
+    parse, verify = _math_verify()
+    solution = solution[-MAX_MATH_VERIFY_CHARS:]
     parsed = parse(solution, parsing_timeout=None)
     if not parsed:
         return False
+    extracted = str(parsed[1]) if len(parsed) >= 2 else ""
     for gt in gts:
-        if len(parsed) >= 2 and str(parsed[1]) == gt:
-            return True
-        if verify(parse("\\boxed{" + gt + "}", parsing_timeout=None), parsed, timeout_seconds=None):
+        if len(alternatives(gt)) <= 1 and _hedged_sentence(solution, extracted):
+            continue
+        if extracted and not has_relation(gt):
+            sides = equality_sides(extracted)
+            if sides is None or len(sides) != 1:
+                continue
+        if extracted == gt or verify(
+            parse("\\boxed{" + gt + "}", parsing_timeout=None), parsed, timeout_seconds=None
+        ):
             return True
     return False
 
@@ -404,17 +778,23 @@ def grade(response: str, ground_truth: str | Sequence[str]) -> Verdict:
     """The hybrid verdict for one response (module docstring)."""
     if isinstance(response, bytes):
         response = response.decode("utf-8", errors="replace")
+    if not isinstance(response, str):
+        raise TypeError(f"a response must be a string, got {type(response).__name__}")
     response = response.replace("\x00", "")
     solution = solution_text(response)
     gts = ground_truths(ground_truth)
     answer = last_boxed(solution)
-    if answer is not None:
-        answer = answer.strip()
-        for gt in gts:
-            if grade_mathd(answer, gt) or grade_sympy(answer, gt):
-                return Verdict.of(True, "correct", answer)
-        if answer in gts:
-            return Verdict.of(True, "correct", answer)
-    if math_verify_fallback(solution, gts):
+    if answer is None:
+        correct = text_answer_equal(solution, gts)
+        return Verdict.of(correct, "correct" if correct else "no_answer")
+    answer = answer.strip()
+    if not answer:
+        return Verdict.of(False, "no_answer", answer)
+    boxes = list(dict.fromkeys(b for b in boxed_answers(solution) if b != answer))
+    if len(boxes) >= MAX_BOXES:
+        return Verdict.of(False, "hedge", answer)
+    if not any(answer_equal(answer, gt) for gt in gts):
+        return Verdict.of(False, "hedge" if any(hedges(answer, gt) for gt in gts) else "mismatch", answer)
+    if all(any(answer_equal(b, gt) for gt in gts) for b in boxes):
         return Verdict.of(True, "correct", answer)
-    return Verdict.of(False, "mismatch" if answer is not None else "no_answer", answer)
+    return Verdict.of(False, "hedge", answer)  # other boxed answers that are not right: a hedge

@@ -3,9 +3,22 @@
 Math-Verify and sympy cannot be interrupted reliably from inside (Math-Verify's own timeout uses
 `signal.alarm`, which refuses threads), and a policy under optimisation can write anything: a tower of
 exponents, a megabyte of braces. So every item runs in a worker process; a dispatcher thread hands items to
-idle workers and kills (SIGKILL) any worker whose item runs past the limit or whose memory passes its cap,
-scores that item 0 with reason "timeout" (or "error"), and starts a replacement. Queue time does not count
-against an item's limit.
+idle workers and kills (SIGKILL, with its process group) any worker whose item runs past the limit or whose
+memory passes its cap, scores that item 0 with reason "timeout" (or "error"), and starts a replacement.
+Queue time does not count against an item's limit.
+
+The pool heals whatever happens to a worker:
+  * every request carries a fresh key and a reply is accepted only for the key its worker was sent; a
+    worker that answers anything else is out of step and is replaced (its item scored "error");
+  * a worker that dies, busy or idle (crash, OOM killer, `kill` from outside), is seen through its process
+    sentinel and replaced before it is handed work; its item, if it had one, is scored "error";
+  * an item that cannot be sent (it does not pickle) is scored "error" on its own; the rest of its batch
+    and later batches are unaffected; the dispatcher thread survives any exception and logs it.
+Each verdict counts the worker restarts its item cost (`Verdict.restarts`; a dead idle worker's restart is
+charged to the next item its replacement serves), so timeouts, errors and restarts reach the step metrics.
+
+Ground truths are checked at `submit` (a non-empty string or list of strings, integers allowed): a bad one
+raises ValueError naming its index, and nothing of that batch is queued.
 
 Workers never outlive the pool: `close()` (also on `with` exit and at interpreter exit) kills them, and on
 Linux each worker asks the kernel to kill it when its parent dies, so a crashed trainer leaves none behind.
@@ -23,6 +36,7 @@ import atexit
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -32,10 +46,13 @@ import time
 import weakref
 from collections.abc import Sequence
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
-from attnrl_jax.rewards.math_grader import Verdict, grade
+from attnrl_jax.rewards.math_grader import Verdict, grade, ground_truths
 
 log = logging.getLogger(__name__)
+
+MAX_SENDS = 3  # an item whose worker dies before it is received is sent again, this many times at most
 
 
 def _die_with_parent() -> None:
@@ -53,6 +70,10 @@ def _worker_main(conn, memory_bytes: int) -> None:
     _die_with_parent()
     if os.getppid() == 1:  # orphaned before prctl took effect: the parent is gone
         os._exit(0)
+    try:
+        os.setpgid(0, 0)  # its own process group, so that a kill takes anything it started with it
+    except OSError:
+        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if memory_bytes > 0:
         import resource
@@ -64,29 +85,19 @@ def _worker_main(conn, memory_bytes: int) -> None:
             msg = conn.recv()
         except (EOFError, OSError):
             return
+        except Exception:  # noqa: BLE001 - a message that does not unpickle here: nothing to answer
+            return
         if msg is None:
             return
         key, response, gt = msg
         try:
             verdict = grade(response, gt)
-        except MemoryError:
-            verdict = Verdict.of(False, "error")
-        except RecursionError:
-            verdict = Verdict.of(False, "error")
-        except Exception:  # noqa: BLE001 - any failure on model output scores 0, never crashes the trainer
+        except BaseException:  # noqa: BLE001 - any failure on model output scores 0, never kills the pool
             verdict = Verdict.of(False, "error")
         try:
             conn.send((key, dataclasses.astuple(verdict)))
         except (OSError, ValueError):
             return
-
-
-@dataclasses.dataclass
-class _Worker:
-    process: mp.Process
-    conn: object
-    item: tuple | None = None  # (batch, index) being graded
-    started: float = 0.0
 
 
 class _Batch:
@@ -103,6 +114,29 @@ class _Batch:
             self.remaining -= 1
             if self.remaining == 0:
                 self.future.set_result(list(self.results))
+
+
+@dataclasses.dataclass
+class _Item:
+    batch: _Batch
+    index: int
+    response: object
+    gt: list[str]
+    restarts: int = 0  # worker restarts this item has cost so far
+    sends: int = 0
+
+    def finish(self, verdict: Verdict) -> None:
+        self.batch.done(self.index, dataclasses.replace(verdict, restarts=self.restarts))
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: mp.Process
+    conn: object
+    item: _Item | None = None
+    key: int = -1  # the key of the request it was sent
+    started: float = 0.0
+    unbilled_restarts: int = 0  # restarts of this slot not yet charged to an item
 
 
 class VerifierPool:
@@ -132,11 +166,13 @@ class VerifierPool:
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(["attnrl_jax.rewards.math_grader", "math_verify", "sympy"])
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque[_Item] = collections.deque()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._keys = itertools.count()
+        self._wake_r, self._wake_w = os.pipe()  # submit and close write a byte: the dispatcher wakes at once
+        os.set_blocking(self._wake_r, False)
         self._closed = False
-        self.stats = collections.Counter()  # timeouts, errors, restarts
+        self.stats = collections.Counter()  # timeouts, errors, restarts, dispatcher_faults
         self._workers = [self._start_worker() for _ in range(self.num_workers)]
         self._thread = threading.Thread(target=self._dispatch, name="verifier-dispatch", daemon=True)
         self._thread.start()
@@ -145,17 +181,19 @@ class VerifierPool:
 
     # -------------------------------------------------------------------------------------------- public
     def submit(self, responses: Sequence[str], ground_truths: Sequence) -> concurrent.futures.Future:
-        """Queues a batch; the future resolves to one Verdict per response, in order."""
+        """Queues a batch; the future resolves to one Verdict per response, in order.
+
+        Raises ValueError, queuing nothing, when the lengths differ or a ground truth is not a non-empty
+        string or list of strings (the message names its index)."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         if self._closed:
             raise RuntimeError("the verifier pool is closed")
+        gts = [_checked_ground_truth(i, gt) for i, gt in enumerate(ground_truths)]
         batch = _Batch(len(responses))
         with self._lock:
-            for i, (r, gt) in enumerate(zip(responses, ground_truths)):
-                gt = gt if isinstance(gt, str) else [str(g) for g in gt]
-                self._pending.append((batch, i, r, gt))
-        self._wake.set()
+            self._pending.extend(_Item(batch, i, r, gt) for i, (r, gt) in enumerate(zip(responses, gts)))
+        self._wake()
         return batch.future
 
     def score(self, responses: Sequence[str], ground_truths: Sequence) -> list[Verdict]:
@@ -169,13 +207,18 @@ class VerifierPool:
         if self._closed:
             return
         self._closed = True
-        self._wake.set()
+        self._wake()
         self._thread.join(timeout=10)
         VerifierPool._kill_all(self._workers)
         with self._lock:
+            for w in self._workers:
+                if w.item is not None:
+                    w.item.finish(Verdict.of(False, "error"))
+                    w.item = None
             while self._pending:
-                batch, i, _, _ = self._pending.popleft()
-                batch.done(i, Verdict.of(False, "error"))
+                self._pending.popleft().finish(Verdict.of(False, "error"))
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
         atexit.unregister(self.close)
 
     def __enter__(self) -> VerifierPool:
@@ -185,6 +228,12 @@ class VerifierPool:
         self.close()
 
     # ----------------------------------------------------------------------------------------- internal
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):  # the pipe is full (the dispatcher will wake anyway) or closed
+            pass
+
     def _start_worker(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, args=(child, self._memory), daemon=True)
@@ -193,57 +242,129 @@ class VerifierPool:
         return _Worker(proc, parent)
 
     @staticmethod
+    def _kill(w: _Worker) -> None:
+        pid = w.process.pid
+        try:
+            if pid is not None and os.getpgid(pid) == pid:  # its own group: take whatever it forked too
+                os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if w.process.is_alive():
+            w.process.kill()
+
+    @staticmethod
     def _kill_all(workers: list[_Worker]) -> None:
         for w in workers:
-            if w.process.is_alive():
-                w.process.kill()
+            VerifierPool._kill(w)
         for w in workers:
             w.process.join(timeout=5)
             w.conn.close()
 
-    def _replace(self, idx: int, reason: str) -> None:
-        """Kills worker idx, starts its replacement, then scores its item 0 with `reason`."""
+    def _replace(self, idx: int, reason: str | None) -> None:
+        """Kills worker idx and starts its replacement; its item, if any, is scored 0 with `reason` (or, for
+        None, sent again up to MAX_SENDS times). The restart is charged to that item, or else to the next
+        item the replacement serves."""
         w = self._workers[idx]
-        w.process.kill()
+        self._kill(w)
         w.process.join(timeout=5)
         w.conn.close()
         self.stats["restarts"] += 1
-        self._workers[idx] = self._start_worker()
-        if w.item is not None:
-            batch, i = w.item
-            batch.done(i, Verdict.of(False, reason))
+        item, w.item = w.item, None
+        unbilled = w.unbilled_restarts + 1
+        if item is not None:
+            item.restarts += unbilled
+            unbilled = 0
+        try:  # the replacement is in place before the item's verdict can wake anyone
+            new = self._start_worker()
+            new.unbilled_restarts = unbilled
+            self._workers[idx] = new
+        finally:
+            if item is not None and reason is None and item.sends < MAX_SENDS:
+                self._pending.appendleft(item)
+            elif item is not None:
+                item.finish(Verdict.of(False, reason or "error"))
 
     def _dispatch(self) -> None:
         while not self._closed:
-            with self._lock:
-                for w in self._workers:
-                    if w.item is None and self._pending:
-                        batch, i, r, gt = self._pending.popleft()
-                        try:
-                            w.conn.send(((id(batch), i), r, gt))
-                        except (OSError, ValueError):
-                            self._pending.appendleft((batch, i, r, gt))
-                            continue
-                        w.item, w.started = (batch, i), time.monotonic()
-            busy = {w.conn: k for k, w in enumerate(self._workers) if w.item is not None}
-            if not busy:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            for conn in wait(list(busy), timeout=0.02):
-                k = busy[conn]
-                w = self._workers[k]
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - the dispatcher must outlive anything; say what happened
+                self.stats["dispatcher_faults"] += 1
+                log.exception("verifier pool: dispatcher fault (recovering)")
+                time.sleep(0.05)
+
+    def _hand_out(self) -> None:
+        with self._lock:
+            for k in range(len(self._workers)):
+                while self._workers[k].item is None and self._pending and not self._closed:
+                    w = self._workers[k]
+                    if not w.process.is_alive():  # died while idle: never hand it work
+                        self._replace(k, None)
+                        continue
+                    item = self._pending.popleft()
+                    key = next(self._keys)
+                    try:
+                        data = ForkingPickler.dumps((key, item.response, item.gt))
+                    except Exception:  # noqa: BLE001 - cannot be sent: this item alone is an error
+                        self.stats["errors"] += 1
+                        item.finish(Verdict.of(False, "error"))
+                        continue
+                    item.sends += 1
+                    w.item, w.key, w.started = item, key, time.monotonic()
+                    item.restarts += w.unbilled_restarts
+                    w.unbilled_restarts = 0
+                    try:
+                        w.conn.send_bytes(data)
+                    except (OSError, ValueError):  # it died after the check: replace it, send again
+                        self._replace(k, None)
+
+    def _step(self) -> None:
+        self._hand_out()
+        busy = {w.conn: w for w in self._workers if w.item is not None}
+        sentinels = {w.process.sentinel: w for w in self._workers}
+        ready = wait([self._wake_r, *busy, *sentinels], timeout=0.02 if busy else 1.0)
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+        with self._lock:
+            for conn in (r for r in ready if r in busy):
+                w = busy[conn]
+                if w not in self._workers or w.item is None:
+                    continue
+                k = self._workers.index(w)
                 try:
-                    _, fields = conn.recv()
-                except (EOFError, OSError):  # the worker died (crash, memory): score 0 and replace it
+                    key, fields = conn.recv()
+                except (EOFError, OSError):  # it died while grading (crash, memory, killed)
                     self.stats["errors"] += 1
                     self._replace(k, "error")
                     continue
-                batch, i = w.item
-                w.item = None
-                batch.done(i, Verdict(*fields))
+                if key != w.key:  # out of step with its requests: never trust it again
+                    log.warning("verifier pool: worker %d answered key %s for %s", w.process.pid, key, w.key)
+                    self.stats["errors"] += 1
+                    self._replace(k, "error")
+                    continue
+                item, w.item = w.item, None
+                item.finish(Verdict(*fields))
+            for sentinel in (r for r in ready if r in sentinels):
+                w = sentinels[sentinel]
+                if w in self._workers and not w.process.is_alive():
+                    if w.item is not None and w.conn.poll():
+                        continue  # its last reply is waiting: read it on the next pass first
+                    if w.item is not None:
+                        self.stats["errors"] += 1
+                    self._replace(self._workers.index(w), "error")
             now = time.monotonic()
             for k, w in enumerate(self._workers):
                 if w.item is not None and now - w.started > self.timeout:
                     self.stats["timeouts"] += 1
                     self._replace(k, "timeout")
+
+
+def _checked_ground_truth(i: int, gt) -> list[str]:
+    try:
+        return ground_truths(gt)
+    except ValueError as e:
+        raise ValueError(f"ground_truths[{i}]: {e}") from None

@@ -1,5 +1,5 @@
 """Answer extraction and the hybrid math grader (ALGORITHM.md section 12): DeepScaleR's rules first, then
-the Math-Verify fallback.
+the Math-Verify fallback, hardened against a policy that writes whatever earns reward.
 
 Pure Python, no JAX. Grading one response can be slow on adversarial input (sympy on a tower of
 exponents), so the trainer never calls `grade` directly: `attnrl_jax.rewards.pool.VerifierPool` runs it in
@@ -9,17 +9,35 @@ Verdict for one response and its ground truth(s):
 
 1. The solution is the text after the last `</think>` (the whole text if there is none); the answer is
    the content of its last `\\boxed{...}` or `\\fbox{...}` (nested braces handled; `\\boxed 5` too).
-   A ground truth that contains a box is replaced by its last box's content.
-2. Correct if, for some ground truth: the MATH-normalised strings are equal; or the sympy check with
-   DeepScaleR's rules passes (element-wise for tuples and intervals with matching brackets, integers must
-   match exactly, two fractions a/b must match exactly, otherwise symbolic equality); or the answer string
-   is one of the ground truths.
-3. Otherwise the Math-Verify fallback: `math_verify.parse(solution)`; if it yields at least two items and
-   the second equals the ground truth string, or `verify(parse("\\boxed{gt}"), parsed)` (gold first),
-   the response is correct.
+   A ground truth that contains a box is replaced by its last box's content; an empty ground truth is an
+   error (ValueError), never something `\\boxed{}` can match.
+2. One answer per response. An answer that offers alternatives (`5 \\text{ or } 6`, `5 \\lor 6`,
+   `either 5 or 6`, `5, 6`, `\\pm 3`: `alternatives`) is wrong against a single-valued ground truth and
+   compared as a set against a list-valued one. A relation is never cut down to one side: `x = 5` is 5,
+   `43 = 42` is not 42 (every side of an equation must be right), `x \\le 5` is not 5 (`equality_sides`).
+   Several boxed answers must all be right (`\\boxed{3} ... \\boxed{4}` is a hedge, not "4").
+3. Correct if, for some ground truth: the answer string equals it; or the MATH-normalised strings are equal;
+   or the sympy check with DeepScaleR's rules passes (element-wise for tuples and intervals with matching
+   brackets, integers must match exactly, two fractions a/b must match exactly, otherwise symbolic
+   equality); or Math-Verify on the boxed answer: its extracted string equals the ground truth, or
+   `verify(parse("\\boxed{gt}"), parse("\\boxed{answer}"))` (gold first).
+4. With no box: Math-Verify on the solution text (section 12's fallback), refused when the sentence it read
+   offers alternatives ("the answer is 5 or 6") or states a relation other than `var = value`.
 
-Result: acc in {0, 1}, score +1/-1 (logging only), and a reason: correct, no_answer, mismatch (timeout and
-error are assigned by the pool).
+Deviations from the official grader, all in the direction of refusing what the policy could exploit:
+Math-Verify reads the boxed answer rather than the whole solution when there is a box (the official
+parse reads every box of the text and scores their set); several differing boxes are a hedge (the
+official rule takes the last); MATH's unit stripper no longer cuts at any `\\text{ ` (it turned
+`5 \\text{ or } 6` into 5); its `x = 5` rule needs a variable on the left (it turned `43 = 42` into 42).
+
+No model text is ever evaluated. DeepScaleR hands plain answers such as `2x+1` to `sympy.parse_expr`,
+which calls Python's `eval`, so `\\boxed{print(123)}` ran; here `parse_plain` builds the expression from
+an `ast` whitelist (the reasons are in its docstring). LaTeX goes to latex2sympy2's ANTLR parser, which
+builds sympy objects from the parse tree without evaluating text, and Math-Verify's plain-expression
+extractor admits only digits and operators before its own `parse_expr`.
+
+Result: acc in {0, 1}, score +1/-1 (logging only), and a reason: correct, no_answer, mismatch, hedge
+(timeout and error are assigned by the pool).
 """
 
 from __future__ import annotations
@@ -793,7 +811,7 @@ def grade(response: str, ground_truth: str | Sequence[str]) -> Verdict:
     boxes = list(dict.fromkeys(b for b in boxed_answers(solution) if b != answer))
     if len(boxes) >= MAX_BOXES:
         return Verdict.of(False, "hedge", answer)
-    if not any(answer_equal(answer, gt) for gt in gts):
+    if answer not in gts and not any(answer_equal(answer, gt) for gt in gts):  # (exact first: 1000 gts)
         return Verdict.of(False, "hedge" if any(hedges(answer, gt) for gt in gts) else "mismatch", answer)
     if all(any(answer_equal(b, gt) for gt in gts) for b in boxes):
         return Verdict.of(True, "correct", answer)

@@ -9,9 +9,10 @@ Queue time does not count against an item's limit.
 
 The pool heals whatever happens to a worker:
   * every request carries a fresh key and a reply is accepted only for the key its worker was sent; a
-    worker that answers anything else is out of step and is replaced (its item scored "error");
+    worker that answers anything else is out of step and is replaced (its item sent to the replacement);
   * a worker that dies, busy or idle (crash, OOM killer, `kill` from outside), is seen through its process
-    sentinel and replaced before it is handed work; its item, if it had one, is scored "error";
+    sentinel and replaced before it is handed work; its item, if it had one, is sent again, and scored
+    "error" only after it has been sent MAX_SENDS times (then it is the item that kills workers);
   * an item that cannot be sent (it does not pickle) is scored "error" on its own; the rest of its batch
     and later batches are unaffected; the dispatcher thread survives any exception and logs it.
 Each verdict counts the worker restarts its item cost (`Verdict.restarts`; a dead idle worker's restart is
@@ -53,6 +54,10 @@ from attnrl_jax.rewards.math_grader import Verdict, grade, ground_truths
 log = logging.getLogger(__name__)
 
 MAX_SENDS = 3  # an item whose worker dies before it is received is sent again, this many times at most
+# Workers that keep dying with no verdict in between (they cannot start: a broken install, a main module
+# without the `if __name__ == "__main__"` guard) make the pool refuse work with an error rather than score
+# everything 0 and restart forever.
+MAX_DEATHS_IN_A_ROW = 12
 
 
 def _die_with_parent() -> None:
@@ -172,6 +177,8 @@ class VerifierPool:
         self._wake_r, self._wake_w = os.pipe()  # submit and close write a byte: the dispatcher wakes at once
         os.set_blocking(self._wake_r, False)
         self._closed = False
+        self._broken: str | None = None
+        self._deaths_in_a_row = 0
         self.stats = collections.Counter()  # timeouts, errors, restarts, dispatcher_faults
         self._workers = [self._start_worker() for _ in range(self.num_workers)]
         self._thread = threading.Thread(target=self._dispatch, name="verifier-dispatch", daemon=True)
@@ -187,6 +194,8 @@ class VerifierPool:
         string or list of strings (the message names its index)."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+        if self._broken:
+            raise RuntimeError(self._broken)
         if self._closed:
             raise RuntimeError("the verifier pool is closed")
         gts = [_checked_ground_truth(i, gt) for i, gt in enumerate(ground_truths)]
@@ -261,14 +270,22 @@ class VerifierPool:
             w.conn.close()
 
     def _replace(self, idx: int, reason: str | None) -> None:
-        """Kills worker idx and starts its replacement; its item, if any, is scored 0 with `reason` (or, for
-        None, sent again up to MAX_SENDS times). The restart is charged to that item, or else to the next
-        item the replacement serves."""
+        """Kills worker idx and starts its replacement. Its item, if any, is scored 0 with `reason`; with
+        None (the worker died or fell out of step: not known to be the item's doing) it is sent again, and
+        scored "error" once it has been sent MAX_SENDS times (an item that crashes every worker it meets).
+        The restart is charged to that item, or else to the next item the replacement serves."""
         w = self._workers[idx]
+        if self._broken:
+            return
         self._kill(w)
         w.process.join(timeout=5)
         w.conn.close()
         self.stats["restarts"] += 1
+        if reason != "timeout":
+            self._deaths_in_a_row += 1
+            if self._deaths_in_a_row >= MAX_DEATHS_IN_A_ROW:
+                self._break(w)
+                return
         item, w.item = w.item, None
         unbilled = w.unbilled_restarts + 1
         if item is not None:
@@ -282,10 +299,29 @@ class VerifierPool:
             if item is not None and reason is None and item.sends < MAX_SENDS:
                 self._pending.appendleft(item)
             elif item is not None:
+                if reason != "timeout":  # (timeouts are counted where they are found)
+                    self.stats["errors"] += 1
                 item.finish(Verdict.of(False, reason or "error"))
 
+    def _break(self, w: _Worker) -> None:
+        """Gives up: every queued and in-flight item's future raises, and so does every later submit."""
+        self._broken = (
+            f"verifier pool: {self._deaths_in_a_row} worker processes died in a row without a verdict "
+            f"(the last exit code {w.process.exitcode}); they cannot run `grade`. A script that starts the "
+            f"pool needs the `if __name__ == '__main__':` guard (forkserver and spawn re-import it)."
+        )
+        log.error(self._broken)
+        VerifierPool._kill_all(self._workers)
+        failed = [x.item for x in self._workers if x.item is not None] + list(self._pending)
+        self._pending.clear()
+        for x in self._workers:
+            x.item = None
+        for item in failed:
+            if not item.batch.future.done():
+                item.batch.future.set_exception(RuntimeError(self._broken))
+
     def _dispatch(self) -> None:
-        while not self._closed:
+        while not (self._closed or self._broken):
             try:
                 self._step()
             except Exception:  # noqa: BLE001 - the dispatcher must outlive anything; say what happened
@@ -296,7 +332,7 @@ class VerifierPool:
     def _hand_out(self) -> None:
         with self._lock:
             for k in range(len(self._workers)):
-                while self._workers[k].item is None and self._pending and not self._closed:
+                while self._workers[k].item is None and self._pending and not (self._closed or self._broken):
                     w = self._workers[k]
                     if not w.process.is_alive():  # died while idle: never hand it work
                         self._replace(k, None)
@@ -337,25 +373,24 @@ class VerifierPool:
                 k = self._workers.index(w)
                 try:
                     key, fields = conn.recv()
-                except (EOFError, OSError):  # it died while grading (crash, memory, killed)
-                    self.stats["errors"] += 1
-                    self._replace(k, "error")
+                except (EOFError, OSError):  # it died while grading (killed, or a crash its item caused)
+                    self._replace(k, None)
                     continue
-                if key != w.key:  # out of step with its requests: never trust it again
+                if (
+                    key != w.key
+                ):  # out of step with its requests: never trust it again (its item is sent anew)
                     log.warning("verifier pool: worker %d answered key %s for %s", w.process.pid, key, w.key)
-                    self.stats["errors"] += 1
-                    self._replace(k, "error")
+                    self._replace(k, None)
                     continue
                 item, w.item = w.item, None
+                self._deaths_in_a_row = 0
                 item.finish(Verdict(*fields))
             for sentinel in (r for r in ready if r in sentinels):
                 w = sentinels[sentinel]
                 if w in self._workers and not w.process.is_alive():
                     if w.item is not None and w.conn.poll():
                         continue  # its last reply is waiting: read it on the next pass first
-                    if w.item is not None:
-                        self.stats["errors"] += 1
-                    self._replace(self._workers.index(w), "error")
+                    self._replace(self._workers.index(w), None)
             now = time.monotonic()
             for k, w in enumerate(self._workers):
                 if w.item is not None and now - w.started > self.timeout:

@@ -132,6 +132,15 @@ EQUIVALENT = [
     ("</think>first </think> final \\boxed{6}", "6", "two think ends"),
     ("no box, but the final answer is $\\frac{3}{7}$", "\\frac{3}{7}", "Math-Verify without box"),
     ("Thus $x = \\boxed{-1}$.", "-1", "inline boxed"),
+    # bases, lists and equations
+    (box("52_{8}"), "52_8", "base subscript braced"),
+    (box("52"), "52_8", "digits of a base-8 answer"),
+    (box("5 \\text{ or } 6"), "5, 6", "or against a list"),
+    (box("6, 5"), "5, 6", "list in another order"),
+    (box("x = 2 \\text{ or } x = -3"), "2, -3", "solutions as equations"),
+    (box("\\pm 3"), "3, -3", "plus-minus against a list"),
+    (box("\\frac{1}{2} = 0.5"), "\\frac{1}{2}", "a true equation"),
+    (box("f(x) = 2x+1"), "2x+1", "function on the left"),
 ]
 
 NOT_EQUIVALENT = [
@@ -184,4 +193,11 @@ NOT_EQUIVALENT = [
     (box("3\\sqrt{2}"), "3", "dropped radical"),
     (box("0.5"), "5", "decimal point"),
     (box("(x+1)^2"), "x^2+1", "expanded wrongly"),
+    (box("52_9"), "52_8", "another base"),
+    (box("52_{10}"), "52_8", "base ten for base eight"),
+    (box("5, 6"), "5, 6, 7", "a list too short"),
+    (box("5 \\text{ or } 7"), "5, 6", "a list with a wrong member"),
+    (box("43 = 42"), "42", "an equation whose left side is wrong"),
+    (box("43=42"), "x = 42", "equation against an equation"),
+    (box("x+1 = 42"), "42", "an expression on the left"),
 ]

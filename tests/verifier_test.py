@@ -385,3 +385,26 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_equivalence_benchmark_forms_on_math_style_ground_truths():
+    """The MATH-500 benchmark's rewritings on a few ground truths of each shape (the data folder may be
+    absent here): every equal form accepted, every wrong form and every hedge refused."""
+    from benchmarks.verifier_equivalence import forms
+
+    shapes = [
+        "42",
+        "-7",
+        "2220",
+        "\\frac{3}{56}",
+        "3\\sqrt{13}",
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "1,-2",
+    ]
+    shapes += ["\\text{Evelyn}", "x=5", "52_8", "6 - 5i", "\\frac{1}{2}"]
+    groups = set()
+    for gt in shapes:
+        for group, category, text in forms(gt):
+            groups.add(group)
+            assert grade(text, gt).acc == (group == "equal"), (gt, category, text)
+    assert groups == {"equal", "wrong", "hedge"}

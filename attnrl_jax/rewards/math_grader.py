@@ -695,8 +695,22 @@ def math_verify_equal(answer: str, gt: str) -> bool:
     return verify(parse("\\boxed{" + gt + "}", parsing_timeout=None), parsed, timeout_seconds=None)
 
 
+_BASE = re.compile(r"(?<=[0-9A-Za-z])\s*_\s*(?:\{\s*(\w+)\s*\}|(\w))")
+
+
+def _bases(s: str) -> list[str]:
+    """The subscripts written after numbers, `52_8` -> ['8'], `1011_{2}` -> ['2'] (the bases)."""
+    return [a or b for a, b in _BASE.findall(s)] if re.search(r"\d\s*_", s) else []
+
+
 def value_equal(answer: str, gt: str) -> bool:
-    """One value against one value: MATH-normalised strings, DeepScaleR's sympy rules, then Math-Verify."""
+    """One value against one value: MATH-normalised strings, DeepScaleR's sympy rules, then Math-Verify.
+
+    Numbers written in a base must name the same base: both sympy parsers drop a number's subscript, so
+    `52_9` was 52 and equal to `52_8` (the digits alone, `52`, still match `52_8`)."""
+    bases = _bases(answer), _bases(gt)
+    if all(bases) and bases[0] != bases[1]:
+        return False
     return grade_mathd(answer, gt) or grade_sympy(answer, gt) or math_verify_equal(answer, gt)
 
 

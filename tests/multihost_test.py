@@ -210,7 +210,12 @@ def test_sharded_scorer_reassembles_every_verdict_in_order(monkeypatch):
         graded.append(list(ts))
         f = concurrent.futures.Future()
         f.set_result(
-            [Verdict.of(int(t[-1]) % 2 == 0, "correct" if int(t[-1]) % 2 == 0 else "mismatch", t) for t in ts]
+            [
+                Verdict.of(
+                    int(t[-1]) % 2 == 0, "correct" if int(t[-1]) % 2 == 0 else "mismatch", t, int(t[-1]) % 3
+                )
+                for t in ts
+            ]
         )
         return f
 
@@ -232,7 +237,7 @@ def test_sharded_scorer_reassembles_every_verdict_in_order(monkeypatch):
         with pytest.raises(Sent):
             futures[-1].result()
     assert graded == [texts[0:3], texts[3:5], texts[5:7]]
-    stacked = tuple(np.stack([s[j] for s in sent]) for j in range(3))
+    stacked = tuple(np.stack([s[j] for s in sent]) for j in range(len(sent[0])))
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: stacked)
     for f in futures:
         verdicts = f.result()
@@ -240,3 +245,4 @@ def test_sharded_scorer_reassembles_every_verdict_in_order(monkeypatch):
         assert [v.acc for v in verdicts] == [1, 0, 1, 0, 1, 0, 1]
         assert [v.reason for v in verdicts] == ["correct", "mismatch"] * 3 + ["correct"]
         assert [v.score for v in verdicts] == [1.0, -1.0] * 3 + [1.0]
+        assert [v.restarts for v in verdicts] == [i % 3 for i in range(7)]  # worker restarts travel too

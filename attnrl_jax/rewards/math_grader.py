@@ -43,6 +43,7 @@ Result: acc in {0, 1}, score +1/-1 (logging only), and a reason: correct, no_ans
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import re
 from collections.abc import Iterable, Sequence
@@ -546,33 +547,31 @@ def _is_variable(s: str) -> bool:
     return _VARIABLE.fullmatch(s) is not None and not s.strip().startswith("\\text")
 
 
+_THOUSANDS = re.compile(r"\d{3}(?!\d)")
+
+
 def _split_top_level(s: str, seps: str) -> list[str]:
-    """`s` split at the characters in `seps` outside (), [] and {} (thousands commas such as 1,000 kept)."""
-    parts, cur, depth = [], [], 0
-    for k, c in enumerate(s):
+    """`s` split at the characters in `seps` outside (), [] and {} (thousands commas such as 1,000 kept).
+
+    Visits only brackets and separators (a regex scan), so a megabyte of text costs what its brackets do."""
+    if not any(c in s for c in seps):
+        return [s]
+    parts, start, depth = [], 0, 0
+    for m in re.finditer("[" + re.escape("()[]{}" + seps) + "]", s):
+        c, k = m.group(), m.start()
         if c in "([{":
             depth += 1
         elif c in ")]}":
             depth = max(depth - 1, 0)
-        elif c in seps and depth == 0:
-            thousands = (
-                c == ","
-                and k > 0
-                and s[k - 1].isdigit()
-                and s[k + 1 : k + 4].isdigit()
-                and len(s[k + 1 : k + 4]) == 3
-                and not s[k + 4 : k + 5].isdigit()
-            )
-            if not thousands:
-                parts.append("".join(cur))
-                cur = []
-                continue
-        cur.append(c)
-    parts.append("".join(cur))
+        elif depth == 0 and not (c == "," and s[k - 1 : k].isdigit() and _THOUSANDS.match(s, k + 1)):
+            parts.append(s[start:k])
+            start = k + 1
+    parts.append(s[start:])
     return parts
 
 
-def alternatives(answer: str) -> list[str]:
+@functools.lru_cache(maxsize=256)  # asked for the same answer and ground truth several times per verdict
+def alternatives(answer: str) -> tuple[str, ...]:
     """The values an answer offers: `5` -> [5]; `5 \\text{ or } 6`, `5 \\lor 6`, `either 5 or 6`, `5, 6`,
     `5; 6`, `5 and 6` -> [5, 6]; `\\pm 3` -> [+3, -3]; a tuple, interval or set in brackets is one value.
 
@@ -609,7 +608,7 @@ def alternatives(answer: str) -> list[str]:
         out += expanded
         if len(out) > MAX_ALTERNATIVES:
             break
-    return out or [answer]
+    return tuple(out) or (answer,)
 
 
 def equality_sides(answer: str) -> list[str] | None:
@@ -628,20 +627,24 @@ def has_relation(s: str) -> bool:
     return _RELATION.search(s) is not None or "=" in s
 
 
+_BOX_START = re.compile(r"\\(?:boxed|fbox)")
+_BRACE = re.compile(r"[{}]")
+_INLINE_END = re.compile(r"[$\n]")
+
+
 def boxed_answers(text: str) -> list[str]:
     """The content of every `\\boxed{...}` / `\\fbox{...}` in `text`, in order (a box nested in a box
-    counts once, as its innermost last box, as `last_boxed` reads it). Linear in the text."""
+    counts once, as its innermost last box, as `last_boxed` reads it). Linear in the text: each search
+    starts where the last box ended, and brace matching visits only the braces."""
     out, i = [], 0
     while True:
-        starts = [p for p in (text.find("\\boxed", i), text.find("\\fbox", i)) if p >= 0]
-        if not starts:
+        m = _BOX_START.search(text, i)
+        if m is None:
             return out
-        start = min(starts)
-        j = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+        j = m.end()
         if j < len(text) and text[j] == " ":  # "\boxed 5"
-            end = min(
-                (p for p in (text.find("$", j + 1), text.find("\n", j + 1)) if p >= 0), default=len(text)
-            )
+            e = _INLINE_END.search(text, j + 1)
+            end = e.start() if e else len(text)
             content = text[j + 1 : end].strip()
             if content:
                 out.append(content)
@@ -651,11 +654,10 @@ def boxed_answers(text: str) -> list[str]:
             i = j
             continue
         depth, end = 0, -1
-        for k in range(j, len(text)):
-            depth += text[k] == "{"
-            depth -= text[k] == "}"
+        for brace in _BRACE.finditer(text, j):
+            depth += 1 if brace.group() == "{" else -1
             if depth == 0:
-                end = k
+                end = brace.start()
                 break
         if end < 0:  # unbalanced: no more boxes
             return out
@@ -747,7 +749,7 @@ def answer_equal(answer: str, gt: str) -> bool:
     return False
 
 
-def _one_to_one(alts: list[str], gt_alts: list[str]) -> bool:
+def _one_to_one(alts: Sequence[str], gt_alts: Sequence[str]) -> bool:
     """A perfect matching of answer values to ground-truth values (augmenting paths; at most 8 x 8)."""
     edges = [[j for j, g in enumerate(gt_alts) if single_equal(a, g)] for a in alts]
     owner: dict[int, int] = {}

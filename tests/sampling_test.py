@@ -48,6 +48,7 @@ def _run(
     fci=None,
     cfg=CFG,
     sharder=None,
+    row_max_new=None,
 ):
     b = len(row_src)
     fci = jnp.ones(b, bool) if fci is None else jnp.asarray(fci)
@@ -62,6 +63,7 @@ def _run(
         jnp.full((b, 1), stop, jnp.int32),
         jnp.asarray(sep),
         jnp.int32(think),
+        None if row_max_new is None else jnp.asarray(row_max_new, jnp.int32),
         cfg=cfg,
         settings=settings,
         sharder=sharder,
@@ -186,6 +188,23 @@ def test_forked_continuations_equal_reprefilled_ones(params):
     )  # the RNG streams differ per row
 
 
+def test_a_row_stops_at_its_own_length_limit_with_the_tokens_of_a_cut_run(params):
+    """ALGORITHM.md section 3: a continuation at offset o may add max_new_tokens - o tokens. Capped rows
+    sample exactly the first tokens of the same rows run uncapped (what the official run cuts to), end
+    with reason "length" there, and pad after; an uncapped row in the same call is unchanged."""
+    settings = LoopSettings(max_new_tokens=8, sampling=SamplingParams(temperature=1.0))
+    keys = jax.random.split(jax.random.key(9), 4)
+    common = (params, SRC, LENS, [0, 0, 1, 2], [7, 5, 3, 2], keys, settings)
+    full = jax.tree.map(np.asarray, _run(*common, stop=-1))
+    capped = jax.tree.map(np.asarray, _run(*common, stop=-1, row_max_new=[8, 3, 1, 20]))
+    assert capped["lengths"].tolist() == [8, 3, 1, 8] and full["lengths"].tolist() == [8] * 4
+    assert capped["finish_reason"].tolist() == [LENGTH] * 4
+    for b, n in enumerate(capped["lengths"]):
+        np.testing.assert_array_equal(capped["tokens"][b, :n], full["tokens"][b, :n])
+        np.testing.assert_allclose(capped["logprobs"][b, :n], full["logprobs"][b, :n], atol=1e-5)
+        assert (capped["tokens"][b, n:] == settings.pad_id).all()
+
+
 @pytest.mark.parametrize(
     "sampling",
     [SamplingParams(1.0, top_k=3), SamplingParams(1.0, top_p=0.7), SamplingParams(0.5, top_k=4, top_p=0.9)],
@@ -306,6 +325,10 @@ def test_sampler_mixed_call_and_no_recompilation_within_a_bucket(qwen_world):
         assert s.fci is not None and s.finish_reason in ("eos", "length") and s.text is not None
         assert len(s.tokens) == len(s.logprobs) <= 12
     assert all(c.fci is None for group in conts[0] for c in group)
+    for o, group in zip([2, 4], conts[0]):  # section 3: the completed response stays within 12 tokens
+        for c in group:
+            assert len(c.tokens) <= 12 - o and c.text == tok.decode(c.tokens, skip_special_tokens=True)
+            assert c.finish_reason == "eos" or len(c.tokens) == 12 - o  # cut exactly at the limit
 
 
 def test_sharded_sampler_gives_the_same_tokens(params):

@@ -128,12 +128,13 @@ def generate(
     stop_ids: Array,
     separators: Array,
     think_id: Array,
+    row_max_new: Array | None = None,
     *,
     cfg: ModelConfig,
     settings: LoopSettings,
     sharder: Sharder | None = None,
 ) -> dict[str, Array]:
-    """Samples every row to EOS/stop or `max_new_tokens` (module docstring).
+    """Samples every row to EOS/stop or its length limit (module docstring).
 
     Args:
       params: model parameters.
@@ -146,6 +147,10 @@ def generate(
       separators: [V] bool, the "\\n\\n" separator table (`algo.SeparatorTable.double_newline`), or
         [V, 2] with the "\\n" table as the fallback segmentation.
       think_id: scalar id of `</think>` (-1 for none).
+      row_max_new: [B] tokens each row may sample (clipped to 1..max_new_tokens; None: max_new_tokens).
+        ALGORITHM.md section 3: a continuation branched at offset o of a response may add
+        max_new_tokens - o tokens, so that the response it completes stays within the length limit; what
+        it samples up to there equals the official run's continuation cut after generation.
       cfg, settings, sharder: static model config, loop settings and activation sharding.
 
     Returns:
@@ -190,6 +195,9 @@ def generate(
 
     tok, lp, ent = sample(logits, jnp.zeros((b,), jnp.int32))
     rows = jnp.arange(b)
+    limit = (
+        jnp.full((b,), m, jnp.int32) if row_max_new is None else jnp.clip(row_max_new, 1, m).astype(jnp.int32)
+    )
     zeros_lnc = jnp.zeros((b, nseg, layers, heads, c), jnp.float32)
     stop = is_stop(tok)
     state = LoopState(
@@ -197,9 +205,9 @@ def generate(
         key_steps=key_steps,
         cur_token=tok,
         n_gen=jnp.ones((b,), jnp.int32),
-        done=stop | (m == 1),
+        done=stop | (limit == 1),
         fed_final=jnp.zeros((b,), bool),
-        reason=jnp.where(stop, EOS, jnp.where(m == 1, LENGTH, 0)).astype(jnp.int32),
+        reason=jnp.where(stop, EOS, jnp.where(limit == 1, LENGTH, 0)).astype(jnp.int32),
         tokens=jnp.full((b, m), settings.pad_id, jnp.int32).at[:, 0].set(tok),
         logprobs=jnp.zeros((b, m), jnp.float32).at[:, 0].set(lp),
         entropies=jnp.zeros((b, m), jnp.float32).at[:, 0].set(ent),
@@ -251,7 +259,7 @@ def generate(
         write = jnp.where(gen, s.n_gen, m)  # finished rows write nowhere (dropped)
         n_gen = s.n_gen + gen
         stop = gen & is_stop(tok)
-        hit_len = gen & ~stop & (n_gen >= m)
+        hit_len = gen & ~stop & (n_gen >= limit)
         return LoopState(
             cache=cache,
             key_steps=key_steps,

@@ -118,12 +118,13 @@ class Sampler:
         Returns (initial[prompt][sample], continuations[request][offset][sample]).
         """
         prompts = [self.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
-        sources, rows = [], []  # rows: (source, prefix length, fci, key id)
+        m = self.settings.max_new_tokens
+        sources, rows = [], []  # rows: (source, prefix length, fci, key id, tokens it may sample)
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty")
             sources.append(prompt)
-            rows += [(len(sources) - 1, len(prompt), True, ("init", i, j)) for j in range(n)]
+            rows += [(len(sources) - 1, len(prompt), True, ("init", i, j), m) for j in range(n)]
         for i, req in enumerate(continuations):
             if not req.offsets:
                 continue
@@ -134,9 +135,9 @@ class Sampler:
                     f"{len(req.response)}-token response"
                 )
             sources.append(list(req.prompt) + list(req.response[:cut]))  # the longest prefix, prefilled once
-            for k, o in enumerate(req.offsets):
+            for k, o in enumerate(req.offsets):  # section 3: the completed response stays within m
                 rows += [
-                    (len(sources) - 1, len(req.prompt) + o, False, ("cont", i, k, j))
+                    (len(sources) - 1, len(req.prompt) + o, False, ("cont", i, k, j), max(m - o, 1))
                     for j in range(req.samples_per_offset)
                 ]
         out = self._run(sources, rows, seed)
@@ -164,8 +165,9 @@ class Sampler:
         row_src = np.zeros(b_bucket, np.int32)
         row_len = np.ones(b_bucket, np.int32)
         row_fci = np.zeros(b_bucket, bool)
-        for b, (s, length, fci, _) in enumerate(rows):
-            row_src[b], row_len[b], row_fci[b] = s, length, fci
+        row_max = np.ones(b_bucket, np.int32)  # padding rows: one token
+        for b, (s, length, fci, _, limit) in enumerate(rows):
+            row_src[b], row_len[b], row_fci[b], row_max[b] = s, length, fci, limit
         base = jax.random.key(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b_bucket))
         stop = np.tile(np.asarray(self.stop_ids, np.int32), (b_bucket, 1))
@@ -181,13 +183,14 @@ class Sampler:
             put(stop, ("batch", None)),
             put(self._separators, (None, None)),
             jnp.int32(self.table.think_end_id),
+            put(row_max, ("batch",)),
             cfg=self.cfg,
             settings=self.settings,
             sharder=self.sharder,
         )
         out = fetch(out)
         results = {}
-        for b, (_, _, fci, key) in enumerate(rows):
+        for b, (_, _, fci, key, _) in enumerate(rows):
             n = int(out["lengths"][b])
             tokens = out["tokens"][b, :n]
             results[key] = Sample(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import re
 import time
 
@@ -131,7 +132,7 @@ def main() -> None:
     with VerifierPool(num_workers=args.workers) as pool:
         ours = [v.acc for v in pool.score([r[3] for r in rows], [r[2] for r in rows])]
     ours_s = time.perf_counter() - t0
-    logging_off()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its per-call timeout warnings
     theirs = [plain_math_verify(gt, response) for _, _, gt, response in rows]
     table = collections.defaultdict(lambda: [0, 0, 0])
     for (group, cat, _, _), a, b in zip(rows, ours, theirs):
@@ -148,12 +149,6 @@ def main() -> None:
     for (group, cat), (n, a, b) in sorted(table.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] == "all")):
         name = f"**{cat}**" if cat == "all" else f"`{cat}`"
         print(f"| {group} | {name} | {n} | {100 * a / n:.1f}% | {100 * b / n:.1f}% |")
-
-
-def logging_off() -> None:
-    import logging
-
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ Result: acc in {0, 1}, score +1/-1 (logging only), and a reason: correct, no_ans
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import numbers
+import operator
 import re
 from collections.abc import Iterable, Sequence
 
@@ -77,33 +79,35 @@ def solution_text(response: str) -> str:
     return response if cut < 0 else response[cut + len("</think>") :]
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` (or `\\boxed x` up to `$` or end of line).
+_BOX_START = re.compile(r"\\(?:boxed|fbox)")
+_BRACE = re.compile(r"[{}]")
+_INLINE_END = re.compile(r"[$\n]")
 
-    Scans linearly with a depth counter (no recursion, no regex backtracking); an unbalanced last box
-    gives None.
-    """
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    if i < len(text) and text[i] == " ":  # "\boxed 5"
-        rest = text[i + 1 :]
-        end = min((p for p in (rest.find("$"), rest.find("\n")) if p >= 0), default=len(rest))
-        content = rest[:end].strip()
-        return content or None
-    if i >= len(text) or text[i] != "{":
-        return None
+
+def _box_at(text: str, start: int) -> tuple[str | None, int]:
+    """The box whose command starts at `start`: (content, where scanning resumes). Content is None for a
+    command with no box after it (resume after the command) or an empty `\\boxed x`; an unbalanced box
+    gives (None, -1). Brace matching visits only the braces (no recursion, no regex backtracking)."""
+    j = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    if j < len(text) and text[j] == " ":  # "\boxed 5", up to "$" or the end of the line
+        e = _INLINE_END.search(text, j + 1)
+        end = e.start() if e else len(text)
+        return text[j + 1 : end].strip() or None, end
+    if j >= len(text) or text[j] != "{":
+        return None, j
     depth = 0
-    for j in range(i, len(text)):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
+    for brace in _BRACE.finditer(text, j):
+        depth += 1 if brace.group() == "{" else -1
+        if depth == 0:
+            return text[j + 1 : brace.start()], brace.start() + 1
+    return None, -1
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` (or `\\boxed x` up to `$` or end of line); an
+    unbalanced last box gives None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    return None if start < 0 else _box_at(text, start)[0]
 
 
 def ground_truths(gt: str | int | Sequence[str | int]) -> list[str]:
@@ -418,6 +422,7 @@ def grade_sympy(given: str, gt: str) -> bool:
 # A parser for plain (non-LaTeX) answers that cannot run code
 
 
+@functools.cache
 def _safe_names() -> dict:
     import sympy
 
@@ -449,8 +454,6 @@ def parse_plain(s: str):
     other node (attributes, subscripts, lambdas, comprehensions, keyword arguments, any other name).
     Nothing is ever passed to eval, exec or compile.
     """
-    import ast
-
     from sympy.parsing.sympy_parser import (
         convert_xor,
         implicit_multiplication_application,
@@ -458,7 +461,7 @@ def parse_plain(s: str):
         stringify_expr,
     )
 
-    names = _safe_names()
+    names = _safe_names()  # (stringify_expr gets a copy: nothing may change the cached table)
     transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
     code = stringify_expr(s, {}, dict(names), transformations)
     tree = ast.parse(code.strip(), mode="eval")
@@ -467,21 +470,20 @@ def parse_plain(s: str):
     return _build(tree.body, names)
 
 
-def _build(node, names: dict):
-    import ast
-    import operator
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
+
+def _build(node, names: dict):
     import sympy
 
-    binary = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
     if isinstance(node, ast.BinOp):
         left, right = _build(node.left, names), _build(node.right, names)
         if isinstance(node.op, ast.Pow):
             if right.is_Number and abs(right) > 10_000:
                 raise ValueError("exponent too large")
             return left**right
-        if type(node.op) in binary:
-            return binary[type(node.op)](left, right)
+        if type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](left, right)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _build(node.operand, names)
         return -value if isinstance(node.op, ast.USub) else value
@@ -627,45 +629,21 @@ def has_relation(s: str) -> bool:
     return _RELATION.search(s) is not None or "=" in s
 
 
-_BOX_START = re.compile(r"\\(?:boxed|fbox)")
-_BRACE = re.compile(r"[{}]")
-_INLINE_END = re.compile(r"[$\n]")
-
-
 def boxed_answers(text: str) -> list[str]:
     """The content of every `\\boxed{...}` / `\\fbox{...}` in `text`, in order (a box nested in a box
     counts once, as its innermost last box, as `last_boxed` reads it). Linear in the text: each search
-    starts where the last box ended, and brace matching visits only the braces."""
+    starts where the last box ended."""
     out, i = [], 0
-    while True:
-        m = _BOX_START.search(text, i)
-        if m is None:
-            return out
-        j = m.end()
-        if j < len(text) and text[j] == " ":  # "\boxed 5"
-            e = _INLINE_END.search(text, j + 1)
-            end = e.start() if e else len(text)
-            content = text[j + 1 : end].strip()
-            if content:
-                out.append(content)
-            i = end
+    while (m := _BOX_START.search(text, i)) is not None:
+        content, i = _box_at(text, m.start())
+        if i < 0:  # unbalanced: no more boxes
+            break
+        if content is None:
             continue
-        if j >= len(text) or text[j] != "{":
-            i = j
-            continue
-        depth, end = 0, -1
-        for brace in _BRACE.finditer(text, j):
-            depth += 1 if brace.group() == "{" else -1
-            if depth == 0:
-                end = brace.start()
-                break
-        if end < 0:  # unbalanced: no more boxes
-            return out
-        content = text[j + 1 : end]
         if "\\boxed" in content or "\\fbox" in content:
             content = last_boxed(content) or content
         out.append(content.strip())
-        i = end + 1
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -88,9 +88,7 @@ def _worker_main(conn, memory_bytes: int) -> None:
     while True:
         try:
             msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        except Exception:  # noqa: BLE001 - a message that does not unpickle here: nothing to answer
+        except Exception:  # noqa: BLE001 - the pipe closed, or a message that does not unpickle here
             return
         if msg is None:
             return
@@ -376,9 +374,7 @@ class VerifierPool:
                 except (EOFError, OSError):  # it died while grading (killed, or a crash its item caused)
                     self._replace(k, None)
                     continue
-                if (
-                    key != w.key
-                ):  # out of step with its requests: never trust it again (its item is sent anew)
+                if key != w.key:  # out of step with its requests: never trust it again (item sent anew)
                     log.warning("verifier pool: worker %d answered key %s for %s", w.process.pid, key, w.key)
                     self._replace(k, None)
                     continue

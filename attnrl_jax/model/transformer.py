@@ -421,7 +421,14 @@ def forward_with_fci(
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer, [L, B, S, K, H] each, and the valid length of each row [B]."""
+    """Keys and values of every layer, [L, B, S, K, H] each, and the valid length of each row [B].
+
+    k and v hold the raw bits of the compute dtype (uint16 for bfloat16, `bits_dtype`): `store` writes
+    into them and `load` reads a slice back. XLA's CPU backend does a bfloat16 scatter in float32,
+    converting the whole buffer there and back (two float32 copies of the cache per token written: four
+    times the cache in temporaries, `benchmarks/scale_memory.py`), and a bitcast around each write is a
+    copy there too; an integer scatter is done in place on every backend.
+    """
 
     k: Array
     v: Array
@@ -435,11 +442,30 @@ class KVCache:
 CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
 
 
+def bits_dtype(dtype) -> jnp.dtype:
+    """The unsigned integer type of a float type's width, in which the KV cache is stored."""
+    width = jnp.dtype(dtype).itemsize
+    if width not in (2, 4):
+        raise ValueError(f"a KV cache of {jnp.dtype(dtype)} is not supported (16- or 32-bit floats)")
+    return jnp.dtype(jnp.uint16 if width == 2 else jnp.uint32)
+
+
+def store(buf: Array, index: tuple, values: Array, dtype) -> Array:
+    """`buf.at[index].set(values, mode="drop")` for a cache buffer of `dtype` bits (KVCache)."""
+    raw = jax.lax.bitcast_convert_type(values.astype(dtype), buf.dtype)
+    return buf.at[index].set(raw, mode="drop")
+
+
+def load(buf: Array, dtype) -> Array:
+    """Cache bits (a slice of a KVCache buffer) read as `dtype` values."""
+    return jax.lax.bitcast_convert_type(buf, jnp.dtype(dtype))
+
+
 def init_cache(cfg: ModelConfig, batch: int, size: int, sharder: Sharder | None = None) -> KVCache:
-    """An empty cache of `size` positions per row, in the compute dtype."""
+    """An empty cache of `size` positions per row (the bits of the compute dtype)."""
     sharder = sharder or Sharder()
     shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    zeros = sharder.constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES)
+    zeros = sharder.constrain(jnp.zeros(shape, bits_dtype(cfg.dtype)), CACHE_AXES)
     return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
 
@@ -491,9 +517,9 @@ def forward_cached(
         lp, li = xs
         lp = jax.tree.map(lambda p: p.astype(dtype), lp)
         q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
-        ck = ck.at[li, rows, write_pos].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[li, rows, write_pos].set(v.astype(cv.dtype), mode="drop")
-        k_all, v_all = ck[li], cv[li]  # [B, S, K, H]
+        ck = store(ck, (li, rows, write_pos), k, dtype)
+        cv = store(cv, (li, rows, write_pos), v, dtype)
+        k_all, v_all = load(ck[li], dtype), load(cv[li], dtype)  # [B, S, K, H]
         if cfg.attention_impl == "pallas" and t == 1:
             # The Pallas decode kernel: reads only the blocks below each row's length and returns the
             # per-step attention mass itself. (Rows with no valid token compute values nobody reads.)
@@ -513,6 +539,79 @@ def forward_cached(
         mass = mass[..., 0, :]
     h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
     return h, KVCache(ck, cv, new_lengths), mass
+
+
+def _prefill_attention(cfg: ModelConfig, sharder: Sharder, q, k, v, seg, chunk: int):
+    """Causal attention of T prefix tokens among themselves (q [B, T, N, H], k/v [B, T, K, H]): the flash
+    kernel for attention_impl "pallas"; on the XLA path `chunk` queries at a time, so the float32 scores
+    are [B, N, chunk, T], never [B, N, T, T]."""
+    b, t = seg.shape
+    if cfg.attention_impl != "xla" or t <= chunk:
+        return attention(q, k, v, seg, seg, impl=cfg.attention_impl, sharder=sharder)
+    from attnrl_jax.model.attention import xla_attention
+
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, *q.shape[2:])
+    sp = jnp.pad(seg, ((0, 0), (0, pad))).reshape(b, n, chunk)
+
+    def one(xs):
+        qc, sc, i = xs
+        return xla_attention(qc, k, v, sc, seg, jnp.full((b,), i * chunk, jnp.int32))[0]
+
+    out = jax.lax.map(one, (qp.swapaxes(0, 1), sp.swapaxes(0, 1), jnp.arange(n)))  # [n, B, chunk, N, H]
+    return out.swapaxes(0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :t]
+
+
+def prefill_into_cache(
+    params: Params,
+    tokens: Array,
+    valid: Array,
+    cache: KVCache,
+    dest: Array,
+    dest_src: Array,
+    *,
+    cfg: ModelConfig,
+    sharder: Sharder | None = None,
+    chunk: int = 512,
+) -> tuple[Array, KVCache]:
+    """Prefills the prefixes `tokens` [R, P] (`valid` [R, P] marks their left-aligned tokens) from position
+    0, and writes each layer's keys and values into cache rows `dest` [W] at positions [0, P): row dest[w]
+    gets prefix dest_src[w] (several rows may fork one prefix; a dest >= the cache's batch is dropped).
+
+    The prefixes attend only to themselves (`_prefill_attention`: the flash kernel, or XLA in query
+    chunks), never to the cache; each layer's keys are forked into the rows inside the layer scan, so one
+    layer's [W, P] keys exist at a time, not a second cache. The rows' lengths are left to the caller.
+
+    Returns (final hidden states [R, P, D], the cache).
+    """
+    sharder = sharder or Sharder()
+    r, p = tokens.shape
+    if p > cache.size:
+        raise ValueError(f"prefixes of {p} tokens do not fit a cache of {cache.size} positions")
+    dtype = jnp.dtype(cfg.dtype)
+    seg = valid.astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (r, p))
+    x = sharder.constrain(
+        jnp.take(params["embed"], tokens, axis=0).astype(dtype), ("batch", "length", "act_embed")
+    )
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    rows = dest[:, None]
+    cols = jnp.arange(p)[None, :]
+
+    def body(carry, xs):
+        x, ck, cv = carry
+        lp, li = xs
+        lp = jax.tree.map(lambda w: w.astype(dtype), lp)
+        q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
+        x = _out_and_mlp(cfg, sharder, lp, x, _prefill_attention(cfg, sharder, q, k, v, seg, chunk))
+        ck = store(ck, (li, rows, cols), k[dest_src], dtype)
+        cv = store(cv, (li, rows, cols), v[dest_src], dtype)
+        return (x, ck, cv), None
+
+    (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], jnp.arange(cfg.num_layers)))
+    h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    return h, KVCache(ck, cv, cache.lengths)
 
 
 def _decode_per_device(sharder, q, k, v, lengths, key_steps, num_steps):

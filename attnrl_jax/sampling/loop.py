@@ -1,5 +1,5 @@
-"""The device-side generation loop: prefill shared prefixes once, fork cache rows, decode every row in one
-`jax.lax.while_loop`, and accumulate each response's FCI while decoding.
+"""The device-side generation loop: prefill shared prefixes once, fork cache rows, decode the rows in a fixed
+number of slots with continuous batching, and accumulate each response's FCI while decoding.
 
 Rows and sources. `src_tokens` [R, P] holds the prefixes to prefill (right-padded, `src_lens` valid
 tokens); every generated row b continues source `row_src[b]` after its first `row_prefix_len[b]` tokens.
@@ -9,8 +9,16 @@ offset reads the same prefilled cache (the cache of a prefix is a prefix of the 
 prefilled once for all of its branch points. Initial and continuation rows mix freely in one call (the
 one-step off-policy pipeline of ALGORITHM.md section 10).
 
+Slots. The rows decode in `slots` slots, each with its own KV cache of `cache_size` positions. Two nested
+`jax.lax.while_loop`s alternate: an insertion prefills the next group of sources (rows are taken source by
+source, in source order) and forks each into free slots; decode steps then run until the next group's rows
+all fit in the free and finished slots (or every row has ended). A finished row's outputs are copied to its
+place in the result when its slot is reused, or at the end. With as many slots as rows, one insertion
+takes everything: static batching.
+
 RNG. Row b draws its t-th token with fold_in(row_keys[b], t), so a row's tokens depend only on its key,
-prefix and the weights, not on the batch it is in (forked and re-prefilled continuations agree).
+prefix and the weights, not on the batch or slot it is in (forked and re-prefilled continuations agree,
+and continuous batching gives the static result).
 
 FCI while decoding (section 5.2, for rows with `row_fci`): feeding response token i computes its attention
 row over the cache, which the model reduces to the mass paid to each key step. The mass of the current
@@ -34,7 +42,13 @@ import jax.numpy as jnp
 from attnrl_jax.kernels.fci import zero_steps
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
-from attnrl_jax.model.transformer import KVCache, forward_cached, init_cache, logits_from_hidden
+from attnrl_jax.model.transformer import (
+    KVCache,
+    forward_cached,
+    init_cache,
+    logits_from_hidden,
+    prefill_into_cache,
+)
 from attnrl_jax.sampling.sampling import SamplingParams, sample_tokens
 from attnrl_jax.typing import Array, Params
 
@@ -110,13 +124,58 @@ class LoopState:
     has_sep: Array  # [B, R] a separator of this segmentation occurred
 
 
-def _first_logits(params, h_src, row_src, row_prefix_len, cfg, sharder):
-    """Logits [B, V] for the token after each row's prefix, from the prefill's hidden states."""
-    h = h_src[row_src, row_prefix_len - 1]  # [B, D]
-    return logits_from_hidden(params, h[:, None], cfg=cfg, sharder=sharder)[:, 0]
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["row", "key", "fci", "stop", "limit", "prefix"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """Which row each decode slot holds (-1: free) and that row's settings."""
+
+    row: Array  # [n] index into the source-ordered rows, -1 for a free slot
+    key: Array  # [n, 2] uint32 key data of the row's PRNG stream
+    fci: Array  # [n] bool, accumulate FCI
+    stop: Array  # [n, K] stop token ids
+    limit: Array  # [n] tokens the row may sample
+    prefix: Array  # [n] prefix length (cache positions before the first sampled token)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings", "sharder"))
+def _results(s: LoopState, sl: Slots, m: int, c: int) -> dict[str, Array]:
+    """Each slot's finished row as the caller sees it ([n, ...] per output of `generate`)."""
+    n, size, nseg = s.key_steps.shape
+    # Per row, the "\n\n" segmentation if it has such a separator, else the "\n" fallback if tracked.
+    use = jnp.where(s.has_sep[:, 0] | (nseg == 1), 0, 1)
+
+    def pick(x):
+        return jnp.take_along_axis(x, use.reshape((n, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+
+    offs = sl.prefix[:, None] + jnp.arange(m)[None, :]
+    chosen_steps = jnp.take_along_axis(s.key_steps, use[:, None, None], axis=2)[..., 0]  # [n, S]
+    step_ids = jnp.take_along_axis(chosen_steps, jnp.minimum(offs, size - 1), axis=1)
+    step_ids = jnp.where(jnp.arange(m)[None, :] < s.n_gen[:, None], step_ids, -1)
+    think_step = pick(s.think_step)
+    cur_step = pick(s.cur_step)
+    fci = zero_steps(pick(s.fci).max(axis=(1, 2)), think_step)
+    return {
+        "tokens": s.tokens,
+        "logprobs": s.logprobs,
+        "entropies": s.entropies,
+        "lengths": s.n_gen,
+        "finish_reason": s.reason,
+        "fci": jnp.where(sl.fci[:, None], fci, 0.0),
+        "think_step": think_step,
+        "step_ids": step_ids,
+        "num_steps": cur_step - 1,
+        "step_overflow": jnp.maximum(cur_step - 1 - (c - 1), 0),
+        "needs_fallback": sl.fci & ~jnp.any(s.has_sep, axis=1),
+    }
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "settings", "sharder", "slots", "cache_size", "insert_sources", "insert_rows"),
+)
 def generate(
     params: Params,
     src_tokens: Array,
@@ -133,14 +192,27 @@ def generate(
     cfg: ModelConfig,
     settings: LoopSettings,
     sharder: Sharder | None = None,
+    slots: int | None = None,
+    cache_size: int | None = None,
+    insert_sources: int | None = None,
+    insert_rows: int | None = None,
 ) -> dict[str, Array]:
-    """Samples every row to EOS/stop or its length limit (module docstring).
+    """Samples every row to EOS/stop or its length limit (module docstring), `slots` rows at a time.
+
+    Continuous batching: the rows decode in `slots` slots; a source's rows enter together (its prefix is
+    prefilled once and forked into free slots) as soon as enough slots are free, and a finished row's
+    slot is reused, so the decode work follows the tokens generated rather than rows x the longest row.
+    Up to `insert_sources` sources are prefilled per insertion; the next group waits until all of its rows
+    fit (or no slot is busy). With slots >= rows (the default) every row enters at once: static batching.
+    A row's tokens depend only on its key, prefix and the weights, so the result does not depend on
+    `slots` or `insert_sources` (up to float rounding of the batched matmuls).
 
     Args:
       params: model parameters.
       src_tokens, src_lens: [R, P] prefixes to prefill and their valid lengths [R].
       row_src, row_prefix_len: [B] source of each row and how many of its tokens the row continues from
-        (1 <= row_prefix_len[b] <= src_lens[row_src[b]]).
+        (1 <= row_prefix_len[b] <= src_lens[row_src[b]]); a row with row_src < 0 is padding, never sampled
+        (length 0).
       row_keys: [B] PRNG keys (one stream per row).
       row_fci: [B] bool, accumulate FCI for this row (initial responses: prefix = prompt only).
       stop_ids: [B, K] token ids that end each row (-1 pads), EOS included.
@@ -152,6 +224,13 @@ def generate(
         max_new_tokens - o tokens, so that the response it completes stays within the length limit; what
         it samples up to there equals the official run's continuation cut after generation.
       cfg, settings, sharder: static model config, loop settings and activation sharding.
+      slots: decode slots (None or >= B: B). Every source's rows must fit in them (the host checks it:
+        a source with more rows is never inserted and its rows come back empty).
+      cache_size: KV positions per slot, at least P and every row's prefix plus limit (None: P +
+        max_new_tokens).
+      insert_sources: sources prefilled per insertion (None: all R, one insertion when they fit).
+      insert_rows: rows forked per insertion at most (None: `slots`); each layer's keys are copied into
+        this many rows per insertion, so it bounds the insertion's work and memory.
 
     Returns:
       dict: tokens [B, M] (pad after the end), logprobs and entropies [B, M] float32, lengths [B] (sampled
@@ -163,68 +242,155 @@ def generate(
     m, c, delta = settings.max_new_tokens, settings.num_steps, settings.delta
     b = row_src.shape[0]
     r, p = src_tokens.shape
-    size = p + m
+    n = b if slots is None else max(1, min(slots, b))
+    size = p + m if cache_size is None else cache_size
+    if size < p:
+        raise ValueError(f"cache_size {size} is shorter than the {p}-token prefixes")
+    group = r if insert_sources is None else max(1, min(insert_sources, r))
+    w = n if insert_rows is None else max(1, min(insert_rows, n))
     layers, heads = cfg.num_layers, cfg.num_heads
-
-    # Prefill every source once, then fork its cache rows for the rows that continue it.
-    src_valid = jnp.arange(p)[None, :] < src_lens[:, None]
-    h_src, cache_src, _ = forward_cached(
-        params, src_tokens, init_cache(cfg, r, size, sharder), cfg=cfg, valid=src_valid, sharder=sharder
-    )
-    logits = _first_logits(params, h_src, row_src, row_prefix_len, cfg, sharder)
-    cache = KVCache(
-        sharder.constrain(
-            cache_src.k[:, row_src], ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
-        ),
-        sharder.constrain(
-            cache_src.v[:, row_src], ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
-        ),
-        row_prefix_len.astype(jnp.int32),
-    )
     seps = separators[:, None] if separators.ndim == 1 else separators  # [V, R]
     nseg = seps.shape[1]
-    key_steps = jnp.where(jnp.arange(size)[None, :] < row_prefix_len[:, None], 0, -1).astype(jnp.int32)
-    key_steps = jnp.repeat(key_steps[:, :, None], nseg, axis=2)  # [B, S, R]
-
-    def sample(logits, n_gen):
-        keys = jax.vmap(jax.random.fold_in)(row_keys, n_gen)
-        return sample_tokens(logits, keys, settings.sampling)
-
-    def is_stop(tok):
-        return jnp.any(tok[:, None] == stop_ids, axis=1)
-
-    tok, lp, ent = sample(logits, jnp.zeros((b,), jnp.int32))
-    rows = jnp.arange(b)
     limit = (
         jnp.full((b,), m, jnp.int32) if row_max_new is None else jnp.clip(row_max_new, 1, m).astype(jnp.int32)
     )
-    zeros_lnc = jnp.zeros((b, nseg, layers, heads, c), jnp.float32)
-    stop = is_stop(tok)
+
+    # Rows in source order: a source's rows are contiguous, [src_start[j], src_end[j]).
+    order = jnp.argsort(row_src, stable=True)
+    o_src, o_prefix, o_fci = row_src[order], row_prefix_len[order].astype(jnp.int32), row_fci[order]
+    key_impl = jax.random.key_impl(row_keys)
+    o_key, o_stop, o_limit = jax.random.key_data(row_keys)[order], stop_ids[order], limit[order]
+    src_start = jnp.searchsorted(o_src, jnp.arange(r), side="left").astype(jnp.int32)
+    src_end = jnp.searchsorted(o_src, jnp.arange(r), side="right").astype(jnp.int32)
+    used = jnp.max(row_src) + 1  # sources after the last one a row continues (bucket padding) are skipped
+
+    def is_stop(tok, stop):
+        return jnp.any(tok[:, None] == stop, axis=1)
+
+    def sample(logits, keys, n_gen):
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys, impl=key_impl), n_gen)
+        return sample_tokens(logits, keys, settings.sampling)
+
+    zeros_lnc = jnp.zeros((n, nseg, layers, heads, c), jnp.float32)
     state = LoopState(
-        cache=cache,
-        key_steps=key_steps,
-        cur_token=tok,
-        n_gen=jnp.ones((b,), jnp.int32),
-        done=stop | (limit == 1),
-        fed_final=jnp.zeros((b,), bool),
-        reason=jnp.where(stop, EOS, jnp.where(limit == 1, LENGTH, 0)).astype(jnp.int32),
-        tokens=jnp.full((b, m), settings.pad_id, jnp.int32).at[:, 0].set(tok),
-        logprobs=jnp.zeros((b, m), jnp.float32).at[:, 0].set(lp),
-        entropies=jnp.zeros((b, m), jnp.float32).at[:, 0].set(ent),
-        cur_step=jnp.ones((b, nseg), jnp.int32),
-        cur_len=jnp.zeros((b, nseg), jnp.int32),
-        step_len=jnp.zeros((b, nseg, c), jnp.int32).at[:, :, 0].set(row_prefix_len[:, None]),
+        cache=init_cache(cfg, n, size, sharder),
+        key_steps=jnp.full((n, size, nseg), -1, jnp.int32),
+        cur_token=jnp.zeros((n,), jnp.int32),
+        n_gen=jnp.zeros((n,), jnp.int32),
+        done=jnp.ones((n,), bool),
+        fed_final=jnp.ones((n,), bool),  # free slots count as finished
+        reason=jnp.zeros((n,), jnp.int32),
+        tokens=jnp.full((n, m), settings.pad_id, jnp.int32),
+        logprobs=jnp.zeros((n, m), jnp.float32),
+        entropies=jnp.zeros((n, m), jnp.float32),
+        cur_step=jnp.ones((n, nseg), jnp.int32),
+        cur_len=jnp.zeros((n, nseg), jnp.int32),
+        step_len=jnp.zeros((n, nseg, c), jnp.int32),
         cur_mass=zeros_lnc,
         fci=zeros_lnc,
-        think_step=jnp.full((b, nseg), -1, jnp.int32),
-        has_sep=jnp.zeros((b, nseg), bool),
+        think_step=jnp.full((n, nseg), -1, jnp.int32),
+        has_sep=jnp.zeros((n, nseg), bool),
     )
+    free_slots = Slots(
+        row=jnp.full((n,), -1, jnp.int32),
+        key=jnp.zeros((n,) + o_key.shape[1:], o_key.dtype),
+        fci=jnp.zeros((n,), bool),
+        stop=jnp.full((n, stop_ids.shape[1]), -1, stop_ids.dtype),
+        limit=jnp.ones((n,), jnp.int32),
+        prefix=jnp.ones((n,), jnp.int32),
+    )
+    shapes = jax.eval_shape(lambda: _results(state, free_slots, m, c))
+    out0 = {
+        k: jnp.full(
+            (b,) + v.shape[1:], settings.pad_id if k == "tokens" else (-1 if k == "step_ids" else 0), v.dtype
+        )
+        for k, v in shapes.items()
+    }
 
-    def body(s: LoopState) -> LoopState:
+    def plan(s: LoopState, sl: Slots, nxt):
+        """How many of the next `group` sources enter now, how many rows they bring, and whether to."""
+        nfree = jnp.sum(s.fed_final)  # free or finished (harvested first)
+        js = nxt + jnp.arange(group)
+        inside = js < used
+        row0 = src_start[jnp.minimum(nxt, r - 1)]
+        cum = jnp.where(inside, src_end[jnp.minimum(js, r - 1)] - row0, b + 1)
+        count = jnp.sum(cum <= jnp.minimum(nfree, w))
+        rows_in = jnp.where(count > 0, cum[jnp.maximum(count - 1, 0)], 0)
+        whole = count == jnp.minimum(group, used - nxt)
+        go = (nxt < used) & (count > 0) & (whole | jnp.all(s.fed_final))
+        return go, count, row0, rows_in
+
+    def harvest(s: LoopState, sl: Slots, out):
+        fin = s.fed_final & (sl.row >= 0)
+        dest = jnp.where(fin, sl.row, b)
+        res = _results(s, sl, m, c)
+        out = {k: out[k].at[dest].set(res[k], mode="drop") for k in out}
+        return dataclasses.replace(sl, row=jnp.where(fin, -1, sl.row)), out
+
+    def insert(carry):
+        s, sl, out, nxt = carry
+        _, count, row0, rows_in = plan(s, sl, nxt)
+        sl, out = harvest(s, sl, out)
+        # Sources nxt .. nxt + count - 1 enter; their rows take the first free slots in index order.
+        js = jnp.minimum(nxt + jnp.arange(group), r - 1)
+        src_ok = jnp.arange(group) < count
+        valid = (jnp.arange(p)[None, :] < src_lens[js][:, None]) & src_ok[:, None]
+        ok = jnp.arange(w) < rows_in
+        cand = jnp.minimum(row0 + jnp.arange(w), b - 1)
+        free_first = jnp.argsort(sl.row >= 0, stable=True)[:w]
+        dest = jnp.where(ok, free_first, n)  # n: dropped
+        local = jnp.clip(o_src[cand] - nxt, 0, group - 1)
+        prefix = o_prefix[cand]
+        h, cache = prefill_into_cache(
+            params, src_tokens[js], valid, s.cache, dest, local, cfg=cfg, sharder=sharder
+        )
+        cache = KVCache(cache.k, cache.v, cache.lengths.at[dest].set(prefix, mode="drop"))
+        h_row = h[local, prefix - 1]  # [w, D]
+        logits = logits_from_hidden(params, h_row[:, None], cfg=cfg, sharder=sharder)[:, 0]
+        tok, lp, ent = sample(logits, o_key[cand], jnp.zeros((w,), jnp.int32))
+        stop = is_stop(tok, o_stop[cand])
+        lim = o_limit[cand]
+
+        def put(x, v):
+            return x.at[dest].set(v, mode="drop")
+
+        ks = jnp.where(jnp.arange(size)[None, :] < prefix[:, None], 0, -1).astype(jnp.int32)
+        s = LoopState(
+            cache=cache,
+            key_steps=put(s.key_steps, jnp.repeat(ks[:, :, None], nseg, axis=2)),
+            cur_token=put(s.cur_token, tok),
+            n_gen=put(s.n_gen, jnp.ones((w,), jnp.int32)),
+            done=put(s.done, stop | (lim == 1)),
+            fed_final=put(s.fed_final, jnp.zeros((w,), bool)),
+            reason=put(s.reason, jnp.where(stop, EOS, jnp.where(lim == 1, LENGTH, 0)).astype(jnp.int32)),
+            tokens=put(s.tokens, jnp.full((w, m), settings.pad_id, jnp.int32).at[:, 0].set(tok)),
+            logprobs=put(s.logprobs, jnp.zeros((w, m), jnp.float32).at[:, 0].set(lp)),
+            entropies=put(s.entropies, jnp.zeros((w, m), jnp.float32).at[:, 0].set(ent)),
+            cur_step=put(s.cur_step, jnp.ones((w, nseg), jnp.int32)),
+            cur_len=put(s.cur_len, jnp.zeros((w, nseg), jnp.int32)),
+            step_len=put(s.step_len, jnp.zeros((w, nseg, c), jnp.int32).at[:, :, 0].set(prefix[:, None])),
+            cur_mass=put(s.cur_mass, jnp.zeros((w,) + s.cur_mass.shape[1:], jnp.float32)),
+            fci=put(s.fci, jnp.zeros((w,) + s.fci.shape[1:], jnp.float32)),
+            think_step=put(s.think_step, jnp.full((w, nseg), -1, jnp.int32)),
+            has_sep=put(s.has_sep, jnp.zeros((w, nseg), bool)),
+        )
+        sl = Slots(
+            row=put(sl.row, cand),
+            key=put(sl.key, o_key[cand]),
+            fci=put(sl.fci, o_fci[cand]),
+            stop=put(sl.stop, o_stop[cand]),
+            limit=put(sl.limit, lim),
+            prefix=put(sl.prefix, prefix),
+        )
+        return s, sl, out, nxt + count
+
+    def decode(carry):
+        s, sl, out, nxt = carry
+        slot_ids = jnp.arange(n)
         active = ~s.fed_final
-        bucket = jnp.minimum(s.cur_step, c - 1)  # [B, R]
+        bucket = jnp.minimum(s.cur_step, c - 1)  # [n, R]
         pos = s.cache.lengths
-        key_steps = s.key_steps.at[rows, pos].set(jnp.where(active[:, None], bucket, -1), mode="drop")
+        key_steps = s.key_steps.at[slot_ids, pos].set(jnp.where(active[:, None], bucket, -1), mode="drop")
         h, cache, mass = forward_cached(
             params,
             s.cur_token[:, None],
@@ -236,16 +402,16 @@ def generate(
             sharder=sharder,
         )
         # ---- FCI: the fed token's attention row joins its step; a closing step is added to the sums.
-        track = (active & row_fci)[:, None]  # [B, 1]
-        mass = jnp.moveaxis(mass[:, :, :, 0], (1, 3), (0, 1))  # [L, B, N, R, C] -> [B, R, L, N, C]
+        track = (active & sl.fci)[:, None]  # [n, 1]
+        mass = jnp.moveaxis(mass[:, :, :, 0], (1, 3), (0, 1))  # [L, n, N, R, C] -> [n, R, L, N, C]
         cur_mass = s.cur_mass + jnp.where(track[..., None, None, None], mass, 0.0)
         step_len = s.step_len + track[..., None] * jax.nn.one_hot(bucket, c, dtype=jnp.int32)
         cur_len = s.cur_len + track
-        sep = seps[s.cur_token]  # [B, R]
+        sep = seps[s.cur_token]  # [n, R]
         close = track & (sep | s.done[:, None])
-        key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [B, R, C]
+        key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [n, R, C]
         earlier = jnp.arange(c) <= (s.cur_step - delta)[..., None]  # key steps c <= a - Delta
-        scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [B, R, C]
+        scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [n, R, C]
         closing = close[..., None, None, None]
         fci = s.fci + jnp.where(closing, cur_mass * scale[:, :, None, None, :], 0.0)
         cur_mass = jnp.where(closing, 0.0, cur_mass)
@@ -255,12 +421,12 @@ def generate(
         # ---- sample the next token for rows that are still generating.
         gen = active & ~s.done
         logits = logits_from_hidden(params, h, cfg=cfg, sharder=sharder)[:, 0]
-        tok, lp, ent = sample(logits, s.n_gen)
+        tok, lp, ent = sample(logits, sl.key, s.n_gen)
         write = jnp.where(gen, s.n_gen, m)  # finished rows write nowhere (dropped)
         n_gen = s.n_gen + gen
-        stop = gen & is_stop(tok)
-        hit_len = gen & ~stop & (n_gen >= limit)
-        return LoopState(
+        stop = gen & is_stop(tok, sl.stop)
+        hit_len = gen & ~stop & (n_gen >= sl.limit)
+        s = LoopState(
             cache=cache,
             key_steps=key_steps,
             cur_token=jnp.where(gen, tok, s.cur_token),
@@ -268,9 +434,9 @@ def generate(
             done=s.done | stop | hit_len,
             fed_final=s.fed_final | (active & s.done),
             reason=jnp.where(stop, EOS, jnp.where(hit_len, LENGTH, s.reason)),
-            tokens=s.tokens.at[rows, write].set(tok, mode="drop"),
-            logprobs=s.logprobs.at[rows, write].set(lp, mode="drop"),
-            entropies=s.entropies.at[rows, write].set(ent, mode="drop"),
+            tokens=s.tokens.at[slot_ids, write].set(tok, mode="drop"),
+            logprobs=s.logprobs.at[slot_ids, write].set(lp, mode="drop"),
+            entropies=s.entropies.at[slot_ids, write].set(ent, mode="drop"),
             cur_step=cur_step,
             cur_len=cur_len,
             step_len=step_len,
@@ -279,31 +445,21 @@ def generate(
             think_step=think_step,
             has_sep=s.has_sep | (track & sep),
         )
+        return s, sl, out, nxt
 
-    s = jax.lax.while_loop(lambda s: jnp.any(~s.fed_final), body, state)
-    # Per row, the "\n\n" segmentation if it has such a separator, else the "\n" fallback if tracked.
-    use = jnp.where(s.has_sep[:, 0] | (nseg == 1), 0, 1)
+    # Insert, decode until the next group fits (or every row ended), insert again: two nested loops rather
+    # than a `lax.cond` per step, whose branches would each need their own copy of the cache.
+    def go(carry):
+        return plan(carry[0], carry[1], carry[3])[0]
 
-    def pick(x):
-        return jnp.take_along_axis(x, use.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+    def decoding(carry):
+        return jnp.any(~carry[0].fed_final) & ~go(carry)
 
-    offs = row_prefix_len[:, None] + jnp.arange(m)[None, :]
-    chosen_steps = jnp.take_along_axis(s.key_steps, use[:, None, None], axis=2)[..., 0]  # [B, S]
-    step_ids = jnp.take_along_axis(chosen_steps, jnp.minimum(offs, size - 1), axis=1)
-    step_ids = jnp.where(jnp.arange(m)[None, :] < s.n_gen[:, None], step_ids, -1)
-    think_step = pick(s.think_step)
-    cur_step = pick(s.cur_step)
-    fci = zero_steps(pick(s.fci).max(axis=(1, 2)), think_step)
-    return {
-        "tokens": s.tokens,
-        "logprobs": s.logprobs,
-        "entropies": s.entropies,
-        "lengths": s.n_gen,
-        "finish_reason": s.reason,
-        "fci": jnp.where(row_fci[:, None], fci, 0.0),
-        "think_step": think_step,
-        "step_ids": step_ids,
-        "num_steps": cur_step - 1,
-        "step_overflow": jnp.maximum(cur_step - 1 - (c - 1), 0),
-        "needs_fallback": row_fci & ~jnp.any(s.has_sep, axis=1),
-    }
+    def insert_then_decode(carry):
+        return jax.lax.while_loop(decoding, decode, insert(carry))
+
+    carry = (state, free_slots, out0, jnp.int32(0))
+    s, sl, out, _ = jax.lax.while_loop(go, insert_then_decode, carry)
+    _, out = harvest(s, sl, out)
+    inv = jnp.argsort(order)  # back to the callers' row order
+    return {k: v[inv] for k, v in out.items()}

@@ -38,6 +38,10 @@ def run(c: ConfigDict) -> dict:
     for key in ("k", "max_prompt_len", "batch_prompts"):
         if c.eval[key] < (0 if key == "k" else 1):
             raise ValueError(f"config.eval.{key} must be positive, got {c.eval[key]}")
+    if not c.eval.cache_gib >= 0:
+        raise ValueError(
+            f"config.eval.cache_gib must be 0 (no limit) or positive GiB, got {c.eval.cache_gib}"
+        )
     settings = LoopSettings(
         max_new_tokens=c.eval.max_new_tokens,
         sampling=SamplingParams(c.eval.temperature, c.eval.top_k, c.eval.top_p),
@@ -53,7 +57,7 @@ def run(c: ConfigDict) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_path or c.checkpoint)
-    sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder)
+    sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder, cache_gib=c.eval.cache_gib)
 
     skipped = {}
     for name, problems in benchmarks.items():

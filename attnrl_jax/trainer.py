@@ -149,6 +149,11 @@ def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_pa
             "config.train.micro_batches is no longer a setting: set config.train.rows_per_device (rows per "
             "device per micro-batch; the micro-batch count follows from the mesh)"
         )
+    if not c.sampler.cache_gib >= 0:
+        raise ValueError(
+            "config.sampler.cache_gib must be 0 (no limit) or a positive number of GiB, "
+            f"got {c.sampler.cache_gib}"
+        )
     for key in ("steps", "row_length"):
         if c.train[key] < 1:
             raise ValueError(f"config.train.{key} must be at least 1, got {c.train[key]}")
@@ -539,7 +544,14 @@ def run(c: ConfigDict) -> dict:
     finished = start >= c.train.steps
     mode = "off-policy" if c.train.off_policy else "on-policy"
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
-        sampler = Sampler(sampler_params(state.params), cfg, tokenizer, s.loop, sharder=job.sharder)
+        sampler = Sampler(
+            sampler_params(state.params),
+            cfg,
+            tokenizer,
+            s.loop,
+            sharder=job.sharder,
+            cache_gib=c.sampler.cache_gib,
+        )
         # Each process grades its share of the responses; every process gets all verdicts.
         scorer = ShardedScorer(pool.submit)
         score = lambda texts, gts: clock.wrap(scorer(texts, gts))  # noqa: E731

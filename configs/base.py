@@ -58,6 +58,10 @@ def get_config() -> ConfigDict:
     c.sampler.temperature = 1.0
     c.sampler.top_p = 1.0
     c.sampler.top_k = 0  # 0: no limit
+    # Per-device memory for the sampler's decode slots (KV cache and per-row state), GiB; a call with more
+    # rows than fit batches continuously (a finished row's slot takes the next one). 0: all rows at once.
+    # 12 GiB holds the paper's first batch (384 rows of 9,216 positions at 1.5B) on 8 devices.
+    c.sampler.cache_gib = 12.0
 
     c.loss = ConfigDict()
     c.loss.clip_low = 0.2

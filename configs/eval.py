@@ -34,6 +34,9 @@ def get_config() -> ConfigDict:
     c.eval.top_p = 1.0
     c.eval.top_k = 0
     c.eval.batch_prompts = 64  # prompts per sampler call
+    c.eval.cache_gib = (
+        12.0  # per-device memory for the decode slots (continuous batching beyond); 0: no limit
+    )
     c.eval.output = ""  # results prefix; default: <checkpoint>/eval/results
 
     c.reward = ConfigDict()

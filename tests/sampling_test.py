@@ -21,6 +21,7 @@ from attnrl_jax.sampling import (
     sample_tokens,
 )
 from attnrl_jax.sampling.loop import EOS, LENGTH
+from attnrl_jax.sampling.sampler import plan_call
 
 CFG = ModelConfig.tiny(vocab_size=64, remat="none")
 NO_SEP = jnp.zeros(64, bool)
@@ -49,6 +50,7 @@ def _run(
     cfg=CFG,
     sharder=None,
     row_max_new=None,
+    **schedule,
 ):
     b = len(row_src)
     fci = jnp.ones(b, bool) if fci is None else jnp.asarray(fci)
@@ -67,6 +69,7 @@ def _run(
         cfg=cfg,
         settings=settings,
         sharder=sharder,
+        **schedule,
     )
 
 
@@ -205,6 +208,73 @@ def test_a_row_stops_at_its_own_length_limit_with_the_tokens_of_a_cut_run(params
         assert (capped["tokens"][b, n:] == settings.pad_id).all()
 
 
+def test_continuous_batching_returns_exactly_the_static_result(params):
+    """Item 1 of the sampler-at-scale issue: rows decoding in fewer slots than rows, entering source by
+    source as slots free up, give the tokens, log-probs, entropies, FCI and step ids of the static call
+    (every row at once), whatever the slot count, insertion group or cache size. Rows come unsorted, share
+    prefixes at several offsets, stop on a token or at their own limits, and one is padding."""
+    rng = np.random.default_rng(0)
+    src = rng.integers(1, 60, (6, 12))
+    lens = np.array([12, 5, 9, 3, 12, 7])
+    row_src = np.repeat(np.arange(6), [3, 1, 2, 4, 2, 3])
+    rng.shuffle(row_src)
+    row_src = np.append(row_src, -1)  # a padding row: never sampled
+    row_len = np.array([rng.integers(1, lens[s] + 1) if s >= 0 else 1 for s in row_src])
+    b = len(row_src)
+    sep = np.zeros(64, bool)
+    sep[::3] = True  # a third of the vocabulary closes a step: many steps per row
+    settings = LoopSettings(max_new_tokens=20, sampling=SamplingParams(temperature=1.0), num_steps=8, delta=1)
+    common = dict(stop=63, sep=sep, fci=np.arange(b) % 2 == 0, row_max_new=rng.integers(1, 21, b).tolist())
+    keys = jax.random.split(jax.random.key(5), b)
+    static = jax.tree.map(np.asarray, _run(params, src, lens, row_src, row_len, keys, settings, **common))
+    assert static["lengths"][-1] == 0 and (static["tokens"][-1] == settings.pad_id).all()
+    assert len(set(static["lengths"][:-1].tolist())) > 4 and np.abs(static["fci"]).max() > 0
+    assert (static["finish_reason"][:-1] == EOS).any() and (static["finish_reason"][:-1] == LENGTH).any()
+    for schedule in (
+        dict(slots=4, insert_sources=1, insert_rows=4),
+        dict(slots=5, insert_sources=2),
+        dict(slots=7, insert_sources=3, insert_rows=6, cache_size=40),
+    ):
+        out = jax.tree.map(
+            np.asarray, _run(params, src, lens, row_src, row_len, keys, settings, **common, **schedule)
+        )
+        for key, want in static.items():
+            if want.dtype.kind == "f":
+                np.testing.assert_allclose(out[key], want, atol=1e-5, err_msg=f"{key} with {schedule}")
+            else:
+                np.testing.assert_array_equal(out[key], want, err_msg=f"{key} with {schedule}")
+
+
+def test_call_shapes_follow_the_cache_budget():
+    """The paper's first batch (64 prompts x 6 of 1,024 + 8,192 tokens, 1.5B, 8 devices) fits the shipped
+    12 GiB in 384 slots of 9,216 positions, all at once; an off-policy call adding 4 continuations per
+    response batches continuously; a budget below one prefix's rows is refused naming the key."""
+    cfg = ModelConfig.preset("r1_distill_qwen_1p5b", dtype="bfloat16")  # the shipped compute dtype
+    settings = LoopSettings(max_new_tokens=8192, num_steps=512)
+    first = plan_call(
+        384, 64, 1024, 1024 + 8192, 6, cfg=cfg, settings=settings, cache_gib=12.0, parallelism=8
+    )
+    assert (first.batch, first.sources, first.prefix, first.cache_size) == (512, 64, 1024, 9216)
+    # 384 slots for a 512-row bucket: the 384 rows enter 8 prompts (48 rows) at a time.
+    assert (first.slots, first.insert_sources, first.insert_rows) == (384, 8, 48)
+    unlimited = plan_call(384, 64, 1024, 9216, 6, cfg=cfg, settings=settings)
+    assert (unlimited.slots, unlimited.insert_sources, unlimited.insert_rows) == (512, None, None)
+    mixed = plan_call(1920, 448, 9215, 9216, 6, cfg=cfg, settings=settings, cache_gib=12.0, parallelism=8)
+    assert (mixed.prefix, mixed.cache_size, mixed.slots, mixed.insert_sources, mixed.insert_rows) == (
+        9216,
+        9216,
+        384,
+        8,
+        48,
+    )
+    short = plan_call(3, 3, 40, 40 + 12, 2, cfg=CFG, settings=LoopSettings(max_new_tokens=12))
+    assert (short.prefix, short.cache_size) == (64, 76)  # the prompt bucket plus max_new_tokens
+    with pytest.raises(
+        ValueError, match=r"budget of 0\.1 GiB per device \(config\.sampler\.cache_gib.*: 0 decode slots"
+    ):
+        plan_call(384, 64, 1024, 9216, 6, cfg=cfg, settings=settings, cache_gib=0.1, parallelism=8)
+
+
 @pytest.mark.parametrize(
     "sampling",
     [SamplingParams(1.0, top_k=3), SamplingParams(1.0, top_p=0.7), SamplingParams(0.5, top_k=4, top_p=0.9)],
@@ -329,6 +399,38 @@ def test_sampler_mixed_call_and_no_recompilation_within_a_bucket(qwen_world):
         for c in group:
             assert len(c.tokens) <= 12 - o and c.text == tok.decode(c.tokens, skip_special_tokens=True)
             assert c.finish_reason == "eos" or len(c.tokens) == 12 - o  # cut exactly at the limit
+
+
+def test_a_sampler_under_a_small_cache_budget_batches_continuously_with_the_same_samples(qwen_world):
+    """A budget of a few slots: the mixed call (initial responses with FCI and continuations at two
+    offsets) runs continuously batched and returns the samples of the unlimited sampler."""
+    tok, _, cfg, params, table = qwen_world
+    settings = LoopSettings(max_new_tokens=12, sampling=SamplingParams(temperature=1.0), num_steps=16)
+    kw = dict(separators=table, stop_ids=[table.think_end_id])
+    unlimited = Sampler(params, cfg, tok, settings, **kw)
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("a b c", "one two three four", "x")]
+    response = list(unlimited.generate(prompts[:1], n=1, seed=1)[0][0].tokens) + [11] * 8
+    request = [ContinuationRequest(prompts[0], response[:6], [2, 4], 2)]
+    rows = [(i, 3, True, None, 12) for i in range(3) for _ in range(2)] + [(3, 5, False, None, 10)] * 4
+    per_slot = unlimited.plan([[1] * 3] * 3 + [[1] * 9], rows)
+    from attnrl_jax.sampling.sampler import GiB, slot_bytes
+
+    budget = 5 * slot_bytes(cfg, settings, per_slot.cache_size, 2) / GiB
+    small = Sampler(params, cfg, tok, settings, cache_gib=budget, **kw)
+    shape = small.plan([[1] * 3] * 3 + [[1] * 9], rows)
+    assert (shape.slots, shape.batch, shape.insert_sources, shape.insert_rows) == (5, 16, 1, 4)
+    want = unlimited.sample_mixed(prompts, 2, request, seed=4)
+    got = small.sample_mixed(prompts, 2, request, seed=4)
+    flat = lambda res: [x for group in res[0] for x in group] + [x for r in res[1] for o in r for x in o]  # noqa: E731
+    for a, b in zip(flat(want), flat(got), strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        assert (a.text, a.finish_reason, a.think_step) == (b.text, b.finish_reason, b.think_step)
+        if a.fci is not None:
+            np.testing.assert_allclose(a.fci, b.fci, atol=1e-5)
+            np.testing.assert_array_equal(a.step_ids, b.step_ids)
+    with pytest.raises(ValueError, match="cache_gib"):
+        Sampler(params, cfg, tok, settings, cache_gib=budget / 10, **kw).generate(prompts, n=2)
 
 
 def test_sharded_sampler_gives_the_same_tokens(params):

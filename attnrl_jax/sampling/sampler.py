@@ -4,6 +4,11 @@
 prompts' initial responses and earlier responses' tree continuations in one device call (ALGORITHM.md
 sections 3, 6 and 10). Batch and prefix shapes are rounded up to buckets so that repeated calls reuse one
 compiled program.
+
+Memory: `plan_call` sizes each call to a per-device KV-cache budget (`cache_gib`, config.sampler.cache_gib):
+as many decode slots as the budget holds, and when a call has more rows the loop batches continuously
+(a finished row's slot takes the next waiting prefix). Each slot's cache holds the longest row's prompt
+bucket plus max_new_tokens positions (a continuation at offset o may add max_new_tokens - o tokens).
 """
 
 from __future__ import annotations
@@ -54,6 +59,88 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class CallShape:
+    """The compiled shape of one sampler call (`plan_call`)."""
+
+    batch: int  # rows, padding included
+    sources: int  # prefixes prefilled, padding included
+    prefix: int  # tokens per prefix
+    cache_size: int  # KV positions per decode slot
+    slots: int  # rows decoding at once
+    insert_sources: int | None  # prefixes prefilled per insertion (None: all at once)
+    insert_rows: int | None  # rows forked per insertion at most (None: all slots)
+
+
+def slot_bytes(cfg: ModelConfig, settings: LoopSettings, cache_size: int, segmentations: int) -> int:
+    """Device bytes one decode slot holds: its KV cache, its FCI state and step ids, its outputs."""
+    kv = 2 * cfg.num_layers * cache_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    fci = 2 * segmentations * cfg.num_layers * cfg.num_heads * settings.num_steps * 4
+    steps = cache_size * segmentations * 4
+    outputs = 2 * settings.max_new_tokens * 12  # tokens, log-probs, entropies: the slot's and its row's
+    return kv + fci + steps + outputs
+
+
+def plan_call(
+    rows: int,
+    sources: int,
+    longest_source: int,
+    longest_row: int,
+    rows_per_source: int,
+    *,
+    cfg: ModelConfig,
+    settings: LoopSettings,
+    segmentations: int = 2,
+    cache_gib: float = 0.0,
+    parallelism: int = 1,
+    min_batch: int = 8,
+    min_prefix: int = 64,
+) -> CallShape:
+    """The shape of a call with `rows` rows over `sources` prefixes (the longest `longest_source` tokens),
+    whose longest row ends `longest_row` positions in (prefix plus its token limit), with at most
+    `rows_per_source` rows forking one prefix.
+
+    `cache_gib` is the per-device budget of the decode slots (`slot_bytes`; 0: no limit, every row decodes
+    at once). The slots are a multiple of `parallelism` (the mesh's batch split). A budget too small for
+    one prefix's rows is a ValueError naming it.
+    """
+    m = settings.max_new_tokens
+    batch = _bucket(rows, min_batch)
+    cache_size = _bucket(max(longest_row - m, 1), min_prefix) + m
+    prefix = min(_bucket(longest_source, min_prefix), cache_size)  # sources end before their rows do
+    slots = batch
+    if cache_gib > 0:
+        per_slot = slot_bytes(cfg, settings, cache_size, segmentations)
+        fit = int(cache_gib * GiB // per_slot) * parallelism
+        need = -(-rows_per_source // parallelism) * parallelism
+        if fit < need:
+            raise ValueError(
+                f"a sampler cache budget of {cache_gib} GiB per device (config.sampler.cache_gib; "
+                f"config.eval.cache_gib in eval.py): {fit} decode slots of {cache_size} positions "
+                f"({per_slot / GiB:.3f} GiB each per device) fit, fewer than the {rows_per_source} rows that "
+                "fork one prefix; raise the budget"
+            )
+        slots = min(batch, fit // parallelism * parallelism)
+    if slots >= batch:  # static batching: every prefix prefilled and forked in one insertion
+        return CallShape(batch, _bucket(sources, min_batch), prefix, cache_size, slots, None, None)
+    # Continuous: insertions of about an eighth of the slots, so slots wait little for a group to fit, in
+    # groups of prefixes that the mesh splits (a smaller group's prefill is repeated on every device).
+    group = max(1, slots // (8 * rows_per_source))
+    group = min(-(-group // parallelism) * parallelism, max(1, slots // rows_per_source))
+    return CallShape(
+        batch,
+        _bucket(sources, min_batch),
+        prefix,
+        cache_size,
+        slots,
+        group,
+        min(slots, group * rows_per_source),
+    )
+
+
 class Sampler:
     """Generation with one model graph, on the host side.
 
@@ -81,6 +168,7 @@ class Sampler:
         min_prefix: int = 64,
         separators: SeparatorTable | None = None,
         newline_fallback: bool = True,
+        cache_gib: float = 0.0,
     ):
         self.params, self.cfg, self.tokenizer, self.settings = params, cfg, tokenizer, settings
         self.sharder = sharder or Sharder()
@@ -89,7 +177,7 @@ class Sampler:
         self.stop_ids = sorted(set(eos) | set(stop_ids))
         if not self.stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and no stop_ids were given")
-        self.min_batch, self.min_prefix = min_batch, min_prefix
+        self.min_batch, self.min_prefix, self.cache_gib = min_batch, min_prefix, cache_gib
         tables = [self.table.double_newline] + ([self.table.newline] if newline_fallback else [])
         self._separators = np.stack(tables, axis=-1)  # [V, 1 or 2]
 
@@ -148,10 +236,27 @@ class Sampler:
         ]
         return initial, conts
 
+    def plan(self, sources, rows) -> CallShape:
+        """The compiled shape of a call over `sources` with `rows` (as `_run` receives them)."""
+        per_source = np.bincount([s for s, *_ in rows], minlength=len(sources))
+        return plan_call(
+            len(rows),
+            len(sources),
+            max(len(s) for s in sources),
+            max(length + limit for _, length, _, _, limit in rows),
+            int(per_source.max()),
+            cfg=self.cfg,
+            settings=self.settings,
+            segmentations=self._separators.shape[1],
+            cache_gib=self.cache_gib,
+            parallelism=self.sharder.batch_parallelism(),
+            min_batch=self.min_batch,
+            min_prefix=self.min_prefix,
+        )
+
     def _run(self, sources, rows, seed) -> dict:
-        r_bucket = _bucket(len(sources), self.min_batch)
-        b_bucket = _bucket(len(rows), self.min_batch)
-        p_bucket = _bucket(max(len(s) for s in sources), self.min_prefix)
+        shape = self.plan(sources, rows)
+        r_bucket, b_bucket, p_bucket = shape.sources, shape.batch, shape.prefix
         pad = (
             0
             if self.tokenizer is None or self.tokenizer.pad_token_id is None
@@ -162,10 +267,10 @@ class Sampler:
         for i, s in enumerate(sources):
             src[i, : len(s)] = s
             src_lens[i] = len(s)
-        row_src = np.zeros(b_bucket, np.int32)
+        row_src = np.full(b_bucket, -1, np.int32)  # padding rows are never sampled
         row_len = np.ones(b_bucket, np.int32)
         row_fci = np.zeros(b_bucket, bool)
-        row_max = np.ones(b_bucket, np.int32)  # padding rows: one token
+        row_max = np.ones(b_bucket, np.int32)
         for b, (s, length, fci, _, limit) in enumerate(rows):
             row_src[b], row_len[b], row_fci[b], row_max[b] = s, length, fci, limit
         base = jax.random.key(seed)
@@ -187,6 +292,10 @@ class Sampler:
             cfg=self.cfg,
             settings=self.settings,
             sharder=self.sharder,
+            slots=shape.slots,
+            cache_size=shape.cache_size,
+            insert_sources=shape.insert_sources,
+            insert_rows=shape.insert_rows,
         )
         out = fetch(out)
         results = {}

@@ -1,10 +1,20 @@
-"""Sampler throughput on CPU: ours against transformers' PyTorch `generate` (KV cache, same weights), and
-tree continuations from forked shared-prefix caches against re-prefilling every continuation's prefix.
+"""Sampler throughput on CPU: ours against transformers' PyTorch `generate` (KV cache, same weights), tree
+continuations from forked shared-prefix caches against re-prefilling every continuation's prefix, and
+continuous batching against static batching on rows of long-tailed lengths.
 
     python -m benchmarks.sampler_throughput [--hidden 256 --layers 4 --batch 8 --prompt 64 --new 128]
+        [--parts transformers,tree,continuous] [--rows 64 --slots 16 --continuous-new 256]
 
-Both generators sample the same number of tokens (no stop token), at temperature 1. The FCI accumulation
-is on for our initial responses (it is part of what our sampler does), off for continuations.
+Both generators sample the same number of tokens (no stop token), at temperature 1 (`--greedy`: argmax).
+The FCI accumulation is on for our initial responses (it is part of what our sampler does), off for
+continuations.
+
+Continuous batching: `--rows` rows, each its own prompt, whose lengths follow a lognormal distribution like
+R1's (median 0.3 of the limit `--continuous-new`, sigma 0.8, capped at the limit: most rows end early, a
+few run to the limit; drawn with seed 0 and imposed as per-row length limits). Three schedules sample the
+same rows and must return the same tokens: static batching of every row at once (the sampler before
+continuous batching), static batching in calls of `--slots` rows (the same memory as continuous), and
+continuous batching in `--slots` slots.
 """
 
 from __future__ import annotations
@@ -33,7 +43,16 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--greedy", action="store_true", help="argmax instead of temperature-1 sampling")
+    ap.add_argument("--parts", default="transformers,tree,continuous")
+    ap.add_argument("--rows", type=int, default=64, help="continuous part: rows")
+    ap.add_argument("--slots", type=int, default=16, help="continuous part: decode slots")
+    ap.add_argument("--continuous-new", type=int, default=256, help="continuous part: length limit")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - {"transformers", "tree", "continuous"}:
+        ap.error(f"--parts: unknown {sorted(parts - {'transformers', 'tree', 'continuous'})}")
+    temperature = 0.0 if args.greedy else 1.0
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     hf = Qwen2Config(
@@ -54,7 +73,7 @@ def main() -> None:
     prompts = rng.integers(0, args.vocab, (b, p)).astype(np.int32)
     no_sep = jnp.zeros(args.vocab, bool)
     stop = jnp.full((b, 1), -1, jnp.int32)
-    settings = LoopSettings(max_new_tokens=m, sampling=SamplingParams(temperature=1.0), num_steps=32)
+    settings = LoopSettings(max_new_tokens=m, sampling=SamplingParams(temperature=temperature), num_steps=32)
     keys = jax.random.split(jax.random.key(0), b)
 
     def ours():
@@ -81,7 +100,7 @@ def main() -> None:
                 attention_mask=torch.ones(b, p, dtype=torch.long),
                 max_new_tokens=m,
                 min_new_tokens=m,
-                do_sample=True,
+                do_sample=not args.greedy,
                 temperature=1.0,
                 top_k=0,
                 top_p=1.0,
@@ -90,18 +109,31 @@ def main() -> None:
                 use_cache=True,
             )
 
-    assert ours().shape == (b, m) and theirs().shape == (b, p + m)
-    t_ours, t_theirs = median_seconds(ours, args.iters), median_seconds(theirs, args.iters)
-    n = b * m
     print(
         f"model hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-        f"batch {b}, prompt {p}, {m} new tokens; "
-        f"{os.cpu_count()} CPU threads, jax {jax.__version__} on {jax.devices()[0].platform}"
+        f"{os.cpu_count()} CPU threads, jax {jax.__version__}, torch {torch.__version__} on "
+        f"{jax.devices()[0].platform}; {'greedy' if args.greedy else 'temperature 1'}"
     )
-    print(f"{'sampler':<44}{'s':>8}{'tokens/s':>10}")
-    print(f"{'attnrl_jax (jitted while_loop, FCI on)':<44}{t_ours:>8.2f}{n / t_ours:>10.0f}")
-    print(f"{'transformers generate (PyTorch, KV cache)':<44}{t_theirs:>8.2f}{n / t_theirs:>10.0f}")
-    print(f"ratio ours / transformers: {t_theirs / t_ours:.2f}x")
+    if "transformers" in parts:
+        assert ours().shape == (b, m) and theirs().shape == (b, p + m)
+        if args.greedy:  # the same weights and argmax: the same tokens (float rounding may split a near-tie)
+            same = (np.asarray(ours()) == theirs().numpy()[:, p:]).mean()
+            print(f"greedy tokens equal to transformers': {same:.1%}")
+        t_ours, t_theirs = median_seconds(ours, args.iters), median_seconds(theirs, args.iters)
+        n = b * m
+        print(f"\nbatch {b}, prompt {p}, {m} new tokens")
+        print(f"{'sampler':<44}{'s':>8}{'tokens/s':>10}")
+        print(f"{'attnrl_jax (jitted while_loop, FCI on)':<44}{t_ours:>8.2f}{n / t_ours:>10.0f}")
+        print(f"{'transformers generate (PyTorch, KV cache)':<44}{t_theirs:>8.2f}{n / t_theirs:>10.0f}")
+        print(f"ratio ours / transformers: {t_theirs / t_ours:.2f}x")
+    if "tree" in parts:
+        tree(args, params, cfg, rng, no_sep, temperature)
+    if "continuous" in parts:
+        continuous(args, params, cfg, no_sep, temperature)
+
+
+def tree(args, params, cfg, rng, no_sep, temperature) -> None:
+    b, p, m = args.batch, args.prompt, args.new
 
     # Tree continuations: each response prefilled once and forked, or every prefix prefilled on its own.
     resp_len, cont_new = 4 * p, m // 2
@@ -110,7 +142,9 @@ def main() -> None:
     rows = [(i, p + o) for i in range(b) for o in offsets for _ in range(2)]  # 2 samples per branch point
     nb = len(rows)
     ckeys = jax.random.split(jax.random.key(1), nb)
-    cset = LoopSettings(max_new_tokens=cont_new, sampling=SamplingParams(temperature=1.0), num_steps=8)
+    cset = LoopSettings(
+        max_new_tokens=cont_new, sampling=SamplingParams(temperature=temperature), num_steps=8
+    )
     cstop = jnp.full((nb, 1), -1, jnp.int32)
     lens = jnp.asarray([n_ for _, n_ in rows], jnp.int32)
     longest = responses[:, : p + max(offsets)]
@@ -161,6 +195,72 @@ def main() -> None:
     print(f"{'shared-prefix prefill + fork':<44}{t_fork:>8.2f}")
     print(f"{'re-prefill every continuation':<44}{t_re:>8.2f}")
     print(f"ratio forked / re-prefilled speed: {t_re / t_fork:.2f}x")
+
+
+def continuous(args, params, cfg, no_sep, temperature) -> None:
+    """Static vs continuous batching on long-tailed row lengths (module docstring)."""
+    rows, slots, m, p = args.rows, args.slots, args.continuous_new, args.prompt
+    rng = np.random.default_rng(0)
+    limits = np.clip(np.round(np.exp(rng.normal(np.log(0.3 * m), 0.8, rows))), 1, m).astype(np.int32)
+    prompts = rng.integers(0, args.vocab, (rows, p)).astype(np.int32)
+    keys = jax.random.split(jax.random.key(2), rows)
+    settings = LoopSettings(max_new_tokens=m, sampling=SamplingParams(temperature=temperature), num_steps=32)
+
+    def call(lo, hi, **schedule):
+        k = hi - lo
+        return generate(
+            params,
+            jnp.asarray(prompts[lo:hi]),
+            jnp.full((k,), p, jnp.int32),
+            jnp.arange(k, dtype=jnp.int32),
+            jnp.full((k,), p, jnp.int32),
+            keys[lo:hi],
+            jnp.ones(k, bool),
+            jnp.full((k, 1), -1, jnp.int32),
+            no_sep,
+            jnp.int32(-1),
+            jnp.asarray(limits[lo:hi]),
+            cfg=cfg,
+            settings=settings,
+            **schedule,
+        )["tokens"]
+
+    def static_all():
+        return jax.block_until_ready(call(0, rows))
+
+    def static_chunks():
+        return jax.block_until_ready(
+            jnp.concatenate([call(i, min(i + slots, rows)) for i in range(0, rows, slots)])
+        )
+
+    def continuous_slots():
+        return jax.block_until_ready(
+            call(0, rows, slots=slots, insert_sources=max(1, slots // 8), insert_rows=max(1, slots // 8))
+        )
+
+    want = np.asarray(static_all())
+    for fn in (static_chunks, continuous_slots):
+        np.testing.assert_array_equal(np.asarray(fn()), want)  # the same tokens under every schedule
+    tokens = int(limits.sum())
+    print(
+        f"\ncontinuous batching: {rows} rows (prompt {p}), lengths lognormal (median {0.3 * m:.0f}, "
+        f"sigma 0.8) capped at {m}: mean {limits.mean():.0f}, max {limits.max()}, {tokens} tokens; "
+        f"{slots} slots"
+    )
+    print(f"{'schedule':<52}{'s':>8}{'tokens/s':>10}")
+    times = {}
+    for name, fn in (
+        (f"static, all {rows} rows at once", static_all),
+        (f"static, calls of {slots} rows", static_chunks),
+        (f"continuous, {slots} slots", continuous_slots),
+    ):
+        times[name] = median_seconds(fn, args.iters)
+        print(f"{name:<52}{times[name]:>8.2f}{tokens / times[name]:>10.0f}")
+    t = list(times.values())
+    print(
+        f"ratio continuous / static all at once: {t[0] / t[2]:.2f}x; "
+        f"continuous / static calls of {slots}: {t[1] / t[2]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

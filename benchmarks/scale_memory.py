@@ -13,6 +13,12 @@ every device (FSDP), plus the layer inputs that full rematerialisation keeps for
 rows per device x length x width in the compute dtype). Everything above it is XLA's working set: one layer's
 recomputed activations, one logits chunk, collectives' buffers. CPU XLA's buffer assignment is not TPU's or
 GPU's, but whatever the program materialises (full logits, a replicated batch) shows up here.
+
+`--sampler` measures the sampler instead: one `sampling.loop.generate` call as `Sampler` compiles it for the
+shipped config's first batch (algo.initial_batch prompts of data.max_prompt_len tokens, algo.group_size
+responses each, sampler.max_new_tokens new tokens, decode slots from sampler.cache_gib), and for an
+off-policy call that adds N x T continuations of every response of the previous batch (their prefixes up to
+the whole response). Its lower bound is the decode slots' KV cache plus the parameters, per device.
 """
 
 from __future__ import annotations
@@ -156,6 +162,146 @@ def measure(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerMeasurement:
+    preset: str
+    devices: int
+    call: str  # "first batch" or "off-policy"
+    rows: int  # rows sampled (before bucketing)
+    sources: int  # prefixes prefilled
+    slots: int  # decode slots
+    cache_size: int  # KV positions per slot
+    arguments: int  # bytes per device
+    outputs: int
+    temporaries: int
+    aliased: int
+    kv_cache: int  # the slots' KV cache, per device
+    compile_s: float
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs + self.temporaries - self.aliased
+
+
+def measure_sampler(
+    preset: str,
+    devices: int,
+    layers: int | None = None,
+    overrides: dict[str, str] | None = None,
+    call: str = "first batch",
+) -> SamplerMeasurement:
+    """Compiles one sampler call of `preset`'s shipped config on `devices` fake devices (module docstring).
+    With `layers`, the call keeps the shipped depth's slots and cache size and compiles fewer layers."""
+    import jax
+    import jax.numpy as jnp
+
+    from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+    from attnrl_jax.model.transformer import param_axes, param_shapes
+    from attnrl_jax.sampling.loop import generate
+    from attnrl_jax.sampling.sampler import plan_call
+    from attnrl_jax.trainer import settings_from_config
+
+    c = shipped_config(preset, overrides)
+    s = settings_from_config(c, num_devices=devices, check_paths=False)
+    cfg = s.model if layers is None else s.model.replace(num_layers=layers)
+    sharder = Sharder(make_mesh(MeshConfig(**c.mesh), jax.devices()[:devices]))
+    m, prompt, g = s.loop.max_new_tokens, c.data.max_prompt_len, c.algo.group_size
+    prompts = c.algo.initial_batch
+    rows, sources, per_source, longest = prompts * g, prompts, g, prompt
+    if call == "off-policy":  # N x T continuations of each earlier response, prefixed up to all of it
+        cont = s.algo.atb.num_points * s.algo.continuations
+        rows, sources, per_source, longest = (
+            rows + prompts * g * cont,
+            sources + prompts * g,
+            max(g, cont),
+            prompt + m - 1,
+        )
+    elif call != "first batch":
+        raise ValueError(f"call must be 'first batch' or 'off-policy', got {call!r}")
+    shape = plan_call(
+        rows,
+        sources,
+        longest,
+        prompt + m,
+        per_source,
+        cfg=s.model,  # the shipped depth's slots, also when fewer layers are compiled
+        settings=s.loop,
+        cache_gib=c.sampler.cache_gib,
+        parallelism=sharder.batch_parallelism(),
+    )
+    dtype = jnp.dtype(cfg.dtype)  # the sampler reads the compute-dtype copy of the parameters
+
+    def array(shape_, dtype_, axes):
+        return jax.ShapeDtypeStruct(shape_, dtype_, sharding=sharder.sharding(axes, shape_))
+
+    params = jax.tree.map(
+        lambda sh, ax: array(sh, dtype, ax),
+        param_shapes(cfg),
+        param_axes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    b, r = shape.batch, shape.sources
+    keys = jax.ShapeDtypeStruct((b,), jax.random.key(0).dtype, sharding=sharder.sharding(("batch",), (b,)))
+    args = (
+        params,
+        array((r, shape.prefix), jnp.int32, (None, None)),
+        array((r,), jnp.int32, (None,)),
+        array((b,), jnp.int32, ("batch",)),
+        array((b,), jnp.int32, ("batch",)),
+        keys,
+        array((b,), bool, ("batch",)),
+        array((b, 1), jnp.int32, ("batch", None)),
+        array((cfg.vocab_size, 2), bool, (None, None)),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        array((b,), jnp.int32, ("batch",)),
+    )
+    t0 = time.perf_counter()
+    compiled = generate.lower(
+        *args,
+        cfg=cfg,
+        settings=s.loop,
+        sharder=sharder,
+        slots=shape.slots,
+        cache_size=shape.cache_size,
+        insert_sources=shape.insert_sources,
+        insert_rows=shape.insert_rows,
+    ).compile()
+    mem = compiled.memory_analysis()
+    kv = (
+        2 * cfg.num_layers * shape.slots * shape.cache_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    )
+    return SamplerMeasurement(
+        preset,
+        devices,
+        call,
+        rows,
+        sources,
+        shape.slots,
+        shape.cache_size,
+        mem.argument_size_in_bytes,
+        mem.output_size_in_bytes,
+        mem.temp_size_in_bytes,
+        mem.alias_size_in_bytes,
+        kv // devices,
+        time.perf_counter() - t0,
+    )
+
+
+def sampler_table(rows: list[SamplerMeasurement]) -> str:
+    head = (
+        "| model | devices | call | rows (prefixes) | slots x positions | arguments | temporaries "
+        "| total per device | KV cache (bound) | fits (per chip) |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for m in rows:
+        lines.append(
+            f"| {m.preset} | {m.devices} | {m.call} | {m.rows} ({m.sources}) | {m.slots} x {m.cache_size} "
+            f"| {m.arguments / GiB:.2f} GiB | {m.temporaries / GiB:.2f} GiB | **{m.total / GiB:.2f} GiB** "
+            f"| {m.kv_cache / GiB:.2f} GiB | {fits(m.total)} |"
+        )
+    return "\n".join(lines)
+
+
 def fits(total: int) -> str:
     return ", ".join(name for name, gib in CHIPS if total <= gib * GiB) or "none"
 
@@ -184,9 +330,26 @@ def main(argv=None) -> int:
     p.add_argument(
         "--set", action="append", default=[], help="a config override, e.g. train.rows_per_device=2"
     )
+    p.add_argument("--sampler", action="store_true", help="measure sampler calls instead of the update")
     a = p.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in a.set)
     import jax
+
+    if a.sampler:
+        found = []
+        for preset in a.presets.split(","):
+            for n in map(int, a.devices.split(",")):
+                for call in ("first batch", "off-policy"):
+                    m = measure_sampler(preset, n, a.layers, overrides, call)
+                    print(
+                        f"{preset} x{n} sampler, {call}: {m.total / GiB:.2f} GiB per device "
+                        f"(compiled in {m.compile_s:.0f} s)",
+                        flush=True,
+                    )
+                    found.append(m)
+        print()
+        print(sampler_table(found))
+        return 0
 
     rows = []
     for preset in a.presets.split(","):

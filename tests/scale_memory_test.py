@@ -1,13 +1,15 @@
-"""The shipped paper update stays memory-bounded: the 1.5B train step compiled (never run) at its real
-width, vocabulary and 9,216-token rows, at two layers instead of 28, on the suite's 8 fake devices
-(`benchmarks/scale_memory.py` gives the full-depth table). What a regression would bring back shows up per
-row: full float32 logits are 5.2 GiB per row, an unchunked SwiGLU hidden another 1 GiB."""
+"""The shipped paper update and sampler stay memory-bounded: the 1.5B train step and sampler call compiled
+(never run) at their real width, vocabulary and 9,216-token rows, at two or three layers instead of 28, on
+the suite's 8 fake devices (`benchmarks/scale_memory.py` gives the full-depth tables). What a regression
+would bring back shows up per row: full float32 logits are 5.2 GiB per row, an unchunked SwiGLU hidden
+another 1 GiB."""
 
 from benchmarks.scale_memory import GiB, measure
 
 # Measured at 2 layers on 2026-12-02: 0.85 GiB more per row per device (3 rows vs 1), 6.5 GiB in all.
 PER_ROW_BOUND = 1.25 * GiB
 TOTAL_BOUND = 8.0 * GiB
+SAMPLER_WORKING_SET = 4.0 * GiB  # beyond the KV cache; most of it the CPU's float32 copies of the head
 
 
 def test_the_paper_train_step_needs_a_bounded_memory_per_row():
@@ -20,3 +22,23 @@ def test_the_paper_train_step_needs_a_bounded_memory_per_row():
     assert step3.total < TOTAL_BOUND, f"{step3.total / GiB:.2f} GiB"
     # The reference pass holds no gradients: well under the update.
     assert three["log-probs"].total < step3.total / 2
+
+
+def test_the_paper_sampler_call_holds_one_kv_cache_and_a_bounded_working_set():
+    """The sampler's call for the paper's first batch (384 rows of 1,024 + 8,192 positions in the slots
+    that config.sampler.cache_gib holds) and an off-policy call that adds 4 continuations per response
+    (continuously batched), compiled at 2 and 3 layers: each extra layer adds its share of the slots' KV
+    cache and little else (a second copy of the cache, as a bfloat16 scatter done in float32 made, would
+    double it), and the rest stays a bounded working set. 2026-12-02: 2.59 and 2.88 GiB over the cache at
+    2 layers; a layer adds 1.19x and 1.09x its share of the cache.
+    """
+    from benchmarks.scale_memory import measure_sampler
+
+    for call in ("first batch", "off-policy"):
+        two, three = (measure_sampler("1p5b", 8, layers=n, call=call) for n in (2, 3))
+        assert (two.slots, two.cache_size) == (384, 9216)
+        per_layer_cache = three.kv_cache - two.kv_cache
+        assert three.total - two.total < 1.25 * per_layer_cache, call
+        assert two.total - two.kv_cache < SAMPLER_WORKING_SET, (
+            f"{call}: {(two.total - two.kv_cache) / GiB:.2f} GiB"
+        )

@@ -19,7 +19,7 @@ TPU_KERNELS = {
     "decode": {"decode_attention"},
     "forward_with_fci": {"flash_attention_fwd", "fci_column_sums"},
     "train step": {"flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"},
-    "sampler": {"decode_attention"},
+    "sampler": {"flash_attention_fwd", "decode_attention"},  # prefill (within the prefixes), then decode
 }
 
 

@@ -423,8 +423,8 @@ def forward_with_fci(
 class KVCache:
     """Keys and values of every layer, [L, B, S, K, H] each, and the valid length of each row [B].
 
-    k and v hold the raw bits of the compute dtype (uint16 for bfloat16, `bits_dtype`): `store` writes
-    into them and `load` reads a slice back. XLA's CPU backend does a bfloat16 scatter in float32,
+    k and v hold the compute dtype's values, a 16-bit float's as raw uint16 words (`cache_dtype`): `store`
+    writes into them and `load` reads a slice back. XLA's CPU backend does a bfloat16 scatter in float32,
     converting the whole buffer there and back (two float32 copies of the cache per token written: four
     times the cache in temporaries, `benchmarks/scale_memory.py`), and a bitcast around each write is a
     copy there too; an integer scatter is done in place on every backend.
@@ -442,30 +442,32 @@ class KVCache:
 CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
 
 
-def bits_dtype(dtype) -> jnp.dtype:
-    """The unsigned integer type of a float type's width, in which the KV cache is stored."""
-    width = jnp.dtype(dtype).itemsize
-    if width not in (2, 4):
-        raise ValueError(f"a KV cache of {jnp.dtype(dtype)} is not supported (16- or 32-bit floats)")
-    return jnp.dtype(jnp.uint16 if width == 2 else jnp.uint32)
+def cache_dtype(dtype) -> jnp.dtype:
+    """The KV cache's storage type for a compute dtype: the 16-bit integer of a 16-bit float (module
+    docstring of KVCache), else the dtype itself (a float32 scatter is done in place)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 else dtype
 
 
 def store(buf: Array, index: tuple, values: Array, dtype) -> Array:
-    """`buf.at[index].set(values, mode="drop")` for a cache buffer of `dtype` bits (KVCache)."""
-    raw = jax.lax.bitcast_convert_type(values.astype(dtype), buf.dtype)
-    return buf.at[index].set(raw, mode="drop")
+    """`buf.at[index].set(values, mode="drop")` for a cache buffer of `dtype` values (KVCache)."""
+    values = values.astype(dtype)
+    if buf.dtype != values.dtype:
+        values = jax.lax.bitcast_convert_type(values, buf.dtype)
+    return buf.at[index].set(values, mode="drop")
 
 
 def load(buf: Array, dtype) -> Array:
-    """Cache bits (a slice of a KVCache buffer) read as `dtype` values."""
-    return jax.lax.bitcast_convert_type(buf, jnp.dtype(dtype))
+    """Cache storage (a slice of a KVCache buffer) read as `dtype` values."""
+    dtype = jnp.dtype(dtype)
+    return buf if buf.dtype == dtype else jax.lax.bitcast_convert_type(buf, dtype)
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, sharder: Sharder | None = None) -> KVCache:
-    """An empty cache of `size` positions per row (the bits of the compute dtype)."""
+    """An empty cache of `size` positions per row, in `cache_dtype(cfg.dtype)`."""
     sharder = sharder or Sharder()
     shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    zeros = sharder.constrain(jnp.zeros(shape, bits_dtype(cfg.dtype)), CACHE_AXES)
+    zeros = sharder.constrain(jnp.zeros(shape, cache_dtype(cfg.dtype)), CACHE_AXES)
     return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
 

@@ -11,15 +11,19 @@ continuations.
 
 Continuous batching: `--rows` rows, each its own prompt, whose lengths follow a lognormal distribution like
 R1's (median 0.3 of the limit `--continuous-new`, sigma 0.8, capped at the limit: most rows end early, a
-few run to the limit; drawn with seed 0 and imposed as per-row length limits). Three schedules sample the
-same rows and must return the same tokens: static batching of every row at once (the sampler before
-continuous batching), static batching in calls of `--slots` rows (the same memory as continuous), and
-continuous batching in `--slots` slots.
+few run to the limit; drawn with each of `--length-seeds` and imposed as per-row length limits). Three
+schedules sample the same rows and must return the same tokens: static batching of every row at once (the
+sampler before continuous batching), static batching in calls of `--slots` rows (the same memory as
+continuous), and continuous batching in `--slots` slots. Next to each time is the decode work its
+schedule implies (batch width x decode steps, where continuous batching's steps are those of first-come
+first-served slot reuse in row order, the loop's policy): how far the time tracks the work is the
+per-step overhead.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import tempfile
 
@@ -48,6 +52,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64, help="continuous part: rows")
     ap.add_argument("--slots", type=int, default=16, help="continuous part: decode slots")
     ap.add_argument("--continuous-new", type=int, default=256, help="continuous part: length limit")
+    ap.add_argument(
+        "--length-seeds", default="0", help="continuous part: comma-separated seeds of the lengths"
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if parts - {"transformers", "tree", "continuous"}:
@@ -197,10 +204,38 @@ def tree(args, params, cfg, rng, no_sep, temperature) -> None:
     print(f"ratio forked / re-prefilled speed: {t_re / t_fork:.2f}x")
 
 
-def continuous(args, params, cfg, no_sep, temperature) -> None:
-    """Static vs continuous batching on long-tailed row lengths (module docstring)."""
+def fcfs_steps(limits: np.ndarray, slots: int, group: int) -> int:
+    """Decode steps until the last row ends when each row holds a slot for its length and rows enter in
+    order, `group` at a time, as soon as `group` slots are free (the policy of `generate` with one row per
+    source and `insert_sources = insert_rows = group`)."""
+    ends = [0] * slots
+    for i in range(0, len(limits), group):
+        chunk = limits[i : i + group]
+        start = max(heapq.heappop(ends) for _ in chunk)
+        for length in chunk:
+            heapq.heappush(ends, start + int(length))
+    return max(ends)
+
+
+def continuous(args, params, cfg, no_sep, temperature) -> dict[str, float]:
+    """Static vs continuous batching on long-tailed row lengths (module docstring), for each length seed;
+    returns the two ratios per seed."""
+    ratios = {}
+    for seed in (int(x) for x in args.length_seeds.split(",")):
+        ratios[seed] = continuous_once(args, params, cfg, no_sep, temperature, seed)
+    if len(ratios) > 1:
+        for i, name in enumerate(("static all at once", f"static calls of {args.slots}")):
+            r = np.array([v[i] for v in ratios.values()])
+            print(
+                f"continuous / {name} over length seeds {sorted(ratios)}: mean {r.mean():.2f}x, "
+                f"min {r.min():.2f}x, max {r.max():.2f}x"
+            )
+    return ratios
+
+
+def continuous_once(args, params, cfg, no_sep, temperature, seed) -> tuple[float, float]:
     rows, slots, m, p = args.rows, args.slots, args.continuous_new, args.prompt
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     limits = np.clip(np.round(np.exp(rng.normal(np.log(0.3 * m), 0.8, rows))), 1, m).astype(np.int32)
     prompts = rng.integers(0, args.vocab, (rows, p)).astype(np.int32)
     keys = jax.random.split(jax.random.key(2), rows)
@@ -233,34 +268,39 @@ def continuous(args, params, cfg, no_sep, temperature) -> None:
             jnp.concatenate([call(i, min(i + slots, rows)) for i in range(0, rows, slots)])
         )
 
+    group = max(1, slots // 8)
+
     def continuous_slots():
-        return jax.block_until_ready(
-            call(0, rows, slots=slots, insert_sources=max(1, slots // 8), insert_rows=max(1, slots // 8))
-        )
+        return jax.block_until_ready(call(0, rows, slots=slots, insert_sources=group, insert_rows=group))
 
     want = np.asarray(static_all())
     for fn in (static_chunks, continuous_slots):
         np.testing.assert_array_equal(np.asarray(fn()), want)  # the same tokens under every schedule
     tokens = int(limits.sum())
     print(
-        f"\ncontinuous batching: {rows} rows (prompt {p}), lengths lognormal (median {0.3 * m:.0f}, "
-        f"sigma 0.8) capped at {m}: mean {limits.mean():.0f}, max {limits.max()}, {tokens} tokens; "
-        f"{slots} slots"
+        f"\ncontinuous batching, length seed {seed}: {rows} rows (prompt {p}), lengths lognormal (median "
+        f"{0.3 * m:.0f}, sigma 0.8) capped at {m}: mean {limits.mean():.0f}, max {limits.max()}, {tokens} "
+        f"tokens; {slots} slots"
     )
-    print(f"{'schedule':<52}{'s':>8}{'tokens/s':>10}")
+    print(f"{'schedule':<40}{'s':>8}{'tokens/s':>10}{'width x steps':>16}")
     times = {}
-    for name, fn in (
-        (f"static, all {rows} rows at once", static_all),
-        (f"static, calls of {slots} rows", static_chunks),
-        (f"continuous, {slots} slots", continuous_slots),
+    for name, fn, work in (
+        (f"static, all {rows} rows at once", static_all, (rows, int(limits.max()))),
+        (
+            f"static, calls of {slots} rows",
+            static_chunks,
+            (slots, sum(int(limits[i : i + slots].max()) for i in range(0, rows, slots))),
+        ),
+        (f"continuous, {slots} slots", continuous_slots, (slots, fcfs_steps(limits, slots, group))),
     ):
         times[name] = median_seconds(fn, args.iters)
-        print(f"{name:<52}{times[name]:>8.2f}{tokens / times[name]:>10.0f}")
+        print(f"{name:<40}{times[name]:>8.2f}{tokens / times[name]:>10.0f}{f'{work[0]} x {work[1]}':>16}")
     t = list(times.values())
     print(
         f"ratio continuous / static all at once: {t[0] / t[2]:.2f}x; "
         f"continuous / static calls of {slots}: {t[1] / t[2]:.2f}x"
     )
+    return t[0] / t[2], t[1] / t[2]
 
 
 if __name__ == "__main__":

@@ -151,6 +151,29 @@ def _count(n) -> str:
     return "no" if n is None else f"{int(n):,}"
 
 
+def anchor_table(reports: dict) -> str:
+    """XHTML table of `task.anchors.AnchorReport`s by policy: precision of each criterion's branch steps
+    and the Spearman correlation of its score with the reference counts (95% half-widths)."""
+    rows = []
+    for policy, r in reports.items():
+        for name, v in r.criteria.items():
+            p, rho = v["precision"], v["spearman"]
+            rho_cell = "-" if np.isnan(rho[0]) else f"{rho[0]:+.2f} &#177; {rho[1]:.2f}"
+            p_cell = "-" if np.isnan(p[0]) else f"{100 * p[0]:.1f} &#177; {100 * p[1]:.1f}"
+            rows.append(
+                f"<tr><td>{html.escape(policy)}</td><td>{name}</td><td>{p_cell}</td><td>{rho_cell}</td>"
+                f"<td>{r.well_formed} / {r.responses}</td>"
+                f"<td>{100 * r.chance:.1f}</td></tr>"
+            )
+    return (
+        "<table><tr><th>policy</th><th>criterion</th><th>branch steps that are pivots (%)</th>"
+        "<th>Spearman with reference counts</th><th>well-formed responses</th><th>chance (%)</th></tr>"
+        + "".join(rows)
+        + "</table><p>Mean and 95% interval over well-formed responses (2 per problem); chance: a uniform "
+        "choice among steps 2..S.</p>"
+    )
+
+
 def eval_table(before: dict | None, after: dict | None) -> str:
     if before is None or after is None:
         return "<p>(evaluation results missing)</p>"
@@ -250,6 +273,22 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
         tree_html = tree_view(tokenizer, problem.question, responses, build_prompt_trees(responses))
         break
 
+    # The program task: how well each criterion finds the pivotal steps, before and after RL.
+    family = config.task.get("family", "arith") if "task" in config else "arith"
+    anchors_html = ""
+    if family == "program":
+        from attnrl_jax.task.anchors import measure_checkpoint
+
+        eval_data = os.path.join(workdir, "data", "eval")
+        n = config.task.get("anchor_problems", 60)
+        found = {
+            name: measure_checkpoint(config, ckpt, eval_data, n, 2, seed)
+            for name, ckpt in (("warm start", config.model.hf_path), ("after RL", policy_dir))
+        }
+        anchors_html = (
+            "<h2>Does FCI find the anchors? (pivotal steps of held-out responses)</h2>" + anchor_table(found)
+        )
+
     def load(name):
         path = os.path.join(workdir, "eval", f"{name}.json")
         if not os.path.isfile(path):
@@ -265,13 +304,14 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
 <html xmlns="http://www.w3.org/1999/xhtml" lang="en">
 <head><meta charset="utf-8" /><title>AttnRL on the built-in task</title><style>{STYLE}</style></head>
 <body>
-<h1>AttnRL on the built-in arithmetic-chain task</h1>
+<h1>AttnRL on the built-in {"program" if family == "program" else "arithmetic-chain"} task</h1>
 <p>Method: <b>{html.escape(config.algo.preset)}</b>, {mode},
 {len(records)} training steps in {_duration(sum(r.get("time_step") or 0.0 for r in records))}
 ({_duration(last.get("time_step") or 0.0)} for the last one), {_count(last.get("total_generated_tokens"))}
 generated tokens.</p>
 <h2>Evaluation before and after RL (held-out problems, by number of steps)</h2>
 {eval_table(load("warm"), load("final"))}
+{anchors_html}
 <h2>Training curves</h2>
 {images}
 <h2>Sample responses: steps shaded by FCI, &#9650; marks ATB's branch points</h2>

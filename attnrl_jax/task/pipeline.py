@@ -3,7 +3,8 @@ evaluation -> AttnRL -> evaluation -> report, each stage skipped when its output
 run resumes instead of restarting; RL resumes from its latest Orbax checkpoint).
 
 Layout under config.workdir:
-  data/train.parquet, data/eval/arith_l{2..6}.parquet (levels = steps per chain), data/sft.parquet with
+  data/train.parquet, data/eval/<family>_l<level>.parquet (config.task.family; levels = steps per
+  solution: arith_l2..6, program_l8..10), data/sft.parquet with
   sft_solutions.json (the fallible teacher's warm-start solutions) and sft_references.json (their correct
   solutions, for the warm start's held-out check)
   tokenizer/            Hugging Face tokenizer (BPE trained on the task text, R1-style chat template)
@@ -24,7 +25,7 @@ from ml_collections import ConfigDict
 
 from attnrl_jax import JobError
 from attnrl_jax.data import read_verl_parquet, write_verl_parquet
-from attnrl_jax.task.arith import LEVELS, make_split
+from attnrl_jax.task import family
 
 STAGES = ("data", "tokenizer", "warm start", "evaluate warm start", "AttnRL", "evaluate final", "report")
 
@@ -77,7 +78,10 @@ def _write_json(path: str, value) -> None:
 
 
 def make_data(c: ConfigDict, root: str) -> None:
-    """Training, warm-start and per-level evaluation problems, from three disjoint seeds."""
+    """Training, warm-start and per-level evaluation problems of config.task.family, from three disjoint
+    seeds."""
+    gen = family(c.task.family)
+    make_split = gen.make_split
     os.makedirs(os.path.join(root, "eval"), exist_ok=True)
     seed = c.task.seed
     train, _ = make_split(seed * 3 + 1, c.task.train_per_level)
@@ -86,10 +90,10 @@ def make_data(c: ConfigDict, root: str) -> None:
     sft, solutions = make_split(seed * 3 + 2, c.task.sft_per_level, slip_rate=c.task.slip_rate)
     _, references = make_split(seed * 3 + 2, c.task.sft_per_level)
     evals, _ = make_split(seed * 3 + 3, c.task.eval_per_level)
-    for level in LEVELS:
+    for level in gen.LEVELS:
+        name = f"{c.task.family}_l{level}"
         write_verl_parquet(
-            os.path.join(root, "eval", f"arith_l{level}.parquet"),
-            [p for p in evals if p.data_source == f"arith_l{level}"],
+            os.path.join(root, "eval", f"{name}.parquet"), [p for p in evals if p.data_source == name]
         )
     write_verl_parquet(os.path.join(root, "sft.parquet"), sft)
     _write_json(os.path.join(root, "sft_solutions.json"), solutions)
@@ -158,7 +162,7 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
 
         sft, solutions = _load_sft(data_dir)
         _, references = _load_sft(data_dir, "references")
-        cfg = tiny_task_model(len(tokenizer), tokenizer.eos_token_id)
+        cfg = tiny_task_model(len(tokenizer), tokenizer.eos_token_id, c.task.model_layers)
         length = c.data.max_prompt_len + c.sampler.max_new_tokens
         tokens, mask = encode_examples(tokenizer, sft, solutions, length)
         # Held out from the warm start for its stopping rule: the first 5% of the problems, with their

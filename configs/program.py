@@ -1,0 +1,36 @@
+"""The built-in task with long chains and pivotal steps (`attnrl_jax.task.program`: programs of named values,
+8-10 steps, two pivots each): `python train.py --config=configs/program.py`, the same job as `make run`
+(data, tokenizer, warm start, evaluation, AttnRL, evaluation, report), with this family's sizes.
+
+`--config=configs/program.py:toy` is the same job at toy sizes (every stage runs; the warm start cannot learn
+in its 40 steps, so its target is 0 there).
+"""
+
+from ml_collections import ConfigDict
+
+from configs import task
+
+
+def get_config(variant: str = "") -> ConfigDict:
+    if variant not in ("", "toy"):
+        raise ValueError(
+            f"configs/program.py:{variant}: unknown variant; expected configs/program.py or :toy"
+        )
+    c = task.get_config("toy" if variant == "toy" else "")
+    c.workdir = "runs/program" + ("_toy" if variant == "toy" else "")
+    c.task.family = "program"
+    if variant != "toy":
+        c.task.slip_rate = 0.15  # per step; the answer depends on about 3.7 of the 8-10 steps
+        c.task.sft_per_level = 1600  # warm-start examples per level (3 levels)
+        c.task.train_per_level = 800
+        c.task.eval_per_level = 80
+        c.task.warm_steps = 6000
+    c.data.max_prompt_len = 64  # the longest prompt (10 statements) has 58 tokens
+    # Responses of 8-10 steps of 11 tokens, then "</think>", the boxed answer and the end token.
+    c.sampler.max_new_tokens = 128 if variant != "toy" else 24
+    c.train.row_length = c.data.max_prompt_len + c.sampler.max_new_tokens
+    # Delta 2: a step's FCI counts the steps at least two later, so a value read only by the next step (the
+    # chain's default) gets none, and a value read again and again (a pivot) gets most.
+    c.algo.fci_delta = 2
+    c.algo.fci_buckets = 16
+    return c

@@ -29,7 +29,9 @@ def get_config(variant: str = "") -> ConfigDict:
 
     c.task = ConfigDict()
     c.task.family = "arith"  # arith (chains of 2-6 steps) | program (configs/program.py)
-    c.task.model_layers = 2  # the tiny Qwen2's decoder layers (task.warm_start.tiny_task_model)
+    c.task.model_layers = 2  # the tiny Qwen2's decoder layers (task.warm_start.tiny_task_model)...
+    c.task.model_heads = 4  # ... its query heads and KV heads (width 128)
+    c.task.model_kv_heads = 2
     c.task.seed = 0  # data generation and warm-start seed
     c.task.train_per_level = 500  # RL training problems per level (levels: 2-6 steps)
     c.task.sft_per_level = 1000  # warm-start examples per level (disjoint seed from the RL/eval problems)

@@ -186,3 +186,16 @@ def test_anchor_scores_by_hand():
         response_scores(
             fci[:7], entropy, Steps(np.arange(0, 78, 11), -1, 20), st, algo, np.random.default_rng(0)
         )
+
+
+def test_comparison_interval_and_methods():
+    from benchmarks.task_comparison import ABLATIONS, METHODS, interval
+
+    mean, half = interval([1.0, 2.0, 3.0])  # s = 1, t(0.975, 2) = 4.303: 4.303 / sqrt(3)
+    assert mean == 2.0 and half == pytest.approx(4.303 / np.sqrt(3))
+    assert np.isnan(interval([1.0])[1])
+    assert set(METHODS) == {"attnrl", "grpo", "treerl", "random_branching"}
+    from attnrl_jax.algo import AlgoConfig
+
+    for preset, _, _ in {**METHODS, **ABLATIONS}.values():
+        AlgoConfig.preset(preset)  # every row names a real preset

@@ -162,7 +162,13 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
 
         sft, solutions = _load_sft(data_dir)
         _, references = _load_sft(data_dir, "references")
-        cfg = tiny_task_model(len(tokenizer), tokenizer.eos_token_id, c.task.model_layers)
+        cfg = tiny_task_model(
+            len(tokenizer),
+            tokenizer.eos_token_id,
+            c.task.model_layers,
+            c.task.model_heads,
+            c.task.model_kv_heads,
+        )
         length = c.data.max_prompt_len + c.sampler.max_new_tokens
         tokens, mask = encode_examples(tokenizer, sft, solutions, length)
         # Held out from the warm start for its stopping rule: the first 5% of the problems, with their

@@ -19,16 +19,23 @@ from attnrl_jax.model import ModelConfig, forward, init_params, token_log_probs
 from attnrl_jax.typing import Params
 
 
-def tiny_task_model(vocab_size: int, eos_token_id: int | None = None, num_layers: int = 2) -> ModelConfig:
-    """The policy of the built-in tasks: `num_layers` layers (config.task.model_layers) of width 128, GQA
-    4/2 (about 0.2M parameters a layer besides the embedding)."""
+def tiny_task_model(
+    vocab_size: int,
+    eos_token_id: int | None = None,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+) -> ModelConfig:
+    """The policy of the built-in tasks: `num_layers` layers of width 128 with `num_heads` query and
+    `num_kv_heads` KV heads (config.task.model_layers, model_heads, model_kv_heads; about 0.2M parameters
+    a layer besides the embedding)."""
     return ModelConfig(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,
         num_layers=num_layers,
-        num_heads=4,
-        num_kv_heads=2,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         tie_word_embeddings=True,
         max_position_embeddings=512,
         remat="none",

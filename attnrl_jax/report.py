@@ -222,8 +222,8 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
         sample_initial,
         sample_steps,
     )
-    from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
-    from attnrl_jax.trainer import algo_config
+    from attnrl_jax.sampling import Sampler
+    from attnrl_jax.trainer import algo_config, loop_settings
 
     out_dir = os.path.join(workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
@@ -232,13 +232,7 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
 
     cfg, params, tokenizer = load_checkpoint(policy_dir, attention_impl="xla", remat="none")
     algo = algo_config(config)
-    settings = LoopSettings(
-        max_new_tokens=config.sampler.max_new_tokens,
-        sampling=SamplingParams(config.sampler.temperature, config.sampler.top_k, config.sampler.top_p),
-        num_steps=config.algo.fci_buckets,
-        delta=config.algo.fci_delta,
-    )
-    sampler = Sampler(params, cfg, tokenizer, settings)
+    sampler = Sampler(params, cfg, tokenizer, loop_settings(config))
     problems = read_verl_parquet(config.data.train_path)[: max(samples, 8)]
     score = lambda texts, gts: [grade(t, g).acc for t, g in zip(texts, gts)]  # noqa: E731
 

@@ -85,6 +85,16 @@ class Settings:
     mesh: MeshConfig
 
 
+def loop_settings(c: ConfigDict) -> LoopSettings:
+    """The sampler's loop settings of a config: length limit, sampling, FCI buckets and Delta."""
+    return LoopSettings(
+        max_new_tokens=c.sampler.max_new_tokens,
+        sampling=SamplingParams(c.sampler.temperature, c.sampler.top_k, c.sampler.top_p),
+        num_steps=c.algo.fci_buckets,
+        delta=c.algo.fci_delta,
+    )
+
+
 def algo_config(c: ConfigDict) -> AlgoConfig:
     """The method named by config.algo.preset with the config's algo fields applied. A preset's own ATB
     token distance (the `paper` preset's 0) stands unless config.algo.token_distance is set explicitly."""
@@ -117,12 +127,7 @@ def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_pa
             raise FileNotFoundError(f"config.{key}={path!r}: no such file or directory")
     model = model_config(c)
     algo = algo_config(c)
-    loop = LoopSettings(
-        max_new_tokens=c.sampler.max_new_tokens,
-        sampling=SamplingParams(c.sampler.temperature, c.sampler.top_k, c.sampler.top_p),
-        num_steps=c.algo.fci_buckets,
-        delta=c.algo.fci_delta,
-    )
+    loop = loop_settings(c)
     loss = LossConfig(
         c.loss.clip_low,
         c.loss.clip_high,

@@ -171,8 +171,8 @@ def measure_checkpoint(c, checkpoint: str, eval_dir: str, problems: int, samples
 
     from attnrl_jax.data import read_verl_parquet
     from attnrl_jax.model.hf_io import load_checkpoint
-    from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
-    from attnrl_jax.trainer import algo_config
+    from attnrl_jax.sampling import Sampler
+    from attnrl_jax.trainer import algo_config, loop_settings
 
     files = sorted(glob.glob(os.path.join(eval_dir, "*.parquet")))
     if not files:
@@ -180,13 +180,7 @@ def measure_checkpoint(c, checkpoint: str, eval_dir: str, problems: int, samples
     levels = [read_verl_parquet(f) for f in files]
     pool = [p for group in itertools.zip_longest(*levels) for p in group if p is not None][:problems]
     cfg, params, tokenizer = load_checkpoint(checkpoint, attention_impl="xla", remat="none")
-    settings = LoopSettings(
-        max_new_tokens=c.sampler.max_new_tokens,
-        sampling=SamplingParams(c.sampler.temperature, c.sampler.top_k, c.sampler.top_p),
-        num_steps=c.algo.fci_buckets,
-        delta=c.algo.fci_delta,
-    )
-    sampler = Sampler(params, cfg, tokenizer, settings)
+    sampler = Sampler(params, cfg, tokenizer, loop_settings(c))
     return measure(
         sampler, pool, AlgoConfig.attnrl().replace(atb=algo_config(c).atb), samples=samples, seed=seed
     )

@@ -74,15 +74,18 @@ def make_problem(
     return problem, solution
 
 
-def make_split(seed: int, per_level: int, levels=LEVELS, start_index: int = 0, slip_rate: float = 0.0):
+def make_split(
+    seed: int, per_level: int, levels=LEVELS, start_index: int = 0, slip_rate: float = 0.0, make=None
+):
     """`per_level` problems of each level: (problems, solutions), interleaved by level. The problems depend
     on `seed` only; `slip_rate` makes the solutions a fallible teacher's (`make_problem`), with slips drawn
-    from a stream of their own."""
+    from a stream of their own. `make` is another family's `make_problem` (default: this one's)."""
+    make = make or make_problem
     rng, slip_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     problems, solutions = [], []
     for _ in range(per_level):
         for level in levels:
-            p, s = make_problem(rng, level, start_index + len(problems), slip_rate, slip_rng)
+            p, s = make(rng, level, start_index + len(problems), slip_rate, slip_rng)
             problems.append(p)
             solutions.append(s)
     return problems, solutions

@@ -32,6 +32,7 @@ import re
 import numpy as np
 
 from attnrl_jax.data import Problem
+from attnrl_jax.task import arith
 
 LEVELS = (8, 9, 10)  # steps per solution
 NAMES = "abcdefghijk"  # a is given; at most 10 computed values
@@ -152,12 +153,6 @@ def make_problem(
 
 
 def make_split(seed: int, per_level: int, levels=LEVELS, start_index: int = 0, slip_rate: float = 0.0):
-    """`per_level` problems of each level, interleaved by level, as `arith.make_split`."""
-    rng, slip_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    problems, solutions = [], []
-    for _ in range(per_level):
-        for level in levels:
-            p, s = make_problem(rng, level, start_index + len(problems), slip_rate, slip_rng)
-            problems.append(p)
-            solutions.append(s)
-    return problems, solutions
+    """`per_level` problems of each level, interleaved by level (`arith.make_split` with this family's
+    problems)."""
+    return arith.make_split(seed, per_level, levels, start_index, slip_rate, make=make_problem)

@@ -68,20 +68,33 @@ def main() -> None:
     parser.add_argument(
         "--output", default=None, help="default: benchmarks/results/task_comparison[_arith].json"
     )
-    parser.add_argument("--budget", type=int, default=800_000, help="generated tokens per run")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="generated tokens per run (default: 800,000 for arith; 160,000 for program, about 4 minutes "
+        "of one core for every method: 3-4 AttnRL steps of about 47k tokens, 14 GRPO steps of about 11k)",
+    )
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument(
         "--lr", type=float, default=None, help="learning rate for every method (default: the config's)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="runs at once, each pinned to one CPU core with single-threaded XLA (default 1: one run "
+        "after another, with every core)",
+    )
+    parser.add_argument("--run", default=None, metavar="METHOD:SEED", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-    from attnrl_jax import trainer
-    from attnrl_jax.report import read_metrics
     from attnrl_jax.task import pipeline
     from configs import program as program_config
     from configs import task as task_config
 
+    args.budget = args.budget or (800_000 if args.task == "arith" else 160_000)
     args.workdir = args.workdir or ("runs/compare" if args.task == "arith" else "runs/compare_program")
     c = (task_config if args.task == "arith" else program_config).get_config()
     c.workdir = os.path.join(args.workdir, "shared")
@@ -89,47 +102,22 @@ def main() -> None:
     with open(paths["warm_eval"] + ".json") as f:
         before = json.load(f)["mean"]["avg@k"]
 
-    runs = []
-    for method in args.methods:
-        preset, off_policy, overrides = ALL[method]
-        for seed in args.seeds if method in METHODS else args.ablation_seeds:
-            name = f"{method}_seed{seed}"
-            work = os.path.join(args.workdir, name)
-            rl = pipeline.rl_config(c, paths, workdir=work)
-            rl.seed = seed
-            rl.algo.preset = preset
-            rl.train.off_policy = off_policy
-            rl.train.steps = args.max_steps
-            rl.train.max_generated_tokens = args.budget
-            for key, value in overrides.items():
-                section, field = key.split(".")
-                rl[section][field] = value
-            if args.lr is not None:
-                rl.optim.lr = args.lr
-            if trainer.latest_export(work) is None:
-                print(f"== {name}", flush=True)
-                trainer.run(rl)
-            out = os.path.join(work, "eval", "final")
-            if not os.path.isfile(out + ".json"):
-                pipeline.evaluate_checkpoint(c, trainer.latest_export(work), paths["eval_data"], out)
-            with open(out + ".json") as f:
-                after = json.load(f)["mean"]["avg@k"]
-            records = read_metrics(os.path.join(work, "metrics.jsonl"))
-            runs.append(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "before": before,
-                    "after": after,
-                    "gain": after - before,
-                    "steps": len(records),
-                    "tokens": records[-1]["total_generated_tokens"],
-                    "minutes": records[-1]["total_time_s"] / 60,
-                    "curve_tokens": [r["total_generated_tokens"] for r in records],
-                    "curve_time": [r["total_time_s"] for r in records],
-                    "curve_accuracy": [r["accuracy"] for r in records],
-                }
-            )
+    todo = [
+        (method, seed)
+        for method in args.methods
+        for seed in (args.seeds if method in METHODS else args.ablation_seeds)
+    ]
+    if args.run:
+        method, seed = args.run.rsplit(":", 1)
+        todo = [(method, int(seed))]
+    pending = [(m, s) for m, s in todo if not os.path.isfile(_final_eval(args.workdir, m, s) + ".json")]
+    if args.workers > 1 and not args.run and pending:
+        _run_in_workers(args, pending)
+    for method, seed in todo:
+        _train_and_evaluate(args, c, paths, method, seed)
+    if args.run:
+        return
+    runs = [_record(args.workdir, m, s, before) for m, s in todo]
 
     print(f"\nheld-out avg@{c.task.eval_k} of the warm start: {100 * before:.1f}%\n")
     print("| method | seed | steps | tokens | minutes | after (%) | gain (points) |")
@@ -177,7 +165,7 @@ def main() -> None:
                 vals = []
                 for r in rs:
                     x = np.array(r[key], float)
-                    limit = frac * (total or x[-1])
+                    limit = frac * (total or x[-1]) if frac < 1 else x[-1]  # 100%: the whole run
                     upto = [a for a, t in zip(r["curve_accuracy"], x) if t <= limit][-5:]
                     vals.append(np.mean(upto) if upto else np.nan)
                 cells.append(f"{100 * np.nanmean(vals):.1f}")
@@ -210,6 +198,109 @@ def main() -> None:
     print(f"\nwrote {args.workdir}/comparison.json, comparison.png and {output}")
 
 
+def _final_eval(workdir: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, f"{method}_seed{seed}", "eval", "final")
+
+
+def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
+    """One RL run from the shared warm start, stopped at the token budget, and its held-out evaluation;
+    each skipped when its output exists (a finished run is not repeated, an interrupted one resumes)."""
+    from attnrl_jax import trainer
+    from attnrl_jax.task import pipeline
+
+    preset, off_policy, overrides = ALL[method]
+    work = os.path.join(args.workdir, f"{method}_seed{seed}")
+    rl = pipeline.rl_config(c, paths, workdir=work)
+    rl.seed = seed
+    rl.algo.preset = preset
+    rl.train.off_policy = off_policy
+    rl.train.steps = args.max_steps
+    rl.train.max_generated_tokens = args.budget
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        rl[section][field] = value
+    if args.lr is not None:
+        rl.optim.lr = args.lr
+    if trainer.latest_export(work) is None:
+        print(f"== {method}_seed{seed}", flush=True)
+        trainer.run(rl)
+    out = _final_eval(args.workdir, method, seed)
+    if not os.path.isfile(out + ".json"):
+        pipeline.evaluate_checkpoint(c, trainer.latest_export(work), paths["eval_data"], out)
+
+
+def _record(workdir: str, method: str, seed: int, before: float) -> dict:
+    from attnrl_jax.report import read_metrics
+
+    with open(_final_eval(workdir, method, seed) + ".json") as f:
+        after = json.load(f)["mean"]["avg@k"]
+    records = read_metrics(os.path.join(workdir, f"{method}_seed{seed}", "metrics.jsonl"))
+    return {
+        "method": method,
+        "seed": seed,
+        "before": before,
+        "after": after,
+        "gain": after - before,
+        "steps": len(records),
+        "tokens": records[-1]["total_generated_tokens"],
+        "minutes": records[-1]["total_time_s"] / 60,
+        "curve_tokens": [r["total_generated_tokens"] for r in records],
+        "curve_time": [r["total_time_s"] for r in records],
+        "curve_accuracy": [r["accuracy"] for r in records],
+    }
+
+
+def _run_in_workers(args, pending) -> None:
+    """Runs the pending (method, seed) runs in `--workers` processes at once, each pinned to one CPU core
+    with single-threaded XLA (`--run METHOD:SEED` of this module), so that every run, whichever worker it
+    lands on, gets one core: its minutes are one core's, comparable across methods. A tiny model's ops are
+    too small for XLA's intra-op threads to use two cores well, so two one-core runs at once finish the
+    comparison in about half the time of one two-core run after another. Each worker's output goes to
+    <workdir>/<method>_seed<seed>/worker.log; a failed run stops the comparison with its log's path."""
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < args.workers:
+        raise SystemExit(f"--workers {args.workers}: this process may use only {len(cores)} CPU cores")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    base = [sys.executable, "-m", "benchmarks.task_comparison", "--task", args.task]
+    base += ["--workdir", args.workdir, "--budget", str(args.budget), "--max-steps", str(args.max_steps)]
+    if args.lr is not None:
+        base += ["--lr", str(args.lr)]
+    # Seed-major, so that an interrupted comparison has every method at its first seeds.
+    order = {m: i for i, m in enumerate(ALL)}
+    queue = sorted(pending, key=lambda ms: (ms[1], order[ms[0]]))
+    running, failed = {}, []
+    free = cores[: args.workers]
+    while queue or running:
+        while queue and free:
+            method, seed = queue.pop(0)
+            core = free.pop(0)
+            log_path = os.path.join(args.workdir, f"{method}_seed{seed}", "worker.log")
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            print(f"== {method}_seed{seed} on core {core} (log: {log_path})", flush=True)
+            with open(log_path, "a") as log:
+                proc = subprocess.Popen(
+                    base + ["--run", f"{method}:{seed}"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}),
+                )
+            running[proc.pid] = (proc, core, method, seed, log_path)
+        pid, status = os.wait()
+        if pid not in running:
+            continue
+        proc, core, method, seed, log_path = running.pop(pid)
+        free.append(core)
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed.append(f"{method}_seed{seed} (see {log_path})")
+            queue.clear()  # let the running ones finish, start no more
+    if failed:
+        raise SystemExit("task_comparison: runs failed: " + ", ".join(failed))
+
+
 def _plot(runs, methods, path) -> None:
     import matplotlib
 
@@ -219,14 +310,15 @@ def _plot(runs, methods, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, method in enumerate(methods):
         for j, r in enumerate(x for x in runs if x["method"] == method):
-            acc = np.convolve(r["curve_accuracy"], np.ones(5) / 5, mode="valid")
+            w = min(5, len(r["curve_accuracy"]))  # a 5-step mean (fewer for runs of fewer steps)
+            acc = np.convolve(r["curve_accuracy"], np.ones(w) / w, mode="valid")
             for ax, key, scale in ((axes[0], "curve_tokens", 1e3), (axes[1], "curve_time", 60)):
-                x = np.array(r[key][4:], float) / scale
+                x = np.array(r[key][w - 1 :], float) / scale
                 ax.plot(x, acc, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
     axes[0].set_xlabel("generated tokens (thousands)")
     axes[1].set_xlabel("wall-clock (minutes)")
     for ax in axes:
-        ax.set_ylabel("training accuracy (5-step mean)")
+        ax.set_ylabel("training accuracy (mean of up to 5 steps)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -253,10 +253,9 @@ def _record(workdir: str, method: str, seed: int, before: float) -> dict:
 def _run_in_workers(args, pending) -> None:
     """Runs the pending (method, seed) runs in `--workers` processes at once, each pinned to one CPU core
     with single-threaded XLA (`--run METHOD:SEED` of this module), so that every run, whichever worker it
-    lands on, gets one core: its minutes are one core's, comparable across methods. A tiny model's ops are
-    too small for XLA's intra-op threads to use two cores well, so two one-core runs at once finish the
-    comparison in about half the time of one two-core run after another. Each worker's output goes to
-    <workdir>/<method>_seed<seed>/worker.log; a failed run stops the comparison with its log's path."""
+    lands on, gets one core: its minutes are one core's, comparable across methods and seeds (two runs
+    sharing two cores would slow each other by however much their phases overlap). Each worker's output goes
+    to <workdir>/<method>_seed<seed>/worker.log; a failed run stops the comparison with its log's path."""
     import sys
 
     cores = sorted(os.sched_getaffinity(0))

@@ -168,7 +168,8 @@ def main() -> None:
                     limit = frac * (total or x[-1]) if frac < 1 else x[-1]  # 100%: the whole run
                     upto = [a for a, t in zip(r["curve_accuracy"], x) if t <= limit][-5:]
                     vals.append(np.mean(upto) if upto else np.nan)
-                cells.append(f"{100 * np.nanmean(vals):.1f}")
+                vals = [v for v in vals if not np.isnan(v)]  # "-": no step of any seed before the mark
+                cells.append(f"{100 * np.mean(vals):.1f}" if vals else "-")
         print(f"| {method} | " + " | ".join(cells) + " |")
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -195,7 +196,9 @@ def main() -> None:
     with open(output + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(output + ".tmp", output)
-    print(f"\nwrote {args.workdir}/comparison.json, comparison.png and {output}")
+    figure = os.path.splitext(output)[0] + ".png"  # the curves beside the JSON (about 100 kB)
+    _plot(runs, args.methods, figure)
+    print(f"\nwrote {args.workdir}/comparison.json, comparison.png, {output} and {figure}")
 
 
 def _final_eval(workdir: str, method: str, seed: int) -> str:
@@ -309,15 +312,16 @@ def _plot(runs, methods, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, method in enumerate(methods):
         for j, r in enumerate(x for x in runs if x["method"] == method):
-            w = min(5, len(r["curve_accuracy"]))  # a 5-step mean (fewer for runs of fewer steps)
+            # A mean of up to 5 steps, at most a third of the run (a 5-step run is drawn step by step).
+            w = max(1, min(5, len(r["curve_accuracy"]) // 3))
             acc = np.convolve(r["curve_accuracy"], np.ones(w) / w, mode="valid")
             for ax, key, scale in ((axes[0], "curve_tokens", 1e3), (axes[1], "curve_time", 60)):
                 x = np.array(r[key][w - 1 :], float) / scale
-                ax.plot(x, acc, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
+                ax.plot(x, acc, ".-", color=f"C{i}", alpha=0.6, label=method if j == 0 else None)
     axes[0].set_xlabel("generated tokens (thousands)")
     axes[1].set_xlabel("wall-clock (minutes)")
     for ax in axes:
-        ax.set_ylabel("training accuracy (mean of up to 5 steps)")
+        ax.set_ylabel("training accuracy (running mean)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -155,6 +155,18 @@ def main() -> None:
             f"| {method} | {len(rs)} | {100 * mean:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {100 * spread:.1f} | "
             f"{tokens:,.0f} | {minutes:.1f} |"
         )
+    print("\nWhat the budget bought (mean per run):")
+    print("| method | training paths | continuations | tokens per continuation | optimizer steps |")
+    print("|---|---:|---:|---:|---:|")
+    for method in args.methods:
+        rs = [r for r in runs if r["method"] == method]
+        cont = np.mean([r["continuations"] for r in rs])
+        tokens = np.sum([r["continuation_tokens"] for r in rs])
+        per = tokens / max(np.sum([r["continuations"] for r in rs]), 1)
+        print(
+            f"| {method} | {np.mean([r['paths'] for r in rs]):,.0f} | {cont:,.0f} | {per:.1f} | "
+            f"{np.mean([r['optimizer_steps'] for r in rs]):.1f} |"
+        )
     print("\nTraining accuracy (initial responses, mean over seeds and the last 5 steps before the mark):")
     print("| method | 25% tokens | 50% | 75% | 100% | 25% wall-clock | 50% | 75% | 100% |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -197,13 +209,17 @@ def main() -> None:
     with open(output + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(output + ".tmp", output)
-    figure = os.path.splitext(output)[0] + ".png"  # the curves beside the JSON (about 100 kB)
+    figure = os.path.splitext(output)[0] + ".png"  # the curves beside the JSON (about 200 kB)
     _plot(runs, args.methods, figure)
     print(f"\nwrote {args.workdir}/comparison.json, comparison.png, {output} and {figure}")
 
 
+def _run_dir(workdir: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, f"{method}_seed{seed}")
+
+
 def _final_eval(workdir: str, method: str, seed: int) -> str:
-    return os.path.join(workdir, f"{method}_seed{seed}", "eval", "final")
+    return os.path.join(_run_dir(workdir, method, seed), "eval", "final")
 
 
 def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
@@ -213,7 +229,7 @@ def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
     from attnrl_jax.task import pipeline
 
     preset, off_policy, overrides = ALL[method]
-    work = os.path.join(args.workdir, f"{method}_seed{seed}")
+    work = _run_dir(args.workdir, method, seed)
     rl = pipeline.rl_config(c, paths, workdir=work)
     rl.seed = seed
     rl.algo.preset = preset
@@ -238,7 +254,7 @@ def _record(workdir: str, method: str, seed: int, before: float) -> dict:
 
     with open(_final_eval(workdir, method, seed) + ".json") as f:
         after = json.load(f)["mean"]["avg@k"]
-    records = read_metrics(os.path.join(workdir, f"{method}_seed{seed}", "metrics.jsonl"))
+    records = read_metrics(os.path.join(_run_dir(workdir, method, seed), "metrics.jsonl"))
     return {
         "method": method,
         "seed": seed,
@@ -251,6 +267,11 @@ def _record(workdir: str, method: str, seed: int, before: float) -> dict:
         "curve_tokens": [r["total_generated_tokens"] for r in records],
         "curve_time": [r["total_time_s"] for r in records],
         "curve_accuracy": [r["accuracy"] for r in records],
+        # What the budget bought: training paths, continuations and their tokens, optimizer steps.
+        "paths": sum(r["num_paths"] for r in records),
+        "continuations": sum(r.get("num_continuations", 0) for r in records),
+        "continuation_tokens": sum(r.get("continuation_tokens", 0) for r in records),
+        "optimizer_steps": sum(r.get("update/optimizer_steps", 0) for r in records),
     }
 
 
@@ -280,7 +301,7 @@ def _run_in_workers(args, pending) -> None:
         while queue and free:
             method, seed = queue.pop(0)
             core = free.pop(0)
-            log_path = os.path.join(args.workdir, f"{method}_seed{seed}", "worker.log")
+            log_path = os.path.join(_run_dir(args.workdir, method, seed), "worker.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             print(f"== {method}_seed{seed} on core {core} (log: {log_path})", flush=True)
             with open(log_path, "a") as log:

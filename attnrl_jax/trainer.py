@@ -546,7 +546,11 @@ def run(c: ConfigDict) -> dict:
             )
 
     clock = _Clock()
-    finished = start >= c.train.steps
+    # A run resumed with its token budget already spent takes no step (it would take one more than the
+    # budget allows); raising config.train.max_generated_tokens continues it exactly where it stopped.
+    spent = 0 < c.train.max_generated_tokens <= progress.totals["generated_tokens"]
+    end = start if spent else c.train.steps
+    finished = start >= c.train.steps or spent
     mode = "off-policy" if c.train.off_policy else "on-policy"
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
         sampler = Sampler(
@@ -561,7 +565,7 @@ def run(c: ConfigDict) -> dict:
         scorer = ShardedScorer(pool.submit)
         score = lambda texts, gts: clock.wrap(scorer(texts, gts))  # noqa: E731
         bar = tqdm(
-            range(start, c.train.steps),
+            range(start, end),
             initial=start,
             total=c.train.steps,
             desc=f"train ({c.algo.preset}, {mode})",

@@ -276,18 +276,14 @@ def _record(workdir: str, method: str, seed: int, before: float) -> dict:
 
 
 def _run_in_workers(args, pending) -> None:
-    """Runs the pending (method, seed) runs in `--workers` processes at once, each pinned to one CPU core
-    with single-threaded XLA (`--run METHOD:SEED` of this module), so that every run, whichever worker it
-    lands on, gets one core: its minutes are one core's, comparable across methods and seeds (two runs
-    sharing two cores would slow each other by however much their phases overlap). Each worker's output goes
-    to <workdir>/<method>_seed<seed>/worker.log; a failed run stops the comparison with its log's path."""
+    """Runs the pending (method, seed) runs `--workers` at a time, each pinned to one CPU core with
+    single-threaded XLA (`--run METHOD:SEED` of this module; benchmarks.workers), so that every run's
+    minutes are one core's. Each run's output goes to <workdir>/<method>_seed<seed>/worker.log; a failed
+    run stops the comparison with its log's path."""
     import sys
 
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < args.workers:
-        raise SystemExit(f"--workers {args.workers}: this process may use only {len(cores)} CPU cores")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    from benchmarks.workers import run_pinned
+
     base = [sys.executable, "-m", "benchmarks.task_comparison", "--task", args.task]
     base += ["--workdir", args.workdir, "--budget", str(args.budget), "--max-steps", str(args.max_steps)]
     if args.lr is not None:
@@ -295,34 +291,15 @@ def _run_in_workers(args, pending) -> None:
     # Seed-major, so that an interrupted comparison has every method at its first seeds.
     order = {m: i for i, m in enumerate(ALL)}
     queue = sorted(pending, key=lambda ms: (ms[1], order[ms[0]]))
-    running, failed = {}, []
-    free = cores[: args.workers]
-    while queue or running:
-        while queue and free:
-            method, seed = queue.pop(0)
-            core = free.pop(0)
-            log_path = os.path.join(_run_dir(args.workdir, method, seed), "worker.log")
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            print(f"== {method}_seed{seed} on core {core} (log: {log_path})", flush=True)
-            with open(log_path, "a") as log:
-                proc = subprocess.Popen(
-                    base + ["--run", f"{method}:{seed}"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}),
-                )
-            running[proc.pid] = (proc, core, method, seed, log_path)
-        pid, status = os.wait()
-        if pid not in running:
-            continue
-        proc, core, method, seed, log_path = running.pop(pid)
-        free.append(core)
-        if os.waitstatus_to_exitcode(status) != 0:
-            failed.append(f"{method}_seed{seed} (see {log_path})")
-            queue.clear()  # let the running ones finish, start no more
-    if failed:
-        raise SystemExit("task_comparison: runs failed: " + ", ".join(failed))
+    jobs = [
+        (
+            f"{m}_seed{s}",
+            base + ["--run", f"{m}:{s}"],
+            os.path.join(_run_dir(args.workdir, m, s), "worker.log"),
+        )
+        for m, s in queue
+    ]
+    run_pinned(jobs, args.workers)
 
 
 def _plot(runs, methods, path) -> None:

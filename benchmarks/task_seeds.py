@@ -1,8 +1,12 @@
-"""The built-in task (`make run`) over task seeds: `python -m benchmarks.task_seeds [--seeds 0 1 2 3 4]`.
+"""The built-in task (`make run`) over task seeds: `python -m benchmarks.task_seeds [--seeds 0 1 2 3 4]
+[--config configs/program.py] [--workers 2] [-- --config.x=y ...]`.
 
-Each seed is the README's command, `python train.py --config=configs/task.py --config.task.seed=S`, in its
-own process and workdir (`<workdir>/seed<S>`; a seed whose job has finished, i.e. whose summary.json
-exists, is not run again, and an interrupted one resumes). Prints per seed the held-out avg@k after the
+Each seed is the README's command, `python train.py --config=<config> --config.task.seed=S` (default
+configs/task.py; configs/program.py for the pivotal-step family), in its own process and workdir
+(`<workdir>/seed<S>`, default runs/task_seeds or runs/program_seeds; a seed whose job has finished, i.e.
+whose summary.json exists, is not run again, and an interrupted one resumes). `--workers 2` runs two seeds
+at once, each pinned to one core with single-threaded XLA and its output in <workdir>/seed<S>/job.log.
+Prints per seed the held-out avg@k after the
 warm start and after AttnRL, the gain, pass@k and the job's minutes (its stages' time, summed over
 resumed invocations), then the median and range of each over the seeds, and writes
 <workdir>/task_seeds.json. The runs vary with the seed (data, initialisation, sampling): one run says
@@ -24,24 +28,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/task_seeds")
+    parser.add_argument(
+        "--config", default="configs/task.py", choices=["configs/task.py", "configs/program.py"]
+    )
+    parser.add_argument("--workdir", default=None, help="default: runs/task_seeds, runs/program_seeds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--workers", type=int, default=1, help="seeds at once, each on one core (default 1, every core)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every run")
     args = parser.parse_args()
+    if args.workdir is None:
+        args.workdir = "runs/task_seeds" if args.config == "configs/task.py" else "runs/program_seeds"
+
+    def command(seed: int) -> tuple[str, list[str]]:
+        work = os.path.abspath(os.path.join(args.workdir, f"seed{seed}"))
+        cmd = [sys.executable, "train.py", f"--config={args.config}", f"--config.task.seed={seed}"]
+        return work, cmd + [f"--config.workdir={work}", *args.overrides]
+
+    pending = [s for s in args.seeds if not os.path.isfile(os.path.join(command(s)[0], "summary.json"))]
+    if args.workers > 1 and pending:
+        from benchmarks.workers import run_pinned
+
+        jobs = [
+            (
+                f"seed {s}: {' '.join(command(s)[1][1:])}",
+                command(s)[1],
+                os.path.join(command(s)[0], "job.log"),
+            )
+            for s in pending
+        ]
+        run_pinned(jobs, args.workers, cwd=ROOT)
 
     rows = []
     for seed in args.seeds:
-        work = os.path.abspath(os.path.join(args.workdir, f"seed{seed}"))
+        work, cmd = command(seed)
         summary_path = os.path.join(work, "summary.json")
         if not os.path.isfile(summary_path):
-            cmd = [
-                sys.executable,
-                "train.py",
-                "--config=configs/task.py",
-                f"--config.task.seed={seed}",
-                f"--config.workdir={work}",
-                *args.overrides,
-            ]
             print(f"== seed {seed}: {' '.join(cmd[1:])}", flush=True)
             done = subprocess.run(cmd, cwd=ROOT)
             if done.returncode != 0 or not os.path.isfile(summary_path):

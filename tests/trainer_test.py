@@ -124,6 +124,34 @@ def test_resume_from_step_two_repeats_step_three(task_world, tmp_path):
         assert r1[key] == r2[key], key
 
 
+def test_a_spent_token_budget_stops_and_a_larger_one_continues_exactly(task_world, tmp_path):
+    """A budget of 1 token stops after step 1 (checkpoint and export); the same command again takes no
+    step (it used to take one past the budget); a budget raised to unlimited continues it, and its step 2
+    is the uninterrupted run's step 2 (benchmarks.task_comparison evaluates the policy this way at
+    fractions of its budget)."""
+    from attnrl_jax import trainer
+
+    trainer.run(_config(task_world, tmp_path / "straight", 2))
+    staged = tmp_path / "staged"
+    c = _config(task_world, staged, 2)
+    c.train.max_generated_tokens = 1
+    trainer.run(c)
+    assert [r["step"] for r in _records(staged)] == [1]
+    assert (staged / "export" / "step_1" / "config.json").is_file()
+    assert trainer.run(c) == {}  # resumed at step 1 with the budget spent: no step
+    assert [r["step"] for r in _records(staged)] == [1]
+    assert Checkpointer(str(staged / "ckpt")).latest_step() == 1
+    c.train.max_generated_tokens = 0
+    trainer.run(c)
+    assert [r["step"] for r in _records(staged)] == [1, 2]
+    assert trainer.latest_export(str(staged)).endswith("step_2")
+    for a, b in zip(jax.tree.leaves(_params(tmp_path / "straight")[1]), jax.tree.leaves(_params(staged)[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    r1, r2 = _records(tmp_path / "straight")[1], _records(staged)[1]
+    for key in ("accuracy", "num_paths", "update/loss", "total_generated_tokens"):
+        assert r1[key] == r2[key], key
+
+
 def _cli(world, workdir, steps, extra=()):
     args = [f"--config.{k}={v}" for k, v in _overrides(world, workdir, steps).items()]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")

@@ -4,16 +4,21 @@ a built-in task, at an equal sampling budget, over several seeds:
 
 One shared preparation (data, tokenizer, warm start and its evaluation; configs/task.py for `--task arith`,
 configs/program.py for `--task program`), then for each method and seed an RL run from the same warm start
-that stops once it has sampled `--budget` tokens, and the evaluation of its final policy. The main methods
+that stops once it has sampled `--budget` tokens, and the held-out evaluation of its policy at
+`--heldout-marks` fractions of the budget (default 25/50/75%: the run stops at each mark, is evaluated and
+resumes exactly) and at the end. The main methods
 (attnrl, grpo, treerl, random_branching) run `--seeds`; the ablation rows (Table 2: ATB with every response
 branched, i.e. treerl_atb, against random branching; AttnRL without difficulty-aware expansion, without the
 attention filter, without the adaptive batch) run `--ablation-seeds`. Prints, per run, the held-out
 accuracy (avg@k) before and after, the steps, tokens and minutes used; per method, the mean gain with a 95%
-interval (Student's t over seeds); and training accuracy at equal fractions of the token budget and of the
-wall-clock. Writes <workdir>/comparison.json and comparison.png (accuracy against generated tokens and
-against wall-clock) and the machine-readable `--output` (benchmarks/results/task_comparison.json: small,
-commit it) with the curves beside it (.png). Runs resume: a finished run is not repeated. `--workers 2`
-runs two at a time, each on one core (the program task's 32 runs took 66 minutes so on a 2-core CPU).
+interval (Student's t over seeds); held-out accuracy at each mark with its tokens and minutes; and training
+accuracy at equal fractions of the token budget and of the wall-clock. Writes <workdir>/comparison.json and
+comparison.png (held-out and training accuracy against generated tokens and against wall-clock) and the
+machine-readable `--output` (benchmarks/results/task_comparison.json: small, commit it) with the curves
+beside it (.png). Runs resume: a finished run is not repeated. `--workers 2` runs two at a time, each on
+one core (the program task's 32 runs, without marks, took 66 minutes so on a 2-core CPU). A run's
+wall-clock is the sum of its steps' times (evaluations excluded); each resumed stage compiles again in its
+first step, which adds to it.
 """
 
 from __future__ import annotations
@@ -78,6 +83,14 @@ def main() -> None:
     )
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument(
+        "--heldout-marks",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5, 0.75],
+        help="fractions of the budget at which each run's policy is also evaluated on the held-out set "
+        "(the curves; about half a minute of one core each); none: only before and after",
+    )
+    parser.add_argument(
         "--lr", type=float, default=None, help="learning rate for every method (default: the config's)"
     )
     parser.add_argument(
@@ -86,6 +99,12 @@ def main() -> None:
         default=1,
         help="runs at once, each pinned to one CPU core with single-threaded XLA (default 1: one run "
         "after another, with every core)",
+    )
+    parser.add_argument(
+        "--toy",
+        action="store_true",
+        help="the configs' :toy variant: every stage runs at toy sizes and nothing learns (checks the "
+        "harness in minutes; give --workdir, --output and a --budget of a few thousand tokens)",
     )
     parser.add_argument("--run", default=None, metavar="METHOD:SEED", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,7 +116,7 @@ def main() -> None:
 
     args.budget = args.budget or (800_000 if args.task == "arith" else 160_000)
     args.workdir = args.workdir or ("runs/compare" if args.task == "arith" else "runs/compare_program")
-    c = (task_config if args.task == "arith" else program_config).get_config()
+    c = (task_config if args.task == "arith" else program_config).get_config("toy" if args.toy else "")
     c.workdir = os.path.join(args.workdir, "shared")
     paths = pipeline.prepare(c)
     with open(paths["warm_eval"] + ".json") as f:
@@ -118,7 +137,7 @@ def main() -> None:
         _train_and_evaluate(args, c, paths, method, seed)
     if args.run:
         return
-    runs = [_record(args.workdir, m, s, before) for m, s in todo]
+    runs = [_record(args.workdir, m, s, before, args.heldout_marks) for m, s in todo]
 
     print(f"\nheld-out avg@{c.task.eval_k} of the warm start: {100 * before:.1f}%\n")
     print("| method | seed | steps | tokens | minutes | after (%) | gain (points) |")
@@ -167,6 +186,21 @@ def main() -> None:
             f"| {method} | {np.mean([r['paths'] for r in rs]):,.0f} | {cont:,.0f} | {per:.1f} | "
             f"{np.mean([r['optimizer_steps'] for r in rs]):.1f} |"
         )
+    print(
+        f"\nHeld-out avg@{c.task.eval_k} (%) at fractions of the token budget, mean over seeds (the policy "
+        "exported at the first step that reached the mark; its mean tokens and minutes in brackets):"
+    )
+    fractions = [0.0, *sorted(args.heldout_marks), 1.0]
+    print("| method | " + " | ".join(f"{round(100 * f)}%" for f in fractions) + " |")
+    print("|---|" + "---:|" * len(fractions))
+    for method in args.methods:
+        curve = _mean_curve([r for r in runs if r["method"] == method], fractions)
+        summary[method]["heldout_curve"] = curve
+        cells = [
+            f"{p['accuracy']:.1f} ({p['tokens'] / 1e3:.0f}k, {p['minutes']:.1f} min)" if p["seeds"] else "-"
+            for p in curve
+        ]
+        print(f"| {method} | " + " | ".join(cells) + " |")
     print("\nTraining accuracy (initial responses, mean over seeds and the last 5 steps before the mark):")
     print("| method | 25% tokens | 50% | 75% | 100% | 25% wall-clock | 50% | 75% | 100% |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -222,10 +256,22 @@ def _final_eval(workdir: str, method: str, seed: int) -> str:
     return os.path.join(_run_dir(workdir, method, seed), "eval", "final")
 
 
+def _mark_eval(workdir: str, method: str, seed: int, fraction: float) -> str:
+    if fraction >= 1.0:
+        return _final_eval(workdir, method, seed)
+    return os.path.join(_run_dir(workdir, method, seed), "eval", f"at_{round(100 * fraction)}pct")
+
+
 def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
-    """One RL run from the shared warm start, stopped at the token budget, and its held-out evaluation;
-    each skipped when its output exists (a finished run is not repeated, an interrupted one resumes)."""
+    """One RL run from the shared warm start, stopped at the token budget, with the held-out evaluation of
+    its policy at each `--heldout-marks` fraction of the budget and at the end. The run goes in stages: it
+    trains until the mark's tokens are spent (the first step that reaches them), exports, is evaluated,
+    and resumes from its checkpoint with the next mark's budget, which continues it exactly as if it had
+    not stopped (tests/trainer_test.py). Each stage and evaluation is skipped when its output exists (a
+    finished run is not repeated, an interrupted one resumes); a mark that a run had already passed when
+    it was started with these marks (a run of an older version) is left out of its curve."""
     from attnrl_jax import trainer
+    from attnrl_jax.report import read_metrics
     from attnrl_jax.task import pipeline
 
     preset, off_policy, overrides = ALL[method]
@@ -235,26 +281,50 @@ def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
     rl.algo.preset = preset
     rl.train.off_policy = off_policy
     rl.train.steps = args.max_steps
-    rl.train.max_generated_tokens = args.budget
     for key, value in overrides.items():
         section, field = key.split(".")
         rl[section][field] = value
     if args.lr is not None:
         rl.optim.lr = args.lr
-    if trainer.latest_export(work) is None:
-        print(f"== {method}_seed{seed}", flush=True)
-        trainer.run(rl)
-    out = _final_eval(args.workdir, method, seed)
-    if not os.path.isfile(out + ".json"):
+    metrics = os.path.join(work, "metrics.jsonl")
+    for fraction in [*sorted(args.heldout_marks), 1.0]:
+        out = _mark_eval(args.workdir, method, seed, fraction)
+        if os.path.isfile(out + ".json"):
+            continue
+        tokens = round(fraction * args.budget)
+        records = read_metrics(metrics) if os.path.isfile(metrics) else []
+        if len(records) > 1 and records[-2]["total_generated_tokens"] >= tokens and fraction < 1.0:
+            continue  # this run went past the mark before it was asked for: no policy at the mark
+        rl.train.max_generated_tokens = tokens
+        print(f"== {method}_seed{seed} to {tokens:,} tokens", flush=True)
+        trainer.run(rl)  # resumes; takes no step when the mark's tokens are already spent
         pipeline.evaluate_checkpoint(c, trainer.latest_export(work), paths["eval_data"], out)
 
 
-def _record(workdir: str, method: str, seed: int, before: float) -> dict:
+def _record(workdir: str, method: str, seed: int, before: float, marks=()) -> dict:
     from attnrl_jax.report import read_metrics
 
     with open(_final_eval(workdir, method, seed) + ".json") as f:
         after = json.load(f)["mean"]["avg@k"]
     records = read_metrics(os.path.join(_run_dir(workdir, method, seed), "metrics.jsonl"))
+    # Held-out accuracy against tokens and wall-clock: the warm start, each mark's policy, the final one.
+    curve = [{"fraction": 0.0, "step": 0, "tokens": 0, "time_s": 0.0, "accuracy": before}]
+    for fraction in [*sorted(marks), 1.0]:
+        path = _mark_eval(workdir, method, seed, fraction) + ".json"
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            result = json.load(f)
+        step = int(os.path.basename(result["checkpoint"])[len("step_") :])  # the export evaluated
+        curve.append(
+            {
+                "fraction": fraction,
+                "step": step,
+                "tokens": records[step - 1]["total_generated_tokens"],
+                "time_s": records[step - 1]["total_time_s"],
+                "accuracy": result["mean"]["avg@k"],
+            }
+        )
     return {
         "method": method,
         "seed": seed,
@@ -267,12 +337,33 @@ def _record(workdir: str, method: str, seed: int, before: float) -> dict:
         "curve_tokens": [r["total_generated_tokens"] for r in records],
         "curve_time": [r["total_time_s"] for r in records],
         "curve_accuracy": [r["accuracy"] for r in records],
+        "heldout_curve": curve,
         # What the budget bought: training paths, continuations and their tokens, optimizer steps.
         "paths": sum(r["num_paths"] for r in records),
         "continuations": sum(r.get("num_continuations", 0) for r in records),
         "continuation_tokens": sum(r.get("continuation_tokens", 0) for r in records),
         "optimizer_steps": sum(r.get("update/optimizer_steps", 0) for r in records),
     }
+
+
+def _mean_curve(runs, fractions) -> list[dict]:
+    """Per fraction of the budget: held-out accuracy (points) with its 95% interval, tokens and minutes,
+    averaged over the runs that have a policy at that mark."""
+    out = []
+    for fraction in fractions:
+        points = [p for r in runs for p in r["heldout_curve"] if p["fraction"] == fraction]
+        mean, half = interval([100 * p["accuracy"] for p in points])
+        out.append(
+            {
+                "fraction": fraction,
+                "seeds": len(points),
+                "accuracy": mean,
+                "ci95": [mean - half, mean + half],
+                "tokens": float(np.mean([p["tokens"] for p in points])) if points else float("nan"),
+                "minutes": float(np.mean([p["time_s"] for p in points])) / 60 if points else float("nan"),
+            }
+        )
+    return out
 
 
 def _run_in_workers(args, pending) -> None:
@@ -288,6 +379,7 @@ def _run_in_workers(args, pending) -> None:
     base += ["--workdir", args.workdir, "--budget", str(args.budget), "--max-steps", str(args.max_steps)]
     if args.lr is not None:
         base += ["--lr", str(args.lr)]
+    base += ["--heldout-marks", *map(str, args.heldout_marks)] + (["--toy"] if args.toy else [])
     # Seed-major, so that an interrupted comparison has every method at its first seeds.
     order = {m: i for i, m in enumerate(ALL)}
     queue = sorted(pending, key=lambda ms: (ms[1], order[ms[0]]))
@@ -303,28 +395,49 @@ def _run_in_workers(args, pending) -> None:
 
 
 def _plot(runs, methods, path) -> None:
+    """Top: held-out accuracy of each run's policy at the budget's marks (thin: seeds; thick: the mean
+    over seeds at each mark); bottom: training accuracy step by step. Against tokens and wall-clock."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex="col")
     for i, method in enumerate(methods):
-        for j, r in enumerate(x for x in runs if x["method"] == method):
+        rs = [x for x in runs if x["method"] == method]
+        for j, r in enumerate(rs):
+            curve = r["heldout_curve"]
+            acc = [100 * p["accuracy"] for p in curve]
+            for ax, key, scale in ((axes[0, 0], "tokens", 1e3), (axes[0, 1], "time_s", 60)):
+                ax.plot([p[key] / scale for p in curve], acc, "-", color=f"C{i}", alpha=0.25, lw=0.8)
             # A mean of up to 5 steps, at most a third of the run (a 5-step run is drawn step by step).
             w = max(1, min(5, len(r["curve_accuracy"]) // 3))
-            acc = np.convolve(r["curve_accuracy"], np.ones(w) / w, mode="valid")
-            for ax, key, scale in ((axes[0], "curve_tokens", 1e3), (axes[1], "curve_time", 60)):
+            train = np.convolve(r["curve_accuracy"], np.ones(w) / w, mode="valid")
+            for ax, key, scale in ((axes[1, 0], "curve_tokens", 1e3), (axes[1, 1], "curve_time", 60)):
                 x = np.array(r[key][w - 1 :], float) / scale
-                ax.plot(x, acc, ".-", color=f"C{i}", alpha=0.6, label=method if j == 0 else None)
-    axes[0].set_xlabel("generated tokens (thousands)")
-    axes[1].set_xlabel("wall-clock (minutes)")
-    for ax in axes:
-        ax.set_ylabel("training accuracy (running mean)")
+                ax.plot(x, 100 * train, ".-", color=f"C{i}", alpha=0.6, label=method if j == 0 else None)
+        fractions = sorted({p["fraction"] for r in rs for p in r["heldout_curve"]})
+        mean = _mean_curve(rs, fractions)
+        for ax, key, scale in ((axes[0, 0], "tokens", 1e3), (axes[0, 1], "minutes", 1)):
+            ax.plot(
+                [p[key] / scale for p in mean],
+                [p["accuracy"] for p in mean],
+                "o-",
+                color=f"C{i}",
+                lw=2,
+                label=f"{method} (mean of {len(rs)})",
+            )
+    for col, label in enumerate(("generated tokens (thousands)", "wall-clock (minutes)")):
+        axes[1, col].set_xlabel(label)
+    for ax in axes[0]:
+        ax.set_ylabel("held-out avg@k (%)")
+    for ax in axes[1]:
+        ax.set_ylabel("training accuracy (%, running mean)")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,28 @@ def test_anchor_scores_by_hand():
         )
 
 
+def test_comparison_heldout_curve_means_the_seeds_at_each_mark():
+    from benchmarks.task_comparison import _mean_curve
+
+    def run(points):  # (fraction, tokens, seconds, accuracy) per held-out evaluation of one run
+        keys = ("fraction", "tokens", "time_s", "accuracy")
+        return {"heldout_curve": [dict(zip(keys, p)) for p in points]}
+
+    runs = [
+        run([(0.0, 0, 0.0, 0.50), (0.5, 100, 60.0, 0.60), (1.0, 210, 120.0, 0.70)]),
+        run([(0.0, 0, 0.0, 0.50), (0.5, 120, 90.0, 0.62), (1.0, 200, 150.0, 0.66)]),
+        run([(0.0, 0, 0.0, 0.50), (1.0, 205, 180.0, 0.68)]),  # a run that has no policy at 50%
+    ]
+    zero, half, full = _mean_curve(runs, [0.0, 0.5, 1.0])
+    assert zero["seeds"] == 3 and zero["accuracy"] == pytest.approx(50.0) and zero["tokens"] == 0
+    assert half["seeds"] == 2 and half["accuracy"] == pytest.approx(61.0)
+    assert half["tokens"] == 110 and half["minutes"] == pytest.approx(1.25)
+    # s = sqrt(2) (62 - 60) / 2 = 1.414, t(0.975, 1) = 12.706: half-width 12.706 * 1.414 / sqrt(2) = 12.706
+    assert half["ci95"] == pytest.approx([61.0 - 12.706, 61.0 + 12.706])
+    assert full["accuracy"] == pytest.approx(68.0) and full["minutes"] == pytest.approx(2.5)
+    assert _mean_curve(runs, [0.25])[0]["seeds"] == 0
+
+
 def test_comparison_interval_and_methods():
     from benchmarks.task_comparison import ABLATIONS, METHODS, interval
 

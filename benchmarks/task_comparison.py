@@ -108,6 +108,11 @@ def main() -> None:
     )
     parser.add_argument("--run", default=None, metavar="METHOD:SEED", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    bad = [f for f in args.heldout_marks if not 0 < f < 1]
+    if bad:
+        parser.error(
+            f"--heldout-marks {bad}: each mark is a fraction of the budget, strictly between 0 and 1"
+        )
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     from attnrl_jax.task import pipeline

@@ -5,7 +5,10 @@ Each seed is the README's command, `python train.py --config=<config> --config.t
 configs/task.py; configs/program.py for the pivotal-step family), in its own process and workdir
 (`<workdir>/seed<S>`, default runs/task_seeds or runs/program_seeds; a seed whose job has finished, i.e.
 whose summary.json exists, is not run again, and an interrupted one resumes). `--workers 2` runs two seeds
-at once, each pinned to one core with single-threaded XLA and its output in <workdir>/seed<S>/job.log.
+at once, each pinned to one core with single-threaded XLA. Each job's output goes to
+<workdir>/seed<S>/job.log (and, one job at a time, to the terminal too). A seed whose job fails (a warm
+start that misses its target, say) is a result: its exit and error go to <workdir>/seed<S>/failed.json,
+it is named under the table and not run again (`--retry-failed` runs it again), and the command exits 1.
 Prints per seed the held-out avg@k after the
 warm start and after AttnRL, the gain, pass@k and the job's minutes (its stages' time, summed over
 resumed invocations), then the median and range of each over the seeds, and writes
@@ -36,6 +39,11 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="seeds at once, each on one core (default 1, every core)"
     )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run again the seeds whose job failed (default: report them from <workdir>/seed<S>/failed.json)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every run")
     args = parser.parse_args()
     if args.workdir is None:
@@ -46,34 +54,71 @@ def main() -> None:
         cmd = [sys.executable, "train.py", f"--config={args.config}", f"--config.task.seed={seed}"]
         return work, cmd + [f"--config.workdir={work}", *args.overrides]
 
-    pending = [s for s in args.seeds if not os.path.isfile(os.path.join(command(s)[0], "summary.json"))]
+    def failure_path(seed: int) -> str:
+        return os.path.join(command(seed)[0], "failed.json")
+
+    if args.retry_failed:
+        for s in args.seeds:
+            if os.path.isfile(failure_path(s)):
+                os.remove(failure_path(s))
+    pending = [
+        s
+        for s in args.seeds
+        if not os.path.isfile(os.path.join(command(s)[0], "summary.json"))
+        and not os.path.isfile(failure_path(s))
+    ]
+    codes = {}
     if args.workers > 1 and pending:
         from benchmarks.workers import run_pinned
 
-        jobs = [
-            (
-                f"seed {s}: {' '.join(command(s)[1][1:])}",
-                command(s)[1],
-                os.path.join(command(s)[0], "job.log"),
-            )
-            for s in pending
-        ]
-        run_pinned(jobs, args.workers, cwd=ROOT)
-
-    rows = []
-    for seed in args.seeds:
-        work, cmd = command(seed)
-        summary_path = os.path.join(work, "summary.json")
-        if not os.path.isfile(summary_path):
+        jobs = [(str(s), command(s)[1], os.path.join(command(s)[0], "job.log")) for s in pending]
+        codes = {int(name): code for name, code in run_pinned(jobs, args.workers, ROOT, True).items()}
+    elif pending:
+        for seed in pending:
+            work, cmd = command(seed)
             print(f"== seed {seed}: {' '.join(cmd[1:])}", flush=True)
-            done = subprocess.run(cmd, cwd=ROOT)
-            if done.returncode != 0 or not os.path.isfile(summary_path):
-                sys.exit(
-                    f"error: seed {seed} failed (exit {done.returncode}); its log is above, workdir {work}"
+            os.makedirs(work, exist_ok=True)
+            with open(os.path.join(work, "job.log"), "a") as log:  # the terminal and the log both
+                proc = subprocess.Popen(
+                    cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
                 )
-        with open(summary_path) as f:
-            rows.append(json.load(f))
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    log.write(line)
+                if proc.wait() != 0:
+                    codes[seed] = proc.returncode
+    for seed, code in codes.items():
+        work = command(seed)[0]
+        with open(os.path.join(work, "job.log")) as f:
+            lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error")] or lines[-1:]
+        failure = {
+            "seed": seed,
+            "exit": code,
+            "error": errors[-1] if errors else "",
+            "log": os.path.join(work, "job.log"),
+            "command": " ".join(command(seed)[1][1:]),
+        }
+        with open(failure_path(seed) + ".tmp", "w") as f:
+            json.dump(failure, f, indent=1)
+        os.replace(failure_path(seed) + ".tmp", failure_path(seed))
 
+    rows, failures = [], []
+    for seed in args.seeds:
+        summary_path = os.path.join(command(seed)[0], "summary.json")
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                rows.append(json.load(f))
+        elif os.path.isfile(failure_path(seed)):
+            with open(failure_path(seed)) as f:
+                failures.append(json.load(f))
+        else:
+            sys.exit(f"error: seed {seed}: its job neither finished nor failed; see {command(seed)[0]}")
+    for f in failures:
+        print(f"\nseed {f['seed']} did not finish (exit {f['exit']}): {f['error']} (log: {f['log']})")
+    print(f"\n{len(rows)} of {len(args.seeds)} seeds finished")
+    if not rows:
+        sys.exit(1)
     k = rows[0]["k"]
     print(
         f"\n| seed | warm start: target met at step / steps | avg@{k} after the warm start | after AttnRL "
@@ -111,8 +156,10 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     out = os.path.join(args.workdir, "task_seeds.json")
     with open(out, "w") as f:
-        json.dump({"runs": rows}, f, indent=1)
+        json.dump({"runs": rows, "failed": failures}, f, indent=1)
     print(f"\nwrote {out}")
+    if failures:
+        sys.exit(1)  # the table is of the seeds that finished; the others are named above
 
 
 if __name__ == "__main__":

@@ -12,17 +12,20 @@ import os
 import subprocess
 
 
-def run_pinned(jobs: list[tuple[str, list[str], str]], workers: int, cwd: str | None = None) -> None:
+def run_pinned(
+    jobs: list[tuple[str, list[str], str]], workers: int, cwd: str | None = None, keep_going: bool = False
+) -> dict[str, int]:
     """Runs `jobs` (name, argv, log path), `workers` at a time in the given order, each child's output to its
     log (appended). A failed job lets the running ones finish, starts no more and exits with the failed
-    jobs' names and logs."""
+    jobs' names and logs; with `keep_going` the others still run and the failed jobs' exit codes are
+    returned by name (a failure is then a result, e.g. a warm start that missed its target)."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < workers:
         raise SystemExit(f"--workers {workers}: this process may use only {len(cores)} CPU cores")
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     queue = list(jobs)
-    running, failed = {}, []
+    running, failed, codes = {}, [], {}
     free = cores[:workers]
     while queue or running:
         while queue and free:
@@ -45,10 +48,15 @@ def run_pinned(jobs: list[tuple[str, list[str], str]], workers: int, cwd: str | 
             continue
         core, name, log_path = running.pop(pid)
         free.append(core)
-        if os.waitstatus_to_exitcode(status) != 0:
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
             failed.append(f"{name} (see {log_path})")
-            queue.clear()  # let the running ones finish, start no more
+            codes[name] = code
+            print(f"== {name} failed (exit {code}; log: {log_path})", flush=True)
+            if not keep_going:
+                queue.clear()  # let the running ones finish, start no more
         else:
             print(f"== {name} done", flush=True)
-    if failed:
+    if failed and not keep_going:
         raise SystemExit("runs failed: " + ", ".join(failed))
+    return codes

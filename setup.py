@@ -39,7 +39,10 @@ setup(
         "flax>=0.12",
         "optax>=0.2",
         "orbax-checkpoint>=0.12",
-        "transformers>=4.45",
+        # <5.25: transformers 5.25 requires Hugging Face's `kernels` package, whose import name is this
+        # repository's top-level kernels/ folder (installed as attnrl_jax.kernels): run from the checkout,
+        # transformers imports our folder for theirs and fails (the fresh-clone CI of 2026-12-03).
+        "transformers>=4.45,<5.25",
         "jinja2",  # transformers' apply_chat_template needs it but does not install it (torch brings it)
         "safetensors>=0.4",
         "sentencepiece",

@@ -14,6 +14,7 @@ from attnrl_jax.evaluation import evaluate, load_policy, markdown_table, paper_k
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
+from attnrl_jax.sampling.loop import check_page_size
 
 
 def benchmark_files(spec: str) -> dict[str, str]:
@@ -42,10 +43,12 @@ def run(c: ConfigDict) -> dict:
         raise ValueError(
             f"config.eval.cache_gib must be 0 (no limit) or positive GiB, got {c.eval.cache_gib}"
         )
+    check_page_size("config.eval.page_size", c.eval.page_size)
     settings = LoopSettings(
         max_new_tokens=c.eval.max_new_tokens,
         sampling=SamplingParams(c.eval.temperature, c.eval.top_k, c.eval.top_p),
         num_steps=2,  # FCI is not needed here
+        page_size=c.eval.page_size,
     )
     files = benchmark_files(c.eval.data)
     benchmarks = {name: read_verl_parquet(path) for name, path in files.items()}

@@ -1,5 +1,5 @@
 """Rollouts of AttnRL (or a baseline): initial responses with FCI, rewards, the choice of responses and
-branch points, continuations from forked caches, rewards, trees, paths, training rows.
+branch points, continuations over shared prefix pages, rewards, trees, paths, training rows.
 
 This is the host-side glue between the sampler (ALGORITHM.md sections 3-6), the verifier (section 12) and
 the algorithm core (sections 6-9, 14), in three phases:

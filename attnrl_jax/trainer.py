@@ -72,6 +72,7 @@ from attnrl_jax.rl import (
 )
 from attnrl_jax.rollout import InitialBatch, RolloutResult, offpolicy_step, rollout, sample_initial
 from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
+from attnrl_jax.sampling.loop import check_page_size
 from attnrl_jax.smoke import model_config, model_overrides
 
 
@@ -92,6 +93,7 @@ def loop_settings(c: ConfigDict) -> LoopSettings:
         sampling=SamplingParams(c.sampler.temperature, c.sampler.top_k, c.sampler.top_p),
         num_steps=c.algo.fci_buckets,
         delta=c.algo.fci_delta,
+        page_size=c.sampler.page_size,
     )
 
 
@@ -159,6 +161,7 @@ def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_pa
             "config.sampler.cache_gib must be 0 (no limit) or a positive number of GiB, "
             f"got {c.sampler.cache_gib}"
         )
+    check_page_size("config.sampler.page_size", c.sampler.page_size)
     for key in ("steps", "row_length"):
         if c.train[key] < 1:
             raise ValueError(f"config.train.{key} must be at least 1, got {c.train[key]}")

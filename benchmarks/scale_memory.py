@@ -16,9 +16,9 @@ GPU's, but whatever the program materialises (full logits, a replicated batch) s
 
 `--sampler` measures the sampler instead: one `sampling.loop.generate` call as `Sampler` compiles it for the
 shipped config's first batch (algo.initial_batch prompts of data.max_prompt_len tokens, algo.group_size
-responses each, sampler.max_new_tokens new tokens, decode slots from sampler.cache_gib), and for an
-off-policy call that adds N x T continuations of every response of the previous batch (their prefixes up to
-the whole response). Its lower bound is the decode slots' KV cache plus the parameters, per device.
+responses each, sampler.max_new_tokens new tokens, decode slots and KV pages from sampler.cache_gib), and for
+an off-policy call that adds N x T continuations of every response of the previous batch (`paper_call`). Its
+lower bound is the KV page pool plus the parameters, per device.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ if "jax" not in sys.modules:  # fake devices must be requested before JAX starts
 
 import dataclasses  # noqa: E402
 import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 GiB = 2**30
 # Memory per chip of the accelerators people train on (HBM): TPU v5e, v4, H100, v5p.
@@ -170,17 +172,46 @@ class SamplerMeasurement:
     rows: int  # rows sampled (before bucketing)
     sources: int  # prefixes prefilled
     slots: int  # decode slots
-    cache_size: int  # KV positions per slot
+    cache_size: int  # KV positions a row can address
+    pages: int  # KV pages per device
+    page_size: int  # positions per page
     arguments: int  # bytes per device
     outputs: int
     temporaries: int
     aliased: int
-    kv_cache: int  # the slots' KV cache, per device
+    kv_cache: int  # the KV page pool, per device
     compile_s: float
 
     @property
     def total(self) -> int:
         return self.arguments + self.outputs + self.temporaries - self.aliased
+
+
+def paper_call(c, call: str) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """The prefixes and rows (source, prefix length, token limit) of one sampler call of config `c`: the
+    first batch (algo.initial_batch prompts of data.max_prompt_len tokens, algo.group_size responses
+    each), or an off-policy call that adds, for every response of such a batch, ATB's N branch points x T
+    continuations, each response at the length limit and branched at half and at all of it (the longest
+    prefix ATB can ask for: the most prefill per source)."""
+    from attnrl_jax.trainer import algo_config
+
+    m, prompt, g = c.sampler.max_new_tokens, c.data.max_prompt_len, c.algo.group_size
+    prompts = c.algo.initial_batch
+    source_lens = [prompt] * prompts
+    rows = [(i, prompt, m) for i in range(prompts) for _ in range(g)]
+    if call == "off-policy":
+        algo = algo_config(c)
+        offsets = np.linspace(m // 2, m - 1, algo.atb.num_points).astype(int)
+        for _ in range(prompts * g):
+            source_lens.append(prompt + int(offsets[-1]))
+            rows += [
+                (len(source_lens) - 1, prompt + int(o), m - int(o))
+                for o in offsets
+                for _ in range(algo.continuations)
+            ]
+    elif call != "first batch":
+        raise ValueError(f"call must be 'first batch' or 'off-policy', got {call!r}")
+    return source_lens, rows
 
 
 def measure_sampler(
@@ -205,26 +236,11 @@ def measure_sampler(
     s = settings_from_config(c, num_devices=devices, check_paths=False)
     cfg = s.model if layers is None else s.model.replace(num_layers=layers)
     sharder = Sharder(make_mesh(MeshConfig(**c.mesh), jax.devices()[:devices]))
-    m, prompt, g = s.loop.max_new_tokens, c.data.max_prompt_len, c.algo.group_size
-    prompts = c.algo.initial_batch
-    rows, sources, per_source, longest = prompts * g, prompts, g, prompt
-    if call == "off-policy":  # N x T continuations of each earlier response, prefixed up to all of it
-        cont = s.algo.atb.num_points * s.algo.continuations
-        rows, sources, per_source, longest = (
-            rows + prompts * g * cont,
-            sources + prompts * g,
-            max(g, cont),
-            prompt + m - 1,
-        )
-    elif call != "first batch":
-        raise ValueError(f"call must be 'first batch' or 'off-policy', got {call!r}")
+    source_lens, rows = paper_call(c, call)
     shape = plan_call(
+        source_lens,
         rows,
-        sources,
-        longest,
-        prompt + m,
-        per_source,
-        cfg=s.model,  # the shipped depth's slots, also when fewer layers are compiled
+        cfg=s.model,  # the shipped depth's slots and pages, also when fewer layers are compiled
         settings=s.loop,
         cache_gib=c.sampler.cache_gib,
         parallelism=sharder.batch_parallelism(),
@@ -265,37 +281,42 @@ def measure_sampler(
         cache_size=shape.cache_size,
         insert_sources=shape.insert_sources,
         insert_rows=shape.insert_rows,
+        pages=shape.pages,
+        shards=shape.shards,
     ).compile()
     mem = compiled.memory_analysis()
     kv = (
-        2 * cfg.num_layers * shape.slots * shape.cache_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        2 * cfg.num_layers * shape.pages * s.loop.page_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     )
     return SamplerMeasurement(
         preset,
         devices,
         call,
-        rows,
-        sources,
+        len(rows),
+        len(source_lens),
         shape.slots,
         shape.cache_size,
+        shape.pages,
+        s.loop.page_size,
         mem.argument_size_in_bytes,
         mem.output_size_in_bytes,
         mem.temp_size_in_bytes,
         mem.alias_size_in_bytes,
-        kv // devices,
+        kv,
         time.perf_counter() - t0,
     )
 
 
 def sampler_table(rows: list[SamplerMeasurement]) -> str:
     head = (
-        "| model | devices | call | rows (prefixes) | slots x positions | arguments | temporaries "
-        "| total per device | KV cache (bound) | fits (per chip) |"
+        "| model | devices | call | rows (prefixes) | slots; pages x positions | arguments | temporaries "
+        "| total per device | KV pages (bound) | fits (per chip) |"
     )
     lines = [head, "|" + "---|" * 10]
     for m in rows:
         lines.append(
-            f"| {m.preset} | {m.devices} | {m.call} | {m.rows} ({m.sources}) | {m.slots} x {m.cache_size} "
+            f"| {m.preset} | {m.devices} | {m.call} | {m.rows} ({m.sources}) "
+            f"| {m.slots}; {m.pages} x {m.page_size} "
             f"| {m.arguments / GiB:.2f} GiB | {m.temporaries / GiB:.2f} GiB | **{m.total / GiB:.2f} GiB** "
             f"| {m.kv_cache / GiB:.2f} GiB | {fits(m.total)} |"
         )

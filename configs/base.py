@@ -62,6 +62,9 @@ def get_config() -> ConfigDict:
     # rows than fit batches continuously (a finished row's slot takes the next one). 0: all rows at once.
     # 12 GiB holds the paper's first batch (384 rows of 9,216 positions at 1.5B) on 8 devices.
     c.sampler.cache_gib = 12.0
+    # Positions per KV-cache page: the unit in which a prefix's rows share it and a row takes memory as it
+    # generates, and the decode kernel's tile (a power of two of at least 16).
+    c.sampler.page_size = 128
 
     c.loss = ConfigDict()
     c.loss.clip_low = 0.2

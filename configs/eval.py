@@ -37,6 +37,7 @@ def get_config() -> ConfigDict:
     c.eval.cache_gib = (
         12.0  # per-device memory for the decode slots (continuous batching beyond); 0: no limit
     )
+    c.eval.page_size = 128  # positions per KV-cache page (a power of two of at least 16)
     c.eval.output = ""  # results prefix; default: <checkpoint>/eval/results
 
     c.reward = ConfigDict()

@@ -58,6 +58,7 @@ def get_config(variant: str = "") -> ConfigDict:
     c.algo.max_batch = 32
 
     c.sampler.max_new_tokens = 80  # the longest reference solution has 74 tokens (end token included)
+    c.sampler.page_size = 16  # rows of at most 144 positions: small pages keep the cache at their size
 
     # A k3 KL anchor to the warm start (the paper's form, 0.001 there). Without it, RL at this learning rate
     # broke one level's stop decision in each of 4 runs (its responses went on past the last step, e.g.

@@ -16,9 +16,10 @@ analysis. Ratios are against baselines measured in the same run:
 * FCI forward: one layer's attention forward that also yields FCI (flash attention with its log-sum-exp,
   then the FCI kernel and the per-step reduction) against plain attention forward (cuDNN's where the
   backend has it, else XLA's); the ratio is FCI's overhead (target: <= 1.3x cuDNN at L = 8192);
-* decode: one layer's decode attention over B rows of a cache filled to --seq-len, with and without the
-  per-step mass (R = 2 segmentations, C = --buckets), against the memory roofline: the K/V bytes below
-  the rows' lengths read once at the device's HBM bandwidth (--hbm-gbps; known for H100 and H200).
+* decode: one layer's decode attention over B rows of a paged cache filled to --seq-len (pages of
+  --page positions scattered through the pool), with and without the per-step mass (R = 2
+  segmentations, C = --buckets), against the memory roofline: the K/V bytes below the rows' lengths read
+  once at the device's HBM bandwidth (--hbm-gbps; known for H100 and H200).
 
 "ours" is the Pallas kernel where a GPU/TPU compiles it; on CPU it is the compiled XLA path (the Pallas
 kernels run there only in interpret mode, which is for correctness, not speed).
@@ -260,38 +261,48 @@ def _hbm_gbps(args) -> float | None:
 
 
 def bench_decode(args):
-    """Decode attention of one layer: rows/s and the fraction of the memory roofline it reaches."""
+    """Decode attention of one layer over a paged cache (pages of `--page` positions scattered through the
+    pool, as the sampler's are): rows/s and the fraction of the memory roofline it reaches."""
     from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference
 
     impl = _ours_impl()
     dt = jnp.dtype(args.dtype)
-    b, n, kv, h, length = args.batch, args.heads, args.kv_heads, args.head_dim, args.seq_len[0]
-    size = length + 128  # a cache with room left, as the sampler's
+    b, n, kv, h, length, page = (
+        args.batch,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        args.seq_len[0],
+        args.page,
+    )
+    mb = -(-(length + 128) // page)  # a row with room left, as the sampler's
+    size = mb * page
     ks = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(ks[0], (b, n, h), dt)
-    k = jax.random.normal(ks[1], (b, size, kv, h), dt)
-    v = jax.random.normal(ks[2], (b, size, kv, h), dt)
+    k = jax.random.normal(ks[1], (1, kv, b * mb, page, h), dt)
+    v = jax.random.normal(ks[2], (1, kv, b * mb, page, h), dt)
+    table = jax.random.permutation(ks[3], b * mb).reshape(b, mb).astype(jnp.int32)
     lengths = jnp.full((b,), length, jnp.int32)
     steps = jnp.stack([jnp.arange(size) // args.mean_step, jnp.arange(size) // (2 * args.mean_step)], -1)
     steps = jnp.broadcast_to(steps, (b, size, 2)).astype(jnp.int32)
     c = args.buckets
     kernel = decode_attention if impl == "pallas" else decode_attention_reference
     cases = {
-        "output only": (lambda q, k, v, n_: kernel(q, k, v, n_)[:2], (q, k, v, lengths)),
+        "output only": (lambda q, k, v, t, n_: kernel(q, k, v, t, n_)[:2], (q, k, v, table, lengths)),
         f"output + mass (R=2, C={c})": (
-            lambda q, k, v, n_, s: (
-                kernel(q, k, v, n_, s, num_steps=c) if impl == "pallas" else kernel(q, k, v, n_, s, c)
+            lambda q, k, v, t, n_, s: (
+                kernel(q, k, v, t, n_, s, num_steps=c) if impl == "pallas" else kernel(q, k, v, t, n_, s, c)
             ),
-            (q, k, v, lengths, steps),
+            (q, k, v, table, lengths, steps),
         ),
     }
-    want = decode_attention_reference(q, k, v, lengths, steps, c)
+    want = decode_attention_reference(q, k, v, table, lengths, steps, c)
     bw = _hbm_gbps(args)
     read = 2 * b * length * kv * h * dt.itemsize  # K and V below the rows' lengths
     print(
-        f"\nDecode attention of one layer ({impl}), B{b} cache {length}/{size} N{n}/K{kv} H{h} {args.dtype}, "
-        f"{jax.devices()[0].device_kind}; K/V read per call {read / 2**20:.1f} MiB; HBM peak "
-        f"{'unknown (pass --hbm-gbps)' if bw is None else f'{bw:.0f} GB/s'}"
+        f"\nDecode attention of one layer ({impl}), B{b} cache {length}/{size} in pages of {page}, "
+        f"N{n}/K{kv} H{h} {args.dtype}, {jax.devices()[0].device_kind}; K/V read per call "
+        f"{read / 2**20:.1f} MiB; HBM peak {'unknown (pass --hbm-gbps)' if bw is None else f'{bw:.0f} GB/s'}"
     )
     print(f"{'case':<34}{'ms':>10}{'rows/s':>12}{'GB/s':>10}{'roofline':>10}")
     for name, (fn, fargs) in cases.items():
@@ -319,6 +330,7 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=200, help="FCI: prompt tokens (step 0)")
     ap.add_argument("--mean-step", type=int, default=40, help="FCI: mean step length in tokens")
     ap.add_argument("--buckets", type=int, default=512, help="decode: FCI step buckets C")
+    ap.add_argument("--page", type=int, default=128, help="decode: positions per KV page")
     ap.add_argument("--hbm-gbps", type=float, default=0.0, help="decode: HBM bandwidth (0: by device kind)")
     args = ap.parse_args(argv)
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")

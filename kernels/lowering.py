@@ -42,6 +42,7 @@ LENGTHS = (1024, 8192, 32768)
 SMEM_LIMIT = 232_448  # bytes of shared memory per thread block on H100/H200 (227 KiB)
 VMEM_LIMIT = 16 << 20  # scoped VMEM default of TPU v5e (v5p: 16 MiB, v6e: 32 MiB)
 KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+PAGE = 128  # the shipped configs' KV page (config.sampler.page_size)
 
 
 def lower(fn: Callable, args, target: str) -> str:
@@ -211,7 +212,7 @@ def entry_points(length: int, layers: int | None = None) -> dict[str, tuple[Call
         loss = lambda q, k, v: flash_attention(q, k, v, s, s)[0].astype(f32).sum()
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    decode_rows, buckets = 64, 512
+    decode_rows, buckets, pages = 64, 512, -(-length // PAGE)
     points = {
         "flash attention forward": (lambda q, k, v, s: flash_attention(q, k, v, s, s), (q, kv, kv, seg)),
         "flash attention backward": (attn_grad, (q, kv, kv, seg)),
@@ -219,14 +220,15 @@ def entry_points(length: int, layers: int | None = None) -> dict[str, tuple[Call
             lambda q, k, lse, s, sl: fci_column_sums(q, k, lse, s, sl),
             (q, kv, _sds((1, n, length), f32), seg, seg),
         ),
-        f"decode (B={decode_rows}, R=2, C={buckets})": (
-            lambda q, k, v, lens, st: decode_attention(q, k, v, lens, st, num_steps=buckets),
+        f"decode (B={decode_rows}, R=2, C={buckets}, pages of {PAGE})": (
+            lambda q, k, v, table, lens, st: decode_attention(q, k, v, table, lens, st, num_steps=buckets),
             (
                 _sds((decode_rows, n, h), bf16),
-                _sds((decode_rows, length, k, h), bf16),
-                _sds((decode_rows, length, k, h), bf16),
+                _sds((1, k, decode_rows * pages, PAGE, h), jnp.uint16),  # the sampler's pool of raw words
+                _sds((1, k, decode_rows * pages, PAGE, h), jnp.uint16),
+                _sds((decode_rows, pages), i32),
                 _sds((decode_rows,), i32),
-                _sds((decode_rows, length, 2), i32),
+                _sds((decode_rows, pages * PAGE, 2), i32),
             ),
         ),
     }
@@ -257,7 +259,7 @@ def _model_points(cfg, length):
         _sds((1, length), f32),
     )
     prompt, rows = min(1024, length // 8), 2
-    settings = LoopSettings(max_new_tokens=length - prompt, num_steps=512)
+    settings = LoopSettings(max_new_tokens=length - prompt, num_steps=512, page_size=PAGE)
 
     def sample(params, src, lens, keys, seps):
         return generate(

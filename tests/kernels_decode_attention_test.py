@@ -1,13 +1,16 @@
-"""The Pallas decode kernel against its dense reference: both compiled forms under generic interpretation,
-the TPU form also under TPU interpret mode; one and two segmentations of the key steps, query-head groups
-that are not powers of two, cache lengths that are not multiples of the tile."""
+"""The Pallas decode kernel against its dense reference over paged caches: both compiled forms under generic
+interpretation, the TPU form also under TPU interpret mode; one and two segmentations of the key steps,
+query-head groups that are not powers of two, lengths that are not multiples of the page, pages larger than
+the GPU form's tile, pages shared between rows and scattered through the pool, a layer other than the first,
+and a pool of raw 16-bit words."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference
+from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference, gather_pages
 
 FORMS = {
     "triton": ("triton", True),
@@ -17,29 +20,46 @@ FORMS = {
 }
 
 
-@pytest.mark.parametrize("n,k,block", [(4, 2, 16), (12, 2, 8), (7, 1, None)])
+def _paged(rng, b, lengths, k, h, page, layers=2, pages=None, dtype=jnp.float32):
+    """Pools [L, K, P, page, H] and a table where rows 0 and 1 share their first page and every other
+    page sits at a random place in the pool; entries past a row's length point anywhere."""
+    mb = -(-max(lengths) // page)
+    pages = pages or b * mb + 3
+    ids = rng.permutation(pages)[: b * mb].reshape(b, mb)
+    ids[1, 0] = ids[0, 0]  # a shared prefix page
+    table = np.where(
+        np.arange(mb)[None] * page < np.asarray(lengths)[:, None], ids, rng.integers(0, pages, (b, mb))
+    )
+    shape = (layers, k, pages, page, h)
+    kp = jnp.asarray(rng.normal(size=shape), dtype)
+    vp = jnp.asarray(rng.normal(size=shape), dtype)
+    return kp, vp, jnp.asarray(table, jnp.int32), mb * page
+
+
+@pytest.mark.parametrize("n,k,page", [(4, 2, 16), (12, 2, 8), (7, 1, 4), (6, 2, 128)])
 @pytest.mark.parametrize(
     "segmentations,form",
     [(r, f) for r in (0, 1, 2) for f in ("triton", "tpu", "tpu-interpret")] + [(2, "per-platform")],
 )
-def test_decode_attention_matches_reference(n, k, block, segmentations, form):
+def test_decode_attention_matches_reference(n, k, page, segmentations, form):
     target, interpret = FORMS[form]
-    rng = np.random.default_rng(n * (block or 3) + segmentations)
-    b, s, h, c = 3, 45, 16, 6
+    rng = np.random.default_rng(n * page + segmentations)
+    b, h, c = 3, 16, 6
+    # Pages of 128 are read in pieces of 64 by the GPU form: lengths that end in a second piece and page.
+    lengths = [45, 17, 1] if page < 64 else [300, 100, 1]
     q = jnp.asarray(rng.normal(size=(b, n, h)), jnp.float32)
-    kk = jnp.asarray(rng.normal(size=(b, s, k, h)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(b, s, k, h)), jnp.float32)
-    lengths = jnp.array([45, 17, 1])
+    kp, vp, table, s = _paged(rng, b, lengths, k, h, page)
     shape = (b, s) if segmentations == 0 else (b, s, segmentations)
     steps = jnp.asarray(rng.integers(-1, 9, shape))  # -1 = none; ids >= c merge into the last bucket
+    lens = jnp.array(lengths)
     try:
         out, lse, mass = decode_attention(
-            q, kk, v, lengths, steps, num_steps=c, block_k=block, target=target, interpret=interpret
+            q, kp, vp, table, lens, steps, 1, num_steps=c, target=target, interpret=interpret
         )
     finally:
         if form == "tpu-interpret":
             pltpu.reset_tpu_interpret_mode_state()
-    ref_out, ref_lse, ref_mass = decode_attention_reference(q, kk, v, lengths, steps, c)
+    ref_out, ref_lse, ref_mass = decode_attention_reference(q, kp, vp, table, lens, steps, c, layer=1)
     assert mass.shape == ref_mass.shape == (b, n, *shape[2:], c)
     np.testing.assert_allclose(out, ref_out, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
@@ -48,19 +68,44 @@ def test_decode_attention_matches_reference(n, k, block, segmentations, form):
     assert float(mass.sum(-1).max()) <= 1.0 + 1e-5
 
 
+def test_the_reference_reads_each_row_through_its_page_table():
+    """gather_pages by hand: row positions in page order, a shared page read by both rows."""
+    pool = jnp.arange(1 * 1 * 3 * 2 * 1, dtype=jnp.float32).reshape(1, 1, 3, 2, 1)  # pages [0,1] [2,3] [4,5]
+    table = jnp.array([[2, 0], [2, 1]])
+    got = gather_pages(pool, table)[..., 0, 0]
+    np.testing.assert_array_equal(got, [[4, 5, 0, 1], [4, 5, 2, 3]])
+
+
 @pytest.mark.parametrize("form", ["triton", "tpu"])
-def test_without_steps_and_bad_step_shapes(form):
+def test_a_pool_of_raw_bfloat16_words_equals_the_bfloat16_pool(form):
+    """The sampler stores bfloat16 keys as uint16 words; the kernel bitcasts each page on chip."""
+    target, interpret = FORMS[form]
+    rng = np.random.default_rng(1)
+    kp, vp, table, s = _paged(rng, 2, [20, 9], 2, 16, 8, dtype=jnp.bfloat16)
+    q = jnp.asarray(rng.normal(size=(2, 4, 16)), jnp.bfloat16)
+    lens = jnp.array([20, 9])
+    words = [jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (kp, vp)]
+    want = decode_attention(q, kp, vp, table, lens, target=target, interpret=interpret)
+    got = decode_attention(q, *words, table, lens, target=target, interpret=interpret)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["triton", "tpu"])
+def test_without_steps_and_bad_shapes(form):
     target, interpret = FORMS[form]
     rng = np.random.default_rng(0)
+    kp, vp, table, s = _paged(rng, 2, [20, 3], 2, 16, 4)
     q = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
-    kk = jnp.asarray(rng.normal(size=(2, 20, 2, 16)), jnp.float32)
-    lengths = jnp.array([20, 3])
-    out, lse, mass = decode_attention(q, kk, kk, lengths, target=target, interpret=interpret)
-    ref_out, ref_lse, _ = decode_attention_reference(q, kk, kk, lengths)
+    lens = jnp.array([20, 3])
+    out, lse, mass = decode_attention(q, kp, vp, table, lens, target=target, interpret=interpret)
+    ref_out, ref_lse, _ = decode_attention_reference(q, kp, vp, table, lens)
     assert mass is None
     np.testing.assert_allclose(out, ref_out, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
     with pytest.raises(
         ValueError, match=r"key_steps must be \[B, S\] or \[B, S, R\] with \[B, S\]=\(2, 20\)"
     ):
-        decode_attention(q, kk, kk, lengths, jnp.zeros((2, 19), jnp.int32), num_steps=4)
+        decode_attention(q, kp, vp, table, lens, jnp.zeros((2, 19), jnp.int32), num_steps=4)
+    with pytest.raises(ValueError, match=r"page pools \[L, K, P, page, H\]"):
+        decode_attention(q, kp[0], vp[0], table, lens)

@@ -2,6 +2,8 @@
 pass and the dense formula (with a real tokenizer's separators), forked continuations, top-k/top-p
 statistics, finished rows, compilation reuse and sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,8 @@ from attnrl_jax.sampling import (
     sample_tokens,
 )
 from attnrl_jax.sampling.loop import EOS, LENGTH
-from attnrl_jax.sampling.sampler import plan_call
+from attnrl_jax.sampling.pages import add_refs, available, pages_spanned, take_free
+from attnrl_jax.sampling.sampler import GiB, chunk_sources, page_bytes, plan_call, slot_bytes
 
 CFG = ModelConfig.tiny(vocab_size=64, remat="none")
 NO_SEP = jnp.zeros(64, bool)
@@ -230,49 +233,126 @@ def test_continuous_batching_returns_exactly_the_static_result(params):
     assert static["lengths"][-1] == 0 and (static["tokens"][-1] == settings.pad_id).all()
     assert len(set(static["lengths"][:-1].tolist())) > 4 and np.abs(static["fci"]).max() > 0
     assert (static["finish_reason"][:-1] == EOS).any() and (static["finish_reason"][:-1] == LENGTH).any()
-    for schedule in (
-        dict(slots=4, insert_sources=1, insert_rows=4),
-        dict(slots=5, insert_sources=2),
-        dict(slots=7, insert_sources=3, insert_rows=6, cache_size=40),
+    for page, schedule in (
+        (64, dict(slots=4, insert_sources=1, insert_rows=4)),
+        (64, dict(slots=5, insert_sources=2)),
+        (64, dict(slots=7, insert_sources=3, insert_rows=6, cache_size=40)),
+        # Pages of 4 positions: rows share their prefix's full pages, and the page budget, not the slots,
+        # decides when a source enters (the largest source needs 28 pages: 3 shared + 5 per row).
+        (4, dict()),
+        (4, dict(slots=16, pages=28, insert_sources=2)),
+        (2, dict(slots=6, pages=40, insert_sources=1, insert_rows=5, cache_size=33)),
     ):
+        paged = dataclasses.replace(settings, page_size=page)
         out = jax.tree.map(
-            np.asarray, _run(params, src, lens, row_src, row_len, keys, settings, **common, **schedule)
+            np.asarray, _run(params, src, lens, row_src, row_len, keys, paged, **common, **schedule)
         )
         for key, want in static.items():
             if want.dtype.kind == "f":
-                np.testing.assert_allclose(out[key], want, atol=1e-5, err_msg=f"{key} with {schedule}")
+                np.testing.assert_allclose(
+                    out[key], want, atol=1e-5, err_msg=f"{key} with {page}, {schedule}"
+                )
             else:
-                np.testing.assert_array_equal(out[key], want, err_msg=f"{key} with {schedule}")
+                np.testing.assert_array_equal(out[key], want, err_msg=f"{key} with {page}, {schedule}")
 
 
 def test_call_shapes_follow_the_cache_budget():
-    """The paper's first batch (64 prompts x 6 of 1,024 + 8,192 tokens, 1.5B, 8 devices) fits the shipped
-    12 GiB in 384 slots of 9,216 positions, all at once; an off-policy call adding 4 continuations per
-    response batches continuously; a budget below one prefix's rows is refused naming the key."""
-    cfg = ModelConfig.preset("r1_distill_qwen_1p5b", dtype="bfloat16")  # the shipped compute dtype
-    settings = LoopSettings(max_new_tokens=8192, num_steps=512)
+    """The shipped 1.5B config on 8 devices: the paper's first batch (64 prompts x 6 of 1,024 + 8,192
+    tokens) fits the 12 GiB per device all at once (48 slots a device, and the 8 x 392 pages of its 8
+    prompts, of the 3,471 pages of 128 positions the budget holds beside them; 392 pages a prompt: its 8
+    shared ones and 64 per response); the off-policy call adding 4 continuations per response batches
+    continuously with more rows at once than the 384 of the first batch, since a continuation shares its
+    response's pages; a smaller budget splits a prompt's rows, and one below a row's need is refused naming
+    the key."""
+    from attnrl_jax.trainer import loop_settings
+    from benchmarks.scale_memory import paper_call, shipped_config
+
+    c = shipped_config("1p5b")
+    cfg = ModelConfig.preset("r1_distill_qwen_1p5b", dtype=c.model.dtype)
+    settings = loop_settings(c)
+    assert settings.page_size == 128
+    page = 2 * 28 * 2 * 128 * 2 * 128  # K and V of 28 layers, 2 KV heads of 128 bf16 values, 128 positions
     first = plan_call(
-        384, 64, 1024, 1024 + 8192, 6, cfg=cfg, settings=settings, cache_gib=12.0, parallelism=8
+        *paper_call(c, "first batch"), cfg=cfg, settings=settings, cache_gib=12.0, parallelism=8
     )
     assert (first.batch, first.sources, first.prefix, first.cache_size) == (512, 64, 1024, 9216)
-    # 384 slots for a 512-row bucket: the 384 rows enter 8 prompts (48 rows) at a time.
-    assert (first.slots, first.insert_sources, first.insert_rows) == (384, 8, 48)
-    unlimited = plan_call(384, 64, 1024, 9216, 6, cfg=cfg, settings=settings)
-    assert (unlimited.slots, unlimited.insert_sources, unlimited.insert_rows) == (512, None, None)
-    mixed = plan_call(1920, 448, 9215, 9216, 6, cfg=cfg, settings=settings, cache_gib=12.0, parallelism=8)
-    assert (mixed.prefix, mixed.cache_size, mixed.slots, mixed.insert_sources, mixed.insert_rows) == (
-        9216,
-        9216,
-        384,
-        8,
-        48,
+    assert (first.slots, first.insert_sources, first.insert_rows) == (384, None, None)
+    state = slot_bytes(cfg, settings, 9216, 2)
+    assert (12 * GiB - 48 * state) // page == 3471 and first.pages == 8 * 392
+    unlimited = plan_call(*paper_call(c, "first batch"), cfg=cfg, settings=settings)
+    assert (unlimited.slots, unlimited.insert_sources, unlimited.insert_rows, unlimited.pages) == (
+        512,
+        None,
+        None,
+        None,
     )
-    short = plan_call(3, 3, 40, 40 + 12, 2, cfg=CFG, settings=LoopSettings(max_new_tokens=12))
-    assert (short.prefix, short.cache_size) == (64, 76)  # the prompt bucket plus max_new_tokens
-    with pytest.raises(
-        ValueError, match=r"budget of 0\.1 GiB per device \(config\.sampler\.cache_gib.*: 0 decode slots"
-    ):
-        plan_call(384, 64, 1024, 9216, 6, cfg=cfg, settings=settings, cache_gib=0.1, parallelism=8)
+    mixed = plan_call(*paper_call(c, "off-policy"), cfg=cfg, settings=settings, cache_gib=12.0, parallelism=8)
+    assert (mixed.prefix, mixed.cache_size) == (9216, 9216)
+    assert mixed.slots > 384 and mixed.slots % 8 == 0 and mixed.insert_sources % 8 == 0
+    assert mixed.slots // 8 * state + mixed.pages * page <= 12 * GiB
+    short = plan_call(
+        [40, 30, 20],
+        [(0, 40, 12), (1, 30, 12), (2, 20, 12)],
+        cfg=CFG,
+        settings=LoopSettings(max_new_tokens=12, page_size=16),
+    )
+    assert (short.prefix, short.cache_size) == (64, 80)  # the prompt bucket plus max_new_tokens, in pages
+    # 1 GiB: 4 slots a device, fewer than a prompt's 6 responses: each prompt's rows split in 2 chunks of 3.
+    small = plan_call(*paper_call(c, "first batch"), cfg=cfg, settings=settings, cache_gib=1.0, parallelism=8)
+    assert (small.slots, small.shards, small.rows_per_source, small.sources, small.pages) == (
+        32,
+        8,
+        4,
+        128,
+        289,
+    )
+    for gib, slots, pages in ((0.24, 1, 69), (0.2, 0, 58)):  # one row: a slot, its prompt's 8 pages and 64
+        with pytest.raises(
+            ValueError,
+            match=rf"budget of {gib} GiB per device \(config\.sampler\.cache_gib.*holds {slots} decode "
+            rf"slots and {pages} KV pages.* one row needs a slot and 72 pages",
+        ):
+            plan_call(*paper_call(c, "first batch"), cfg=cfg, settings=settings, cache_gib=gib, parallelism=8)
+
+
+def test_page_bookkeeping_by_hand():
+    """The page arithmetic of the paged cache, on numbers worked out by hand."""
+    # Pages of 4 positions: a prefix of 6 writes positions 6.. ; 1 token touches page 1, 3 tokens page 1
+    # and 2 (positions 6, 7, 8), 11 tokens pages 1-4 (positions 6..16); a prefix of 8 starts page 2.
+    np.testing.assert_array_equal(
+        pages_spanned(jnp.array([6, 6, 6, 8]), jnp.array([1, 3, 11, 4]), 4), [1, 2, 4, 1]
+    )
+    refs = jnp.array([[0, 2, 0, 0, 1], [1, 1, 1, 0, 0]])  # shard 0: pages 0, 2, 3 free; shard 1: 3, 4
+    ids = take_free(refs, jnp.array([[0, 1, 2, 0], [1, 0, 2, 0]]), jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    # Shard 0: ranks 0, 1, 2 -> pages 0, 2, 3 (the 4th not wanted: 5 = none); shard 1: rank 2 has no page.
+    np.testing.assert_array_equal(ids, [[0, 2, 3, 5], [4, 3, 5, 3]])
+    held = add_refs(refs, jnp.array([[0, 0, 5], [4, 5, 5]]), 1)  # page 0 twice; 5 = none
+    np.testing.assert_array_equal(held, [[2, 2, 0, 0, 1], [1, 1, 1, 0, 1]])
+    np.testing.assert_array_equal(available(held, jnp.array([[1, 0], [0, 0]])), [1, 1])
+
+
+def test_continuations_read_their_prefix_instead_of_copying_it(params):
+    """Eight continuations of one 40-token prefix in pages of 4 positions: the 10 full pages of the prefix
+    are written once and named by the page tables of every row that reads them; each row adds only its
+    own pages (the copy of the page its prefix ends in, and the pages it samples into: 2 each here). A pool
+    of exactly 10 + 8 x 2 pages holds them all at once (copies of the prefix would need at least 8 x 12),
+    and they sample what they sample in a pool of plenty."""
+    settings = LoopSettings(max_new_tokens=8, sampling=SamplingParams(temperature=1.0), page_size=4)
+    prefix = np.random.default_rng(1).integers(1, 60, (1, 40))
+    row_len = [40, 40, 40, 40, 38, 38, 37, 37]  # rows at 40 write from a new page; 38 and 37 inside page 9
+    limit = [8, 8, 8, 8, 6, 6, 5, 5]  # positions 40..47 (pages 10, 11), 38..43 and 37..41 (pages 9, 10)
+    keys = jax.random.split(jax.random.key(3), 8)
+    args = (params, prefix, [40], [0] * 8, row_len, keys, settings)
+    common = dict(stop=-1, fci=[False] * 8, row_max_new=limit)
+    roomy = jax.tree.map(np.asarray, _run(*args, **common))
+    need = 10 + 8 * 2  # the full pages of the longest prefix (positions 0..39), and 2 of each row's own
+    tight = jax.tree.map(np.asarray, _run(*args, **common, pages=need))
+    assert tight["lengths"].tolist() == limit
+    np.testing.assert_array_equal(tight["tokens"], roomy["tokens"])
+    # One page fewer and the source can never enter: its rows come back empty (the host refuses such a
+    # budget before it gets here: test_call_shapes_follow_the_cache_budget).
+    starved = jax.tree.map(np.asarray, _run(*args, **common, pages=need - 1))
+    assert starved["lengths"].tolist() == [0] * 8
 
 
 @pytest.mark.parametrize(
@@ -405,20 +485,29 @@ def test_a_sampler_under_a_small_cache_budget_batches_continuously_with_the_same
     """A budget of a few slots: the mixed call (initial responses with FCI and continuations at two
     offsets) runs continuously batched and returns the samples of the unlimited sampler."""
     tok, _, cfg, params, table = qwen_world
-    settings = LoopSettings(max_new_tokens=12, sampling=SamplingParams(temperature=1.0), num_steps=16)
+    settings = LoopSettings(
+        max_new_tokens=12, sampling=SamplingParams(temperature=1.0), num_steps=16, page_size=16
+    )
     kw = dict(separators=table, stop_ids=[table.think_end_id])
     unlimited = Sampler(params, cfg, tok, settings, **kw)
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("a b c", "one two three four", "x")]
     response = list(unlimited.generate(prompts[:1], n=1, seed=1)[0][0].tokens) + [11] * 8
     request = [ContinuationRequest(prompts[0], response[:6], [2, 4], 2)]
     rows = [(i, 3, True, None, 12) for i in range(3) for _ in range(2)] + [(3, 5, False, None, 10)] * 4
-    per_slot = unlimited.plan([[1] * 3] * 3 + [[1] * 9], rows)
-    from attnrl_jax.sampling.sampler import GiB, slot_bytes
-
-    budget = 5 * slot_bytes(cfg, settings, per_slot.cache_size, 2) / GiB
+    sources = [[1] * 3] * 3 + [[1] * 9]
+    size = unlimited.plan(sources, rows).cache_size
+    # Rows need 1 page of 16 positions each, the continuations' source none of its own (5 < 16): a budget
+    # of 5 mean rows is 5 slots and their 5 pages.
+    budget = 5 * (slot_bytes(cfg, settings, size, 2) + page_bytes(cfg, settings)) / GiB
     small = Sampler(params, cfg, tok, settings, cache_gib=budget, **kw)
-    shape = small.plan([[1] * 3] * 3 + [[1] * 9], rows)
-    assert (shape.slots, shape.batch, shape.insert_sources, shape.insert_rows) == (5, 16, 1, 4)
+    shape = small.plan(sources, rows)
+    assert (shape.slots, shape.pages, shape.batch, shape.insert_sources, shape.insert_rows) == (
+        5,
+        5,
+        16,
+        1,
+        4,
+    )
     want = unlimited.sample_mixed(prompts, 2, request, seed=4)
     got = small.sample_mixed(prompts, 2, request, seed=4)
     flat = lambda res: [x for group in res[0] for x in group] + [x for r in res[1] for o in r for x in o]  # noqa: E731
@@ -448,13 +537,49 @@ def test_sharded_sampler_gives_the_same_tokens(params):
     )
     np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(with_mesh["tokens"]))
     np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(with_mesh["logprobs"]), atol=1e-5)
+    # The pool split over the 4-way batch axes (source j in shard j mod 4, its pages on that shard's
+    # device), pages of 4 positions, 2 slots and 8 pages per shard: shard 0 has sources 0 and 4 (3 rows)
+    # and runs them one source after the other; the result is the same.
+    paged = _run(
+        sharded,
+        src,
+        lens,
+        rows,
+        [lens[r] for r in rows],
+        keys,
+        dataclasses.replace(settings, page_size=4),
+        stop=-1,
+        sharder=sharder,
+        slots=8,
+        pages=8,
+        insert_sources=4,
+    )
+    np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(paged["tokens"]))
+    np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(paged["logprobs"]), atol=1e-5)
+    # Eight samples of one prompt: more rows than a shard's 2 slots. The host splits the prompt's rows
+    # into 4 chunks of 2, each its own source (the prompt prefilled once per chunk, on its shard's
+    # device); the samples are those of one source with 8 rows.
+    shape = plan_call([7], [(0, 7, 8)] * 8, cfg=CFG, settings=settings, parallelism=4)
+    assert (shape.slots, shape.shards, shape.rows_per_source) == (8, 4, 2)
+    source_of, chunk = chunk_sources(1, [0] * 8, shape.rows_per_source)
+    assert (source_of, chunk) == ([0, 0, 0, 0], [0, 0, 1, 1, 2, 2, 3, 3])
+    plain = _run(params, src, lens, [0] * 8, [7] * 8, keys, settings, stop=-1)
+    split = _run(sharded, src[[0] * 4], [7] * 4, chunk, [7] * 8, keys, settings, stop=-1, sharder=sharder)
+    assert (np.asarray(split["lengths"]) == 8).all()
+    np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(split["tokens"]))
 
 
 @pytest.mark.parametrize("segmentations", [1, 2], ids=["one-table", "newline-fallback"])
 def test_pallas_decode_kernel_path_equals_the_xla_path(params, segmentations):
-    """attention_impl="pallas": decode steps go through the Pallas decode kernel (interpreted on CPU), also
-    with the sampler's default two segmentations (key steps [B, S, 2]), which the shipped configs use."""
-    settings = LoopSettings(max_new_tokens=6, sampling=SamplingParams(temperature=1.0), num_steps=8)
+    """attention_impl="pallas": decode steps go through the paged Pallas decode kernel (interpreted on CPU),
+    also with the sampler's default two segmentations (key steps [B, S, 2]), which the shipped configs use,
+    and with pages of 4 positions, so that rows cross pages while decoding."""
+    settings = LoopSettings(
+        max_new_tokens=6,
+        sampling=SamplingParams(temperature=1.0),
+        num_steps=8,
+        page_size=64 if segmentations == 1 else 4,
+    )
     sep = np.arange(64) % 3 == 0
     sep = jnp.asarray(sep if segmentations == 1 else np.stack([sep, np.arange(64) % 2 == 0], -1))
     keys = jax.random.split(jax.random.key(4), 3)

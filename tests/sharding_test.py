@@ -149,7 +149,7 @@ def test_kernels_run_on_each_devices_shards(tensor):
     assert shapes["fci_column_sums"][0][:2] == (rows, q_heads)
 
     # One decode step with two segmentations of the key steps.
-    cache = init_cache(CFG, b, 20)
+    cache = init_cache(CFG, b, 20, sharder, page=4)  # 5 pages of 4 positions per row, split like the rows
     _, cache, _ = forward_cached(params, jnp.asarray(tokens), cache, cfg=CFG, valid=jnp.asarray(mask > 0))
     key_steps = jnp.asarray(np.stack([np.arange(20) // 4, np.arange(20) // 5], -1)[None].repeat(b, 0))
     new = jnp.asarray(tokens[:, :1])
@@ -162,4 +162,5 @@ def test_kernels_run_on_each_devices_shards(tensor):
     np.testing.assert_allclose(h, h_ref, atol=1e-5)
     np.testing.assert_allclose(mass, mass_ref, atol=1e-6)
     shapes = _kernel_operand_shapes(functools.partial(decode, cfg=cfg), placed, cache)
-    assert shapes["decode_attention"][0][0] == rows
+    # The GPU form (what the CPU interprets) takes the layer, lengths and page table, then q [B, K, G, H].
+    assert shapes["decode_attention"][3][0] == rows and shapes["decode_attention"][1][0] == rows

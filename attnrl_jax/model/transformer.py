@@ -415,16 +415,26 @@ def forward_with_fci(
 
 
 # ------------------------------------------------------------------------------------------------------
-# KV-cache forward (prefill and decode)
+# Paged KV cache forward (prefill and decode)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["k", "v", "table", "lengths"], meta_fields=[]
+)
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer, [L, B, S, K, H] each, and the valid length of each row [B].
+    """A paged KV cache: keys and values in pages of a pool, and a page table per row.
+
+    k, v: [D, L, K, P, page, H] pools: D shards (the mesh's batch split; each shard's rows use its own P
+      pages, so every page a row reads is on the row's device), then per layer, KV heads, pages, positions
+      in a page and head dimension.
+    table: [B, MB] the page (within the row's shard; rows are split over the shards in order, B / D each)
+      that holds row b's positions [m page, (m + 1) page); P marks no page. Rows may share pages: tree
+      continuations read the pages of their response's prefix instead of copying them.
+    lengths: [B] valid positions of each row.
 
     k and v hold the compute dtype's values, a 16-bit float's as raw uint16 words (`cache_dtype`): `store`
-    writes into them and `load` reads a slice back. XLA's CPU backend does a bfloat16 scatter in float32,
+    writes into them and `load` reads them back. XLA's CPU backend does a bfloat16 scatter in float32,
     converting the whole buffer there and back (two float32 copies of the cache per token written: four
     times the cache in temporaries, `benchmarks/scale_memory.py`), and a bitcast around each write is a
     copy there too; an integer scatter is done in place on every backend.
@@ -432,43 +442,134 @@ class KVCache:
 
     k: Array
     v: Array
+    table: Array
     lengths: Array
 
     @property
+    def page(self) -> int:
+        return self.k.shape[4]
+
+    @property
+    def pages(self) -> int:
+        """Pages per shard (P); a table entry of P names no page."""
+        return self.k.shape[3]
+
+    @property
+    def shards(self) -> int:
+        return self.k.shape[0]
+
+    @property
     def size(self) -> int:
-        return self.k.shape[2]
+        """Positions a row can address."""
+        return self.table.shape[1] * self.page
 
 
-CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+POOL_AXES = ("batch", "layers", "act_kv_heads", None, None, "head_dim")
 
 
 def cache_dtype(dtype) -> jnp.dtype:
-    """The KV cache's storage type for a compute dtype: the 16-bit integer of a 16-bit float (module
-    docstring of KVCache), else the dtype itself (a float32 scatter is done in place)."""
+    """The KV cache's storage type for a compute dtype: the 16-bit integer of a 16-bit float (KVCache's
+    docstring), else the dtype itself (a float32 scatter is done in place)."""
     dtype = jnp.dtype(dtype)
     return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 else dtype
 
 
-def store(buf: Array, index: tuple, values: Array, dtype) -> Array:
-    """`buf.at[index].set(values, mode="drop")` for a cache buffer of `dtype` values (KVCache)."""
+def store(values: Array, buf_dtype, dtype) -> Array:
+    """Values in the cache's storage type (`buf_dtype`) for compute `dtype` (KVCache)."""
     values = values.astype(dtype)
-    if buf.dtype != values.dtype:
-        values = jax.lax.bitcast_convert_type(values, buf.dtype)
-    return buf.at[index].set(values, mode="drop")
+    return values if values.dtype == buf_dtype else jax.lax.bitcast_convert_type(values, buf_dtype)
 
 
 def load(buf: Array, dtype) -> Array:
-    """Cache storage (a slice of a KVCache buffer) read as `dtype` values."""
+    """Cache storage read as `dtype` values."""
     dtype = jnp.dtype(dtype)
     return buf if buf.dtype == dtype else jax.lax.bitcast_convert_type(buf, dtype)
 
 
-def init_cache(cfg: ModelConfig, batch: int, size: int, sharder: Sharder | None = None) -> KVCache:
-    """An empty cache of `size` positions per row, in `cache_dtype(cfg.dtype)`."""
+def cache_shards(rows: int, sharder: Sharder | None, shards: int | None = None) -> int:
+    """How many shards a pool for `rows` rows has: `shards` if given (1, or the mesh's batch split), else
+    the mesh's batch split where it divides the rows (each device then holds its rows' pages), else 1 (the
+    pool is replicated over the batch axes)."""
+    d = (sharder or Sharder()).batch_parallelism()
+    if shards is not None:
+        if shards not in (1, d) or rows % shards:
+            raise ValueError(
+                f"a pool of {rows} rows is split 1 or {d} ways (the mesh's batch split), not {shards}"
+            )
+        return shards
+    return d if rows % d == 0 else 1
+
+
+def empty_cache(
+    cfg: ModelConfig,
+    rows: int,
+    size: int,
+    pages: int,
+    page: int,
+    sharder: Sharder | None = None,
+    shards: int | None = None,
+) -> KVCache:
+    """A pool of `pages` pages of `page` positions per shard (`cache_shards`) for `rows` rows of up to
+    `size` positions, with no page assigned to any row (table entries P) and zero lengths."""
     sharder = sharder or Sharder()
-    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    zeros = sharder.constrain(jnp.zeros(shape, cache_dtype(cfg.dtype)), CACHE_AXES)
-    return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+    d = cache_shards(rows, sharder, shards)
+    shape = (d, cfg.num_layers, cfg.num_kv_heads, pages, page, cfg.head_dim)
+    zeros = sharder.constrain(jnp.zeros(shape, cache_dtype(cfg.dtype)), POOL_AXES)
+    mb = -(-size // page)
+    table = sharder.constrain(jnp.full((rows, mb), pages, jnp.int32), ("batch", None))
+    return KVCache(zeros, zeros, table, jnp.zeros((rows,), jnp.int32))
+
+
+def init_cache(
+    cfg: ModelConfig, batch: int, size: int, sharder: Sharder | None = None, page: int = 16
+) -> KVCache:
+    """An empty cache of `size` positions per row where every row owns its pages (a contiguous cache)."""
+    d = cache_shards(batch, sharder)
+    mb, local = -(-size // page), batch // d
+    cache = empty_cache(cfg, batch, size, local * mb, page, sharder)
+    table = (jnp.arange(batch) % local)[:, None] * mb + jnp.arange(mb)[None, :]
+    return dataclasses.replace(cache, table=table.astype(jnp.int32))
+
+
+def _by_shard(x: Array, d: int) -> Array:
+    """[B, ...] -> [D, B / D, ...]: the rows of each shard (rows are split over the shards in order)."""
+    return x.reshape((d, x.shape[0] // d) + x.shape[1:])
+
+
+def write_positions(buf: Array, layer, table: Array, positions: Array, values: Array) -> Array:
+    """Writes values [B, T, K, H] (storage type) at positions [B, T] of each row into layer `layer` of a
+    pool [D, L, K, P, page, H] through the page table [B, MB]; a negative position, one past the table or
+    one whose page is P writes nothing."""
+    d, pages, page = buf.shape[0], buf.shape[3], buf.shape[4]
+    mb = table.shape[1]
+    ok = (positions >= 0) & (positions < mb * page)
+    blk = jnp.take_along_axis(table, jnp.clip(positions // page, 0, mb - 1), axis=1)
+    blk = jnp.where(ok, blk, pages)
+
+    def one(b, blk, off, val):  # b [L, K, P, page, H]; blk, off [B/D, T]; val [B/D, T, K, H]
+        return b.at[layer, :, blk, off, :].set(val, mode="drop")
+
+    return jax.vmap(one)(buf, _by_shard(blk, d), _by_shard(positions % page, d), _by_shard(values, d))
+
+
+def write_pages(buf: Array, layer, ids: Array, values: Array) -> Array:
+    """Writes whole pages values [D, M, page, K, H] (storage type) into pages ids [D, M] of each shard of
+    layer `layer` of a pool [D, L, K, P, page, H]; an id of P writes nothing."""
+
+    def one(b, ids, val):  # b [L, K, P, page, H]; ids [M]; val [M, page, K, H]
+        return b.at[layer, :, ids].set(val.transpose(0, 2, 1, 3), mode="drop")
+
+    return jax.vmap(one)(buf, ids, values)
+
+
+def read_positions(buf: Array, layer, table: Array) -> Array:
+    """[B, MB page, K, H]: layer `layer` of a pool [D, L, K, P, page, H] read through each row's page
+    table [B, MB] (storage type; positions without a page hold some page's values, which callers mask)."""
+    from attnrl_jax.kernels.decode_attention import gather_pages
+
+    d = buf.shape[0]
+    rows = jax.vmap(lambda b, t: gather_pages(b, t, layer))(buf, _by_shard(table, d))
+    return rows.reshape((table.shape[0],) + rows.shape[2:])
 
 
 def forward_cached(
@@ -484,15 +585,16 @@ def forward_cached(
 ) -> tuple[Array, KVCache, Array | None]:
     """Runs `tokens` [B, T] after each row's cached tokens and appends their keys/values to the cache.
 
-    Token t of row b sits at position cache.lengths[b] + t; `valid` [B, T] (default: all) marks real
-    tokens (right padding), and each row's length grows by its number of valid tokens. Attention is causal
-    over the cache: the XLA path of the attention seam with per-row query offsets, or, for single-token
-    decoding with attention_impl "pallas", the Pallas decode kernel.
+    Token t of row b sits at position cache.lengths[b] + t, in the page the row's table names for it (the
+    caller assigns pages); `valid` [B, T] (default: all) marks real tokens (right padding), and each row's
+    length grows by its number of valid tokens. Attention is causal over the row's pages: the XLA path of
+    the attention seam with per-row query offsets over the pages read through the table, or, for
+    single-token decoding with attention_impl "pallas", the paged Pallas decode kernel.
 
     With `key_steps` [B, S] (the step id of every cache position, -1 for none; or [B, S, R] for R
-    segmentations at once) and `num_steps` C, also returns the attention mass that each new token pays to
-    each key step, [L, B, N, T, C] (or [L, B, N, T, R, C]) summed over the
-    tokens of the step: the per-token rows of the attention matrix that FCI accumulates while decoding.
+    segmentations at once; S = cache.size) and `num_steps` C, also returns the attention mass that each new
+    token pays to each key step, [L, B, N, T, C] (or [L, B, N, T, R, C]) summed over the tokens of the
+    step: the per-token rows of the attention matrix that FCI accumulates while decoding.
 
     Returns:
       (final hidden states [B, T, D], the updated cache, the attention mass or None)
@@ -507,8 +609,7 @@ def forward_cached(
     q_seg = valid.astype(jnp.int32)
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    rows = jnp.arange(b)[:, None]
-    write_pos = jnp.where(valid, positions, cache.size)  # padding writes fall outside and are dropped
+    write_pos = jnp.where(valid, positions, -1)  # padding writes nowhere
     track = key_steps is not None
     squeeze = track and key_steps.ndim == 2
     if squeeze:
@@ -519,15 +620,18 @@ def forward_cached(
         lp, li = xs
         lp = jax.tree.map(lambda p: p.astype(dtype), lp)
         q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
-        ck = store(ck, (li, rows, write_pos), k, dtype)
-        cv = store(cv, (li, rows, write_pos), v, dtype)
-        k_all, v_all = load(ck[li], dtype), load(cv[li], dtype)  # [B, S, K, H]
+        ck = write_positions(ck, li, cache.table, write_pos, store(k, ck.dtype, dtype))
+        cv = write_positions(cv, li, cache.table, write_pos, store(v, cv.dtype, dtype))
         if cfg.attention_impl == "pallas" and t == 1:
-            # The Pallas decode kernel: reads only the blocks below each row's length and returns the
-            # per-step attention mass itself. (Rows with no valid token compute values nobody reads.)
-            out, mass = _decode_per_device(sharder, q[:, 0], k_all, v_all, new_lengths, key_steps, num_steps)
+            # The paged Pallas decode kernel: reads only the pages below each row's length and returns
+            # the per-step attention mass itself. (Rows with no valid token compute values nobody reads.)
+            out, mass = _decode_per_device(
+                sharder, q[:, 0], ck, cv, li, cache.table, new_lengths, key_steps, num_steps
+            )
             x = _out_and_mlp(cfg, sharder, lp, x, out[:, None])
             return (x, ck, cv), (mass[:, :, None] if track else None)
+        k_all = load(read_positions(ck, li, cache.table), dtype)  # [B, S, K, H]
+        v_all = load(read_positions(cv, li, cache.table), dtype)
         a, lse = attention(q, k_all, v_all, q_seg, kv_seg, return_lse=True, q_offsets=cache.lengths)
         x = _out_and_mlp(cfg, sharder, lp, x, a)
         mass = (
@@ -540,7 +644,7 @@ def forward_cached(
     if squeeze:
         mass = mass[..., 0, :]
     h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
-    return h, KVCache(ck, cv, new_lengths), mass
+    return h, KVCache(ck, cv, cache.table, new_lengths), mass
 
 
 def _prefill_attention(cfg: ModelConfig, sharder: Sharder, q, k, v, seg, chunk: int):
@@ -565,32 +669,34 @@ def _prefill_attention(cfg: ModelConfig, sharder: Sharder, q, k, v, seg, chunk: 
     return out.swapaxes(0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :t]
 
 
-def prefill_into_cache(
+def prefill_into_pages(
     params: Params,
     tokens: Array,
     valid: Array,
     cache: KVCache,
-    dest: Array,
-    dest_src: Array,
+    page_ids: Array,
+    page_src: Array,
+    page_start: Array,
     *,
     cfg: ModelConfig,
     sharder: Sharder | None = None,
     chunk: int = 512,
 ) -> tuple[Array, KVCache]:
-    """Prefills the prefixes `tokens` [R, P] (`valid` [R, P] marks their left-aligned tokens) from position
-    0, and writes each layer's keys and values into cache rows `dest` [W] at positions [0, P): row dest[w]
-    gets prefix dest_src[w] (several rows may fork one prefix; a dest >= the cache's batch is dropped).
+    """Prefills the prefixes `tokens` [R, P] (`valid` [R, P] marks their left-aligned tokens; the R
+    prefixes are split over the cache's D shards in order) from position 0, and writes each layer's keys
+    and values into whole pages: page page_ids[d, m] of shard d gets positions page_start[d, m] ..
+    + page - 1 of the shard's prefix page_src[d, m] (an id of P writes nothing). A prefix's own pages and
+    a row's private copy of the page its prefix ends in are both such pages.
 
     The prefixes attend only to themselves (`_prefill_attention`: the flash kernel, or XLA in query
-    chunks), never to the cache; each layer's keys are forked into the rows inside the layer scan, so one
-    layer's [W, P] keys exist at a time, not a second cache. The rows' lengths are left to the caller.
+    chunks), never to the cache, and one layer's [R, P] keys exist at a time. Page tables and lengths are
+    the caller's.
 
     Returns (final hidden states [R, P, D], the cache).
     """
     sharder = sharder or Sharder()
     r, p = tokens.shape
-    if p > cache.size:
-        raise ValueError(f"prefixes of {p} tokens do not fit a cache of {cache.size} positions")
+    d, page = cache.shards, cache.page
     dtype = jnp.dtype(cfg.dtype)
     seg = valid.astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (r, p))
@@ -598,8 +704,10 @@ def prefill_into_cache(
         jnp.take(params["embed"], tokens, axis=0).astype(dtype), ("batch", "length", "act_embed")
     )
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    rows = dest[:, None]
-    cols = jnp.arange(p)[None, :]
+    cols = jnp.clip(page_start[..., None] + jnp.arange(page), 0, p - 1)  # [D, M, page]
+
+    def pages_of(kv):  # [R, P, K, H] -> [D, M, page, K, H]
+        return jax.vmap(lambda x, s, c: x[s[:, None], c])(_by_shard(kv, d), page_src, cols)
 
     def body(carry, xs):
         x, ck, cv = carry
@@ -607,18 +715,18 @@ def prefill_into_cache(
         lp = jax.tree.map(lambda w: w.astype(dtype), lp)
         q, k, v = _qkv(cfg, sharder, lp, x, cos, sin)
         x = _out_and_mlp(cfg, sharder, lp, x, _prefill_attention(cfg, sharder, q, k, v, seg, chunk))
-        ck = store(ck, (li, rows, cols), k[dest_src], dtype)
-        cv = store(cv, (li, rows, cols), v[dest_src], dtype)
+        ck = write_pages(ck, li, page_ids, pages_of(store(k, ck.dtype, dtype)))
+        cv = write_pages(cv, li, page_ids, pages_of(store(v, cv.dtype, dtype)))
         return (x, ck, cv), None
 
     (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], jnp.arange(cfg.num_layers)))
     h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
-    return h, KVCache(ck, cv, cache.lengths)
+    return h, KVCache(ck, cv, cache.table, cache.lengths)
 
 
-def _decode_per_device(sharder, q, k, v, lengths, key_steps, num_steps):
-    """The Pallas decode kernel on each device's rows and heads: (out [B, N, H], mass [B, N, R, C] or
-    None without key steps)."""
+def _decode_per_device(sharder, q, k_pool, v_pool, layer, table, lengths, key_steps, num_steps):
+    """The paged Pallas decode kernel on each device's rows and heads over its shard of the pools
+    [D, L, K, P, page, H]: (out [B, N, H], mass [B, N, R, C] or None without key steps)."""
     from jax.sharding import PartitionSpec as P
 
     from attnrl_jax.kernels.decode_attention import decode_attention
@@ -626,18 +734,27 @@ def _decode_per_device(sharder, q, k, v, lengths, key_steps, num_steps):
     track = key_steps is not None
     steps = num_steps if track else 0
 
-    def run(q, k, v, lengths, *key_steps):
-        out, _, mass = decode_attention(q, k, v, lengths, *key_steps, num_steps=steps)
+    def run(q, k_pool, v_pool, layer, table, lengths, *key_steps):
+        kp, vp = k_pool[0], v_pool[0]  # this device's shard
+        out, _, mass = decode_attention(
+            q, kp, vp, table, lengths, key_steps[0] if track else None, layer, num_steps=steps
+        )
         return (out, mass) if track else (out,)
 
-    if not sharder.active:
-        return (*run(q, k, v, lengths, *([key_steps] if track else [])), None)[:2]
-    b, h = sharder.kernel_axes(q.shape[0], q.shape[1], k.shape[2])
-    in_specs = (P(b, h, None), P(b, None, h, None), P(b, None, h, None), P(b)) + (
-        (P(b, None, None),) if track else ()
+    if k_pool.shape[0] != 1 and not sharder.active:
+        raise ValueError(f"a pool of {k_pool.shape[0]} shards needs the mesh that splits it")
+    args = (q, k_pool, v_pool, jnp.asarray(layer, jnp.int32), table, lengths) + (
+        (key_steps,) if track else ()
     )
+    if not sharder.active:
+        return (*run(*args), None)[:2]
+    b, h = sharder.kernel_axes(q.shape[0], q.shape[1], k_pool.shape[2])
+    if k_pool.shape[0] == 1:
+        b = None  # a replicated pool (rows that do not divide the mesh): every device runs every row
+    pool = P(b, None, h, None, None, None)
+    in_specs = (P(b, h, None), pool, pool, P(), P(b, None), P(b)) + ((P(b, None, None),) if track else ())
     out_specs = (P(b, h, None),) + ((P(b, h, None, None),) if track else ())
-    outs = sharder.per_device(run, in_specs, out_specs)(q, k, v, lengths, *([key_steps] if track else []))
+    outs = sharder.per_device(run, in_specs, out_specs)(*args)
     return (*outs, None)[:2]
 
 

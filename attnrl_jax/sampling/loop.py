@@ -1,5 +1,5 @@
-"""The device-side generation loop: prefill shared prefixes once, fork cache rows, decode the rows in a fixed
-number of slots with continuous batching, and accumulate each response's FCI while decoding.
+"""The device-side generation loop: prefill shared prefixes once into a paged KV cache, decode the rows in
+a fixed number of slots with continuous batching, and accumulate each response's FCI while decoding.
 
 Rows and sources. `src_tokens` [R, P] holds the prefixes to prefill (right-padded, `src_lens` valid
 tokens); every generated row b continues source `row_src[b]` after its first `row_prefix_len[b]` tokens.
@@ -9,16 +9,26 @@ offset reads the same prefilled cache (the cache of a prefix is a prefix of the 
 prefilled once for all of its branch points. Initial and continuation rows mix freely in one call (the
 one-step off-policy pipeline of ALGORITHM.md section 10).
 
-Slots. The rows decode in `slots` slots, each with its own KV cache of `cache_size` positions. Two nested
-`jax.lax.while_loop`s alternate: an insertion prefills the next group of sources (rows are taken source by
-source, in source order) and forks each into free slots; decode steps then run until the next group's rows
-all fit in the free and finished slots (or every row has ended). A finished row's outputs are copied to its
-place in the result when its slot is reused, or at the end. With as many slots as rows, one insertion
-takes everything: static batching.
+Paged cache. Keys and values live in pages of `settings.page_size` positions in a pool
+(`model.transformer.KVCache`), and each slot has a page table. A source's prefix is written once into pages
+that all of its rows' tables name (a continuation reads its response's prefix, it does not copy it); a row
+gets its own copy of the page its prefix ends in, and a fresh page whenever it crosses a page boundary
+while decoding, so a row holds the pages it has written. Pages are counted by reference and freed when
+their last row ends; a row enters only if the pages it may still need are free (`sampling.pages`), so
+decoding never waits for a page. Under a mesh the pool is split over the batch axes: shard d takes the
+sources j with j mod D = d and decodes their rows in its own slots over its own pages, so every page a row
+reads is on its device.
+
+Slots. The rows decode in `slots` slots (split over the shards). Two nested `jax.lax.while_loop`s
+alternate: an insertion prefills, in every shard whose next group of sources fits (rows in free slots,
+pages in free pages), that group (rows are taken source by source, in source order), and sets up each of
+their rows in a free slot; decode steps then run until some shard's next group fits (or every row has
+ended). A finished row's outputs are copied to its place in the result when its slot is reused, or at the
+end. With as many slots and pages as the rows need, one insertion takes everything: static batching.
 
 RNG. Row b draws its t-th token with fold_in(row_keys[b], t), so a row's tokens depend only on its key,
-prefix and the weights, not on the batch or slot it is in (forked and re-prefilled continuations agree,
-and continuous batching gives the static result).
+prefix and the weights, not on the batch, slot, shard or pages it is in (shared-prefix and re-prefilled
+continuations agree, and continuous batching gives the static result).
 
 FCI while decoding (section 5.2, for rows with `row_fci`): feeding response token i computes its attention
 row over the cache, which the model reduces to the mass paid to each key step. The mass of the current
@@ -44,11 +54,13 @@ from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
 from attnrl_jax.model.transformer import (
     KVCache,
+    cache_shards,
+    empty_cache,
     forward_cached,
-    init_cache,
     logits_from_hidden,
-    prefill_into_cache,
+    prefill_into_pages,
 )
+from attnrl_jax.sampling.pages import add_refs, available, pages_spanned, take_free
 from attnrl_jax.sampling.sampling import SamplingParams, sample_tokens
 from attnrl_jax.typing import Array, Params
 
@@ -65,6 +77,9 @@ class LoopSettings:
       num_steps: C, FCI buckets per row (step 0 is the prompt).
       delta: the FCI step gap Delta.
       pad_id: written after a row finishes.
+      page_size: positions per page of the KV cache (the unit in which rows share prefixes and take
+        memory; the decode kernel's tile: a power of two of at least 16 for the GPU form, a multiple of 16
+        for the TPU form).
     """
 
     max_new_tokens: int
@@ -72,16 +87,28 @@ class LoopSettings:
     num_steps: int = 64
     delta: int = 4
     pad_id: int = 0
+    page_size: int = 64
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.num_steps < 2 or self.delta < 1:
-            raise ValueError(f"need max_new_tokens >= 1, num_steps >= 2, delta >= 1; got {self}")
+        if self.max_new_tokens < 1 or self.num_steps < 2 or self.delta < 1 or self.page_size < 1:
+            raise ValueError(
+                f"need max_new_tokens >= 1, num_steps >= 2, delta >= 1, page_size >= 1; got {self}"
+            )
+
+
+def check_page_size(key: str, page: int) -> None:
+    """A KV page is the decode kernel's tile: a power of two of at least 16 positions serves both of its
+    compiled forms (Triton's dots need 16 rows and power-of-two shapes, the TPU's bfloat16 tiles 16)."""
+    if not isinstance(page, int) or page < 16 or page & (page - 1):
+        raise ValueError(f"{key} must be a power of two of at least 16 positions, got {page!r}")
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=[
         "cache",
+        "refs",
+        "reserve",
         "key_steps",
         "cur_token",
         "n_gen",
@@ -105,23 +132,25 @@ class LoopSettings:
 class LoopState:
     """Decode state; the FCI fields carry a leading R axis (one per tracked segmentation)."""
 
-    cache: KVCache
-    key_steps: Array  # [B, S, R] step id of each cache position (-1: none)
-    cur_token: Array  # [B] the last sampled token, fed next
-    n_gen: Array  # [B] tokens sampled so far
-    done: Array  # [B] the last token has been sampled
-    fed_final: Array  # [B] ... and fed (its attention row counted): the row is finished
-    reason: Array  # [B] EOS / LENGTH
-    tokens: Array  # [B, M]
-    logprobs: Array  # [B, M] float32
-    entropies: Array  # [B, M] float32
-    cur_step: Array  # [B, R] 1-based step of the next response token
-    cur_len: Array  # [B, R] tokens of the current step so far
-    step_len: Array  # [B, R, C] tokens per step bucket
-    cur_mass: Array  # [B, R, L, N, C] attention mass of the current step to each key step
-    fci: Array  # [B, R, L, N, C] FCI sums of closed steps
-    think_step: Array  # [B, R] step of the last </think>, or -1
-    has_sep: Array  # [B, R] a separator of this segmentation occurred
+    cache: KVCache  # the page pool, each slot's page table and length
+    refs: Array  # [D, P] slots whose page table names each page (0: free)
+    reserve: Array  # [n] pages each slot's row may still take (its worst case less what it took)
+    key_steps: Array  # [n, S, R] step id of each cache position (-1: none)
+    cur_token: Array  # [n] the last sampled token, fed next
+    n_gen: Array  # [n] tokens sampled so far
+    done: Array  # [n] the last token has been sampled
+    fed_final: Array  # [n] ... and fed (its attention row counted): the row is finished
+    reason: Array  # [n] EOS / LENGTH
+    tokens: Array  # [n, M]
+    logprobs: Array  # [n, M] float32
+    entropies: Array  # [n, M] float32
+    cur_step: Array  # [n, R] 1-based step of the next response token
+    cur_len: Array  # [n, R] tokens of the current step so far
+    step_len: Array  # [n, R, C] tokens per step bucket
+    cur_mass: Array  # [n, R, L, N, C] attention mass of the current step to each key step
+    fci: Array  # [n, R, L, N, C] FCI sums of closed steps
+    think_step: Array  # [n, R] step of the last </think>, or -1
+    has_sep: Array  # [n, R] a separator of this segmentation occurred
 
 
 @functools.partial(
@@ -133,7 +162,7 @@ class LoopState:
 class Slots:
     """Which row each decode slot holds (-1: free) and that row's settings."""
 
-    row: Array  # [n] index into the source-ordered rows, -1 for a free slot
+    row: Array  # [n] index into the ordered rows, -1 for a free slot
     key: Array  # [n, 2] uint32 key data of the row's PRNG stream
     fci: Array  # [n] bool, accumulate FCI
     stop: Array  # [n, K] stop token ids
@@ -172,9 +201,30 @@ def _results(s: LoopState, sl: Slots, m: int, c: int) -> dict[str, Array]:
     }
 
 
+def _take(x: Array, idx: Array) -> Array:
+    """x[d, idx[d, ...]] per shard (x [D, G, ...], idx [D, ...] int)."""
+    return jax.vmap(lambda a, i: a[i])(x, idx)
+
+
+def default_pages(slots: int, cache_size: int, page: int, shards: int) -> int:
+    """Pages per shard that hold every slot's rows at their longest (`cache_size` positions each): what a
+    call without a page budget gets."""
+    return slots // shards * -(-cache_size // page)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "settings", "sharder", "slots", "cache_size", "insert_sources", "insert_rows"),
+    static_argnames=(
+        "cfg",
+        "settings",
+        "sharder",
+        "slots",
+        "cache_size",
+        "insert_sources",
+        "insert_rows",
+        "pages",
+        "shards",
+    ),
 )
 def generate(
     params: Params,
@@ -196,16 +246,19 @@ def generate(
     cache_size: int | None = None,
     insert_sources: int | None = None,
     insert_rows: int | None = None,
+    pages: int | None = None,
+    shards: int | None = None,
 ) -> dict[str, Array]:
     """Samples every row to EOS/stop or its length limit (module docstring), `slots` rows at a time.
 
     Continuous batching: the rows decode in `slots` slots; a source's rows enter together (its prefix is
-    prefilled once and forked into free slots) as soon as enough slots are free, and a finished row's
-    slot is reused, so the decode work follows the tokens generated rather than rows x the longest row.
-    Up to `insert_sources` sources are prefilled per insertion; the next group waits until all of its rows
-    fit (or no slot is busy). With slots >= rows (the default) every row enters at once: static batching.
-    A row's tokens depend only on its key, prefix and the weights, so the result does not depend on
-    `slots` or `insert_sources` (up to float rounding of the batched matmuls).
+    prefilled once into shared pages) as soon as enough slots and pages are free, and a finished row's
+    slot and pages are reused, so the decode work follows the tokens generated rather than rows x the
+    longest row. Up to `insert_sources` sources are prefilled per insertion; the next group waits until
+    all of its rows fit (or its shard's slots are all idle). With slots >= rows (the default) and the
+    default pages, every row enters at once: static batching. A row's tokens depend only on its key,
+    prefix and the weights, so the result does not depend on `slots`, `insert_sources`, `pages` or the
+    page size (up to float rounding of the batched matmuls).
 
     Args:
       params: model parameters.
@@ -224,13 +277,17 @@ def generate(
         max_new_tokens - o tokens, so that the response it completes stays within the length limit; what
         it samples up to there equals the official run's continuation cut after generation.
       cfg, settings, sharder: static model config, loop settings and activation sharding.
-      slots: decode slots (None or >= B: B). Every source's rows must fit in them (the host checks it:
-        a source with more rows is never inserted and its rows come back empty).
-      cache_size: KV positions per slot, at least P and every row's prefix plus limit (None: P +
-        max_new_tokens).
-      insert_sources: sources prefilled per insertion (None: all R, one insertion when they fit).
-      insert_rows: rows forked per insertion at most (None: `slots`); each layer's keys are copied into
-        this many rows per insertion, so it bounds the insertion's work and memory.
+      slots: decode slots (None or >= B: B), split over the pool's shards.
+      cache_size: positions a row can address (rounded up to pages), at least P and every row's prefix
+        plus limit (None: P + max_new_tokens).
+      insert_sources: sources prefilled per insertion, over all shards (None: all R, one insertion when
+        they fit).
+      insert_rows: rows set up per insertion at most, over all shards (None: `slots`).
+      pages: pages per shard (None: `default_pages`, every slot at `cache_size`).
+      shards: how many ways the slots and the page pool are split: 1, or the mesh's batch split
+        (`model.transformer.cache_shards`; None: the latter where it divides the slots). Every source's
+        rows must fit one shard's slots and pages (the host checks it, `Sampler.plan`: a source that does
+        not is never inserted and its rows come back empty, length 0).
 
     Returns:
       dict: tokens [B, M] (pad after the end), logprobs and entropies [B, M] float32, lengths [B] (sampled
@@ -239,15 +296,21 @@ def generate(
       num_steps [B], step_overflow [B] (steps merged into the last bucket), needs_fallback [B].
     """
     sharder = sharder or Sharder()
-    m, c, delta = settings.max_new_tokens, settings.num_steps, settings.delta
+    m, c, delta, page = settings.max_new_tokens, settings.num_steps, settings.delta, settings.page_size
     b = row_src.shape[0]
     r, p = src_tokens.shape
     n = b if slots is None else max(1, min(slots, b))
     size = p + m if cache_size is None else cache_size
     if size < p:
         raise ValueError(f"cache_size {size} is shorter than the {p}-token prefixes")
-    group = r if insert_sources is None else max(1, min(insert_sources, r))
-    w = n if insert_rows is None else max(1, min(insert_rows, n))
+    d = cache_shards(n, sharder, shards)
+    nl, mb = n // d, -(-size // page)
+    size = mb * page
+    npages = default_pages(n, size, page, d) if pages is None else pages
+    g = -(-r // d) if insert_sources is None else -(-max(1, min(insert_sources, r)) // d)
+    w = nl if insert_rows is None else max(1, min(-(-insert_rows // d), nl))
+    mpg = -(-p // page)  # pages of a prefix
+    src_tokens = jnp.pad(src_tokens, ((0, 0), (0, mpg * page - p)), constant_values=settings.pad_id)
     layers, heads = cfg.num_layers, cfg.num_heads
     seps = separators[:, None] if separators.ndim == 1 else separators  # [V, R]
     nseg = seps.shape[1]
@@ -255,14 +318,29 @@ def generate(
         jnp.full((b,), m, jnp.int32) if row_max_new is None else jnp.clip(row_max_new, 1, m).astype(jnp.int32)
     )
 
-    # Rows in source order: a source's rows are contiguous, [src_start[j], src_end[j]).
-    order = jnp.argsort(row_src, stable=True)
-    o_src, o_prefix, o_fci = row_src[order], row_prefix_len[order].astype(jnp.int32), row_fci[order]
+    # Sources in queue order: shard d's are j = d, d + D, ... (the first `used`; later ones are bucket
+    # padding), at queue positions [src_beg[d], src_end_q[d]). Rows in queue order of their sources, so
+    # a source's rows are contiguous: [row_beg[q], row_end[q]) for queue position q.
+    used = jnp.max(row_src) + 1
+    j = jnp.arange(r)
+    queue = jnp.argsort(jnp.where(j < used, (j % d) * r + j, d * r + j))  # queue position -> source
+    rank = jnp.argsort(queue)  # source -> queue position
+    per_shard = jnp.sum((j[None, :] < used) & (j[None, :] % d == jnp.arange(d)[:, None]), axis=1)
+    q_end = jnp.cumsum(per_shard)
+    q_beg = q_end - per_shard
+    row_q = jnp.where(row_src >= 0, rank[jnp.maximum(row_src, 0)], r)
+    order = jnp.argsort(row_q, stable=True)
+    o_q, o_prefix, o_fci = row_q[order], row_prefix_len[order].astype(jnp.int32), row_fci[order]
     key_impl = jax.random.key_impl(row_keys)
     o_key, o_stop, o_limit = jax.random.key_data(row_keys)[order], stop_ids[order], limit[order]
-    src_start = jnp.searchsorted(o_src, jnp.arange(r), side="left").astype(jnp.int32)
-    src_end = jnp.searchsorted(o_src, jnp.arange(r), side="right").astype(jnp.int32)
-    used = jnp.max(row_src) + 1  # sources after the last one a row continues (bucket padding) are skipped
+    row_beg = jnp.searchsorted(o_q, jnp.arange(r), side="left").astype(jnp.int32)
+    row_end = jnp.searchsorted(o_q, jnp.arange(r), side="right").astype(jnp.int32)
+    o_worst = jnp.where(o_q < r, pages_spanned(o_prefix, o_limit, page), 0)
+    # Per queue position: the pages its rows share (every full page of the longest prefix they read) and
+    # the pages it needs to enter (those plus each row's worst case).
+    shared = jnp.maximum(jax.ops.segment_max(o_prefix, o_q, num_segments=r + 1)[:r], 0) // page
+    need = shared + jax.ops.segment_sum(o_worst, o_q, num_segments=r + 1)[:r]
+    src_rows = row_end - row_beg
 
     def is_stop(tok, stop):
         return jnp.any(tok[:, None] == stop, axis=1)
@@ -273,7 +351,9 @@ def generate(
 
     zeros_lnc = jnp.zeros((n, nseg, layers, heads, c), jnp.float32)
     state = LoopState(
-        cache=init_cache(cfg, n, size, sharder),
+        cache=empty_cache(cfg, n, size, npages, page, sharder, d),
+        refs=jnp.zeros((d, npages), jnp.int32),
+        reserve=jnp.zeros((n,), jnp.int32),
         key_steps=jnp.full((n, size, nseg), -1, jnp.int32),
         cur_token=jnp.zeros((n,), jnp.int32),
         n_gen=jnp.zeros((n,), jnp.int32),
@@ -307,18 +387,23 @@ def generate(
         for k, v in shapes.items()
     }
 
-    def plan(s: LoopState, sl: Slots, nxt):
-        """How many of the next `group` sources enter now, how many rows they bring, and whether to."""
-        nfree = jnp.sum(s.fed_final)  # free or finished (harvested first)
-        js = nxt + jnp.arange(group)
-        inside = js < used
-        row0 = src_start[jnp.minimum(nxt, r - 1)]
-        cum = jnp.where(inside, src_end[jnp.minimum(js, r - 1)] - row0, b + 1)
-        count = jnp.sum(cum <= jnp.minimum(nfree, w))
-        rows_in = jnp.where(count > 0, cum[jnp.maximum(count - 1, 0)], 0)
-        whole = count == jnp.minimum(group, used - nxt)
-        go = (nxt < used) & (count > 0) & (whole | jnp.all(s.fed_final))
-        return go, count, row0, rows_in
+    def plan(s: LoopState, nxt):
+        """Per shard ([D] each): whether its next group enters now, how many sources and rows it brings."""
+        idle = s.fed_final.reshape(d, nl)  # free or finished (harvested first)
+        avail = available(s.refs, jnp.where(s.fed_final, 0, s.reserve))
+        qs = nxt[:, None] + jnp.arange(g)  # [D, G]
+        inside = qs < q_end[:, None]
+        qc = jnp.minimum(qs, r - 1)
+        rows = jnp.cumsum(jnp.where(inside, src_rows[qc], 0), axis=1)
+        pgs = jnp.cumsum(jnp.where(inside, need[qc], 0), axis=1)
+        fits = inside & (rows <= jnp.minimum(idle.sum(axis=1), w)[:, None]) & (pgs <= avail[:, None])
+        count = jnp.sum(fits, axis=1)  # the group's sources are a prefix of it: sums only grow
+        rows_in = jnp.where(
+            count > 0, jnp.take_along_axis(rows, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0], 0
+        )
+        whole = count == jnp.minimum(g, q_end - nxt)
+        go = (nxt < q_end) & (count > 0) & (whole | jnp.all(idle, axis=1))
+        return go, jnp.where(go, count, 0), jnp.where(go, rows_in, 0)
 
     def harvest(s: LoopState, sl: Slots, out):
         fin = s.fed_final & (sl.row >= 0)
@@ -329,50 +414,89 @@ def generate(
 
     def insert(carry):
         s, sl, out, nxt = carry
-        _, count, row0, rows_in = plan(s, sl, nxt)
+        _, count, rows_in = plan(s, nxt)
         sl, out = harvest(s, sl, out)
-        # Sources nxt .. nxt + count - 1 enter; their rows take the first free slots in index order.
-        js = jnp.minimum(nxt + jnp.arange(group), r - 1)
-        src_ok = jnp.arange(group) < count
-        valid = (jnp.arange(p)[None, :] < src_lens[js][:, None]) & src_ok[:, None]
-        ok = jnp.arange(w) < rows_in
-        cand = jnp.minimum(row0 + jnp.arange(w), b - 1)
-        free_first = jnp.argsort(sl.row >= 0, stable=True)[:w]
-        dest = jnp.where(ok, free_first, n)  # n: dropped
-        local = jnp.clip(o_src[cand] - nxt, 0, group - 1)
+        # Queue positions nxt .. nxt + count - 1 of each shard enter: their prefixes are prefilled into
+        # fresh pages, and their rows take the shard's first free slots in index order.
+        qs = jnp.minimum(nxt[:, None] + jnp.arange(g), r - 1)  # [D, G]
+        src_in = jnp.arange(g)[None, :] < count[:, None]
+        js = queue[qs]
+        valid = (jnp.arange(mpg * page) < jnp.where(src_in, src_lens[js], 0)[..., None]).reshape(d * g, -1)
+        tokens = src_tokens[js.reshape(-1)]
+        # Rows: the i-th row entering shard d is row i - first of source gi of its group.
+        rr = jnp.arange(w)
+        row_ok = rr[None, :] < rows_in[:, None]  # [D, W]
+        counts = jnp.where(src_in, src_rows[qs], 0)
+        ends = jnp.cumsum(counts, axis=1)
+        gi = jnp.minimum(jax.vmap(lambda e: jnp.searchsorted(e, rr, side="right"))(ends), g - 1)
+        cand = _take(row_beg[qs], gi) + rr - _take(ends - counts, gi)
+        cand = jnp.where(row_ok, jnp.minimum(cand, b - 1), 0)  # [D, W] ordered rows
         prefix = o_prefix[cand]
-        h, cache = prefill_into_cache(
-            params, src_tokens[js], valid, s.cache, dest, local, cfg=cfg, sharder=sharder
+        full, own = prefix // page, row_ok & (prefix % page != 0)
+        # Pages: each source's shared ones first, then each row's copy of the page its prefix ends in.
+        n_shared = jnp.where(src_in, shared[qs], 0)
+        blk = jnp.arange(mpg)
+        ranks = jnp.concatenate(
+            [
+                ((jnp.cumsum(n_shared, axis=1) - n_shared)[..., None] + blk).reshape(d, g * mpg),
+                n_shared.sum(axis=1, keepdims=True) + jnp.cumsum(own, axis=1) - own,
+            ],
+            axis=1,
         )
-        cache = KVCache(cache.k, cache.v, cache.lengths.at[dest].set(prefix, mode="drop"))
-        h_row = h[local, prefix - 1]  # [w, D]
-        logits = logits_from_hidden(params, h_row[:, None], cfg=cfg, sharder=sharder)[:, 0]
-        tok, lp, ent = sample(logits, o_key[cand], jnp.zeros((w,), jnp.int32))
+        want = jnp.concatenate([(blk < n_shared[..., None]).reshape(d, g * mpg), own], axis=1)
+        ids = take_free(s.refs, ranks, want)  # [D, G mpg + W]
+        src_pages, own_page = ids[:, : g * mpg].reshape(d, g, mpg), ids[:, g * mpg :]
+        col = jnp.arange(mb)
+        table = _take(src_pages, gi)[..., jnp.minimum(col, mpg - 1)]  # [D, W, MB]
+        table = jnp.where(
+            col < full[..., None], table, jnp.where(col == full[..., None], own_page[..., None], npages)
+        )
+        table = jnp.where(row_ok[..., None], table, npages)
+        refs = add_refs(s.refs, table, 1)  # shared pages no row reads stay free
+        page_src = jnp.concatenate(
+            [jnp.broadcast_to(jnp.repeat(jnp.arange(g), mpg), (d, g * mpg)), gi], axis=1
+        )
+        page_start = jnp.concatenate(
+            [jnp.broadcast_to(jnp.tile(blk * page, g), (d, g * mpg)), full * page], 1
+        )
+        h, cache = prefill_into_pages(
+            params, tokens, valid, s.cache, ids, page_src, page_start, cfg=cfg, sharder=sharder
+        )
+        free_first = jnp.argsort(sl.row.reshape(d, nl) >= 0, axis=1, stable=True)[:, :w]
+        dest = jnp.where(row_ok, free_first + jnp.arange(d)[:, None] * nl, n).reshape(-1)  # n: dropped
+        h_row = jax.vmap(lambda hs, i, t: hs[i, t])(h.reshape((d, g) + h.shape[1:]), gi, prefix - 1)
+        cand, prefix, own = cand.reshape(-1), prefix.reshape(-1), own.reshape(-1)
+        logits = logits_from_hidden(params, h_row.reshape(d * w, 1, -1), cfg=cfg, sharder=sharder)[:, 0]
+        tok, lp, ent = sample(logits, o_key[cand], jnp.zeros((d * w,), jnp.int32))
         stop = is_stop(tok, o_stop[cand])
         lim = o_limit[cand]
+        nw = d * w
 
         def put(x, v):
             return x.at[dest].set(v, mode="drop")
 
+        cache = KVCache(cache.k, cache.v, put(cache.table, table.reshape(nw, mb)), put(cache.lengths, prefix))
         ks = jnp.where(jnp.arange(size)[None, :] < prefix[:, None], 0, -1).astype(jnp.int32)
         s = LoopState(
             cache=cache,
+            refs=refs,
+            reserve=put(s.reserve, o_worst[cand] - own),
             key_steps=put(s.key_steps, jnp.repeat(ks[:, :, None], nseg, axis=2)),
             cur_token=put(s.cur_token, tok),
-            n_gen=put(s.n_gen, jnp.ones((w,), jnp.int32)),
+            n_gen=put(s.n_gen, jnp.ones((nw,), jnp.int32)),
             done=put(s.done, stop | (lim == 1)),
-            fed_final=put(s.fed_final, jnp.zeros((w,), bool)),
+            fed_final=put(s.fed_final, jnp.zeros((nw,), bool)),
             reason=put(s.reason, jnp.where(stop, EOS, jnp.where(lim == 1, LENGTH, 0)).astype(jnp.int32)),
-            tokens=put(s.tokens, jnp.full((w, m), settings.pad_id, jnp.int32).at[:, 0].set(tok)),
-            logprobs=put(s.logprobs, jnp.zeros((w, m), jnp.float32).at[:, 0].set(lp)),
-            entropies=put(s.entropies, jnp.zeros((w, m), jnp.float32).at[:, 0].set(ent)),
-            cur_step=put(s.cur_step, jnp.ones((w, nseg), jnp.int32)),
-            cur_len=put(s.cur_len, jnp.zeros((w, nseg), jnp.int32)),
-            step_len=put(s.step_len, jnp.zeros((w, nseg, c), jnp.int32).at[:, :, 0].set(prefix[:, None])),
-            cur_mass=put(s.cur_mass, jnp.zeros((w,) + s.cur_mass.shape[1:], jnp.float32)),
-            fci=put(s.fci, jnp.zeros((w,) + s.fci.shape[1:], jnp.float32)),
-            think_step=put(s.think_step, jnp.full((w, nseg), -1, jnp.int32)),
-            has_sep=put(s.has_sep, jnp.zeros((w, nseg), bool)),
+            tokens=put(s.tokens, jnp.full((nw, m), settings.pad_id, jnp.int32).at[:, 0].set(tok)),
+            logprobs=put(s.logprobs, jnp.zeros((nw, m), jnp.float32).at[:, 0].set(lp)),
+            entropies=put(s.entropies, jnp.zeros((nw, m), jnp.float32).at[:, 0].set(ent)),
+            cur_step=put(s.cur_step, jnp.ones((nw, nseg), jnp.int32)),
+            cur_len=put(s.cur_len, jnp.zeros((nw, nseg), jnp.int32)),
+            step_len=put(s.step_len, jnp.zeros((nw, nseg, c), jnp.int32).at[:, :, 0].set(prefix[:, None])),
+            cur_mass=put(s.cur_mass, jnp.zeros((nw,) + s.cur_mass.shape[1:], jnp.float32)),
+            fci=put(s.fci, jnp.zeros((nw,) + s.fci.shape[1:], jnp.float32)),
+            think_step=put(s.think_step, jnp.full((nw, nseg), -1, jnp.int32)),
+            has_sep=put(s.has_sep, jnp.zeros((nw, nseg), bool)),
         )
         sl = Slots(
             row=put(sl.row, cand),
@@ -391,10 +515,19 @@ def generate(
         bucket = jnp.minimum(s.cur_step, c - 1)  # [n, R]
         pos = s.cache.lengths
         key_steps = s.key_steps.at[slot_ids, pos].set(jnp.where(active[:, None], bucket, -1), mode="drop")
+        # ---- a row about to write the first position of a page takes a free page of its shard.
+        opening = (active & (pos % page == 0)).reshape(d, nl)
+        new_page = take_free(s.refs, jnp.cumsum(opening, axis=1) - opening, opening)  # [D, nl]
+        blk = jnp.minimum(pos // page, mb - 1)
+        opened = opening.reshape(-1)
+        table = s.cache.table.at[slot_ids, blk].set(
+            jnp.where(opened, new_page.reshape(-1), s.cache.table[slot_ids, blk])
+        )
+        cache = KVCache(s.cache.k, s.cache.v, table, s.cache.lengths)
         h, cache, mass = forward_cached(
             params,
             s.cur_token[:, None],
-            s.cache,
+            cache,
             cfg=cfg,
             valid=active[:, None],
             key_steps=key_steps,
@@ -426,13 +559,20 @@ def generate(
         n_gen = s.n_gen + gen
         stop = gen & is_stop(tok, sl.stop)
         hit_len = gen & ~stop & (n_gen >= sl.limit)
+        # ---- a row whose last token was fed this step ends: its pages go back.
+        ending = active & s.done
+        refs = add_refs(s.refs, new_page, 1)
+        refs = add_refs(refs, jnp.where(ending[:, None], cache.table, npages).reshape(d, -1), -1)
+        cache = dataclasses.replace(cache, table=jnp.where(ending[:, None], npages, cache.table))
         s = LoopState(
             cache=cache,
+            refs=refs,
+            reserve=jnp.where(ending, 0, s.reserve - opened),
             key_steps=key_steps,
             cur_token=jnp.where(gen, tok, s.cur_token),
             n_gen=n_gen,
             done=s.done | stop | hit_len,
-            fed_final=s.fed_final | (active & s.done),
+            fed_final=s.fed_final | ending,
             reason=jnp.where(stop, EOS, jnp.where(hit_len, LENGTH, s.reason)),
             tokens=s.tokens.at[slot_ids, write].set(tok, mode="drop"),
             logprobs=s.logprobs.at[slot_ids, write].set(lp, mode="drop"),
@@ -447,10 +587,10 @@ def generate(
         )
         return s, sl, out, nxt
 
-    # Insert, decode until the next group fits (or every row ended), insert again: two nested loops rather
-    # than a `lax.cond` per step, whose branches would each need their own copy of the cache.
+    # Insert, decode until some shard's next group fits (or every row ended), insert again: two nested
+    # loops rather than a `lax.cond` per step, whose branches would each need their own copy of the cache.
     def go(carry):
-        return plan(carry[0], carry[1], carry[3])[0]
+        return jnp.any(plan(carry[0], carry[3])[0])
 
     def decoding(carry):
         return jnp.any(~carry[0].fed_final) & ~go(carry)
@@ -458,7 +598,7 @@ def generate(
     def insert_then_decode(carry):
         return jax.lax.while_loop(decoding, decode, insert(carry))
 
-    carry = (state, free_slots, out0, jnp.int32(0))
+    carry = (state, free_slots, out0, q_beg.astype(jnp.int32))
     s, sl, out, _ = jax.lax.while_loop(go, insert_then_decode, carry)
     _, out = harvest(s, sl, out)
     inv = jnp.argsort(order)  # back to the callers' row order

@@ -5,10 +5,12 @@ prompts' initial responses and earlier responses' tree continuations in one devi
 sections 3, 6 and 10). Batch and prefix shapes are rounded up to buckets so that repeated calls reuse one
 compiled program.
 
-Memory: `plan_call` sizes each call to a per-device KV-cache budget (`cache_gib`, config.sampler.cache_gib):
-as many decode slots as the budget holds, and when a call has more rows the loop batches continuously
-(a finished row's slot takes the next waiting prefix). Each slot's cache holds the longest row's prompt
-bucket plus max_new_tokens positions (a continuation at offset o may add max_new_tokens - o tokens).
+Memory: `plan_call` sizes each call to a per-device budget (`cache_gib`, config.sampler.cache_gib) of decode
+slots and KV pages: the rows of a prefix share its pages and each takes pages of its own as it generates, so
+the budget holds as many rows as the call's mean need allows, and when a call has more rows than fit the loop
+batches continuously (a finished row's slot and pages take the next waiting prefix). A row can address the
+longest row's prompt bucket plus max_new_tokens positions (a continuation at offset o may add
+max_new_tokens - o tokens).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from attnrl_jax.distributed import fetch
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
 from attnrl_jax.sampling.loop import EOS, LoopSettings, generate
+from attnrl_jax.sampling.pages import pages_spanned
 from attnrl_jax.typing import Params
 
 
@@ -56,7 +59,7 @@ class ContinuationRequest:
 
 def _bucket(n: int, minimum: int) -> int:
     """The smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
 
 
 GiB = 2**30
@@ -67,29 +70,53 @@ class CallShape:
     """The compiled shape of one sampler call (`plan_call`)."""
 
     batch: int  # rows, padding included
-    sources: int  # prefixes prefilled, padding included
+    sources: int  # prefixes prefilled (after `chunk_sources`), padding included
     prefix: int  # tokens per prefix
-    cache_size: int  # KV positions per decode slot
+    cache_size: int  # KV positions a row can address (a multiple of the page size)
     slots: int  # rows decoding at once
     insert_sources: int | None  # prefixes prefilled per insertion (None: all at once)
-    insert_rows: int | None  # rows forked per insertion at most (None: all slots)
+    insert_rows: int | None  # rows set up per insertion at most (None: all slots)
+    pages: int | None = None  # KV pages per shard (None: every slot at cache_size)
+    shards: int = 1  # ways the slots and pages are split (the mesh's batch split, or 1)
+    rows_per_source: int = 0  # rows of one prefix at most (`chunk_sources`; 0: no limit)
+
+
+def page_bytes(cfg: ModelConfig, settings: LoopSettings) -> int:
+    """Device bytes of one KV page: keys and values of every layer for `settings.page_size` positions."""
+    per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return per_position * settings.page_size
 
 
 def slot_bytes(cfg: ModelConfig, settings: LoopSettings, cache_size: int, segmentations: int) -> int:
-    """Device bytes one decode slot holds: its KV cache, its FCI state and step ids, its outputs."""
-    kv = 2 * cfg.num_layers * cache_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    """Device bytes one decode slot holds besides its pages: its FCI state, step ids and page table, and
+    its outputs."""
     fci = 2 * segmentations * cfg.num_layers * cfg.num_heads * settings.num_steps * 4
-    steps = cache_size * segmentations * 4
+    steps = cache_size * segmentations * 4 + cache_size // settings.page_size * 4
     outputs = 2 * settings.max_new_tokens * 12  # tokens, log-probs, entropies: the slot's and its row's
-    return kv + fci + steps + outputs
+    return fci + steps + outputs
+
+
+def chunk_sources(num_sources: int, row_src: Sequence[int], cap: int) -> tuple[list[int], list[int]]:
+    """Splits every source with more than `cap` rows into equal chunks of at most `cap` rows, each a source
+    of its own (the same prefix, prefilled once per chunk), so that every source's rows fit one shard's
+    slots. Returns the original source of each new source and each row's new source; rows keep their
+    order within a source. `cap` 0: no split."""
+    counts = np.bincount(np.asarray(row_src, np.int64), minlength=num_sources)
+    pieces = np.maximum(1, -(-counts // cap)) if cap > 0 else np.ones(num_sources, np.int64)
+    size = np.maximum(1, -(-counts // pieces))
+    first = np.concatenate([[0], np.cumsum(pieces)[:-1]])
+    source_of = np.repeat(np.arange(num_sources), pieces).tolist()
+    seen = np.zeros(num_sources, np.int64)
+    new_src = []
+    for s in row_src:
+        new_src.append(int(first[s] + seen[s] // size[s]))
+        seen[s] += 1
+    return source_of, new_src
 
 
 def plan_call(
-    rows: int,
-    sources: int,
-    longest_source: int,
-    longest_row: int,
-    rows_per_source: int,
+    source_lens: Sequence[int],
+    rows: Sequence[tuple[int, int, int]],
     *,
     cfg: ModelConfig,
     settings: LoopSettings,
@@ -99,45 +126,84 @@ def plan_call(
     min_batch: int = 8,
     min_prefix: int = 64,
 ) -> CallShape:
-    """The shape of a call with `rows` rows over `sources` prefixes (the longest `longest_source` tokens),
-    whose longest row ends `longest_row` positions in (prefix plus its token limit), with at most
-    `rows_per_source` rows forking one prefix.
+    """The shape of a call over prefixes of `source_lens` tokens with `rows` (source, prefix length, token
+    limit) each.
 
-    `cache_gib` is the per-device budget of the decode slots (`slot_bytes`; 0: no limit, every row decodes
-    at once). The slots are a multiple of `parallelism` (the mesh's batch split). A budget too small for
-    one prefix's rows is a ValueError naming it.
+    `cache_gib` is the per-device budget of the decode slots and their KV pages (`slot_bytes`,
+    `page_bytes`; 0: no limit, every row decodes at once). A row takes the pages of its prefix that it
+    shares with the other rows of its source once, and at most `pages_spanned(prefix, limit)` of its own,
+    so the budget buys as many slots as rows of the call's mean need fit, and the pages left beside them.
+    The slots and pages are split `parallelism` ways (the mesh's batch split: each device holds its slots'
+    pages, and a prefix's rows decode on one device); a prefix with more rows than a device's slots (a few
+    prompts with many samples each on a large mesh, or a small budget) is split into chunks that fit
+    (`rows_per_source`, `chunk_sources`). A budget too small for one row is a ValueError naming it.
     """
-    m = settings.max_new_tokens
-    batch = _bucket(rows, min_batch)
-    cache_size = _bucket(max(longest_row - m, 1), min_prefix) + m
-    prefix = min(_bucket(longest_source, min_prefix), cache_size)  # sources end before their rows do
-    slots = batch
-    if cache_gib > 0:
-        per_slot = slot_bytes(cfg, settings, cache_size, segmentations)
-        fit = int(cache_gib * GiB // per_slot) * parallelism
-        need = -(-rows_per_source // parallelism) * parallelism
-        if fit < need:
-            raise ValueError(
-                f"a sampler cache budget of {cache_gib} GiB per device (config.sampler.cache_gib; "
-                f"config.eval.cache_gib in eval.py): {fit} decode slots of {cache_size} positions "
-                f"({per_slot / GiB:.3f} GiB each per device) fit, fewer than the {rows_per_source} rows that "
-                "fork one prefix; raise the budget"
-            )
-        slots = min(batch, fit // parallelism * parallelism)
-    if slots >= batch:  # static batching: every prefix prefilled and forked in one insertion
-        return CallShape(batch, _bucket(sources, min_batch), prefix, cache_size, slots, None, None)
+    if not rows:
+        raise ValueError("a sampler call needs at least one row")
+    m, page = settings.max_new_tokens, settings.page_size
+    batch = _bucket(len(rows), min_batch)
+    longest_row = max(prefix + limit for _, prefix, limit in rows)
+    cache_size = -(-(_bucket(max(longest_row - m, 1), min_prefix) + m) // page) * page
+    prefix = min(_bucket(max(source_lens), min_prefix), cache_size)  # sources end before their rows do
+
+    def chunked(cap):
+        """(number of sources, rows per source at most, pages each source needs to enter: the full pages
+        of its longest prefix, once, plus each row's own) after splitting by `cap`."""
+        source_of, row_src = chunk_sources(len(source_lens), [s for s, *_ in rows], cap)
+        shared = np.zeros(len(source_of), np.int64)
+        need = np.zeros(len(source_of), np.int64)
+        for s, (_, pre, limit) in zip(row_src, rows):
+            shared[s] = max(shared[s], pre // page)
+            need[s] += int(pages_spanned(pre, limit, page))
+        return len(source_of), int(np.bincount(row_src).max()), need + shared
+
+    if cache_gib <= 0:
+        shards = parallelism if batch % parallelism == 0 else 1
+        sources = _bucket(chunked(batch // shards)[0], min_batch)
+        return CallShape(batch, sources, prefix, cache_size, batch, None, None, None, shards, batch // shards)
+    per_page = page_bytes(cfg, settings)
+    per_slot = slot_bytes(cfg, settings, cache_size, segmentations)
+    budget = int(cache_gib * GiB)
+    mean_row = chunked(0)[2].sum() / len(rows) * per_page + per_slot
+    local = min(-(-len(rows) // parallelism), int(budget // mean_row))  # slots per device
+    slots = min(batch, local * parallelism)
+    shards = parallelism if slots % parallelism == 0 else 1
+    pages = (budget - slots // shards * per_slot) // per_page
+    cap = max(slots // shards, 1)
+    count, per_source, need = chunked(cap)
+    while cap > 1 and need.max() > pages:  # a prefix's rows that do not fit the pages: smaller chunks
+        cap //= 2
+        count, per_source, need = chunked(cap)
+    if local < 1 or need.max() > pages:
+        raise ValueError(
+            f"a sampler cache budget of {cache_gib} GiB per device (config.sampler.cache_gib; "
+            f"config.eval.cache_gib in eval.py) holds {local} decode slots and {max(pages, 0)} KV pages of "
+            f"{page} positions ({per_page / GiB:.4f} GiB each) per device, and one row needs a slot and "
+            f"{int(chunked(1)[2].max())} pages; raise the budget"
+        )
+    sources = _bucket(count, min_batch)
+    # No shard needs more pages than all of its prefixes' rows at once (the loop gives prefix j to shard
+    # j mod shards): a small model under a large budget gets the pool it uses, not the budget.
+    most = int(max(need[d::shards].sum() for d in range(shards)))
+    if slots >= len(rows) and most <= pages:
+        # Static: every prefix prefilled and every row set up in one insertion.
+        return CallShape(batch, sources, prefix, cache_size, slots, None, None, most, shards, cap)
+    pages = min(pages, most)
     # Continuous: insertions of about an eighth of the slots, so slots wait little for a group to fit, in
     # groups of prefixes that the mesh splits (a smaller group's prefill is repeated on every device).
-    group = max(1, slots // (8 * rows_per_source))
-    group = min(-(-group // parallelism) * parallelism, max(1, slots // rows_per_source))
+    group = max(1, slots // (8 * per_source))
+    group = min(-(-group // shards) * shards, max(1, slots // per_source))
     return CallShape(
         batch,
-        _bucket(sources, min_batch),
+        sources,
         prefix,
         cache_size,
         slots,
         group,
-        min(slots, group * rows_per_source),
+        min(slots, group * per_source),
+        pages,
+        shards,
+        cap,
     )
 
 
@@ -238,13 +304,9 @@ class Sampler:
 
     def plan(self, sources, rows) -> CallShape:
         """The compiled shape of a call over `sources` with `rows` (as `_run` receives them)."""
-        per_source = np.bincount([s for s, *_ in rows], minlength=len(sources))
         return plan_call(
-            len(rows),
-            len(sources),
-            max(len(s) for s in sources),
-            max(length + limit for _, length, _, _, limit in rows),
-            int(per_source.max()),
+            [len(s) for s in sources],
+            [(s, length, limit) for s, length, _, _, limit in rows],
             cfg=self.cfg,
             settings=self.settings,
             segmentations=self._separators.shape[1],
@@ -256,6 +318,9 @@ class Sampler:
 
     def _run(self, sources, rows, seed) -> dict:
         shape = self.plan(sources, rows)
+        source_of, row_src_of = chunk_sources(len(sources), [s for s, *_ in rows], shape.rows_per_source)
+        sources = [sources[i] for i in source_of]
+        rows = [(s, *rest) for s, (_, *rest) in zip(row_src_of, rows)]
         r_bucket, b_bucket, p_bucket = shape.sources, shape.batch, shape.prefix
         pad = (
             0
@@ -296,6 +361,8 @@ class Sampler:
             cache_size=shape.cache_size,
             insert_sources=shape.insert_sources,
             insert_rows=shape.insert_rows,
+            pages=shape.pages,
+            shards=shape.shards,
         )
         out = fetch(out)
         results = {}

@@ -1,9 +1,9 @@
 """Sampler throughput on CPU: ours against transformers' PyTorch `generate` (KV cache, same weights), tree
-continuations from forked shared-prefix caches against re-prefilling every continuation's prefix, and
-continuous batching against static batching on rows of long-tailed lengths.
+continuations over their response's shared prefix pages against re-prefilling every continuation's
+prefix, and continuous batching against static batching on rows of long-tailed lengths.
 
     python -m benchmarks.sampler_throughput [--hidden 256 --layers 4 --batch 8 --prompt 64 --new 128]
-        [--parts transformers,tree,continuous] [--rows 64 --slots 16 --continuous-new 256]
+        [--parts transformers,tree,continuous] [--rows 64 --slots 16 --continuous-new 256] [--page 64]
 
 Both generators sample the same number of tokens (no stop token), at temperature 1 (`--greedy`: argmax).
 The FCI accumulation is on for our initial responses (it is part of what our sampler does), off for
@@ -35,6 +35,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from attnrl_jax.model.hf_io import load_checkpoint
 from attnrl_jax.sampling import LoopSettings, SamplingParams, generate
+from attnrl_jax.sampling.pages import pages_spanned
 from benchmarks.timing import median_seconds
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--greedy", action="store_true", help="argmax instead of temperature-1 sampling")
+    ap.add_argument("--page", type=int, default=64, help="positions per KV-cache page")
     ap.add_argument("--parts", default="transformers,tree,continuous")
     ap.add_argument("--rows", type=int, default=64, help="continuous part: rows")
     ap.add_argument("--slots", type=int, default=16, help="continuous part: decode slots")
@@ -80,7 +82,9 @@ def main() -> None:
     prompts = rng.integers(0, args.vocab, (b, p)).astype(np.int32)
     no_sep = jnp.zeros(args.vocab, bool)
     stop = jnp.full((b, 1), -1, jnp.int32)
-    settings = LoopSettings(max_new_tokens=m, sampling=SamplingParams(temperature=temperature), num_steps=32)
+    settings = LoopSettings(
+        max_new_tokens=m, sampling=SamplingParams(temperature=temperature), num_steps=32, page_size=args.page
+    )
     keys = jax.random.split(jax.random.key(0), b)
 
     def ours():
@@ -150,7 +154,10 @@ def tree(args, params, cfg, rng, no_sep, temperature) -> None:
     nb = len(rows)
     ckeys = jax.random.split(jax.random.key(1), nb)
     cset = LoopSettings(
-        max_new_tokens=cont_new, sampling=SamplingParams(temperature=temperature), num_steps=8
+        max_new_tokens=cont_new,
+        sampling=SamplingParams(temperature=temperature),
+        num_steps=8,
+        page_size=args.page,
     )
     cstop = jnp.full((nb, 1), -1, jnp.int32)
     lens = jnp.asarray([n_ for _, n_ in rows], jnp.int32)
@@ -199,9 +206,16 @@ def tree(args, params, cfg, rng, no_sep, temperature) -> None:
         f"\ntree continuations: {b} responses x {len(offsets)} branch points x 2 samples = {nb} rows, "
         f"prefixes up to {longest.shape[1]} tokens, {cont_new} new tokens each"
     )
-    print(f"{'shared-prefix prefill + fork':<44}{t_fork:>8.2f}")
-    print(f"{'re-prefill every continuation':<44}{t_re:>8.2f}")
-    print(f"ratio forked / re-prefilled speed: {t_re / t_fork:.2f}x")
+    # KV pages each arm holds with every row at once: a response's full prefix pages once for all its
+    # rows, or each row's whole prefix; plus each row's own (the page its prefix ends in, and its tokens).
+    page = args.page
+    own = sum(int(pages_spanned(n_, cont_new, page)) for _, n_ in rows)
+    shared = b * ((max(offsets) + p) // page) + own
+    copied = sum(n_ // page for _, n_ in rows) + own
+    print(f"{'arm':<44}{'s':>8}{'KV pages':>10}")
+    print(f"{'shared prefix pages (prefill once per response)':<44}{t_fork:>8.2f}{shared:>10}")
+    print(f"{'re-prefill every continuation':<44}{t_re:>8.2f}{copied:>10}")
+    print(f"ratio shared / re-prefilled speed: {t_re / t_fork:.2f}x; pages {copied / shared:.2f}x fewer")
 
 
 def fcfs_steps(limits: np.ndarray, slots: int, group: int) -> int:
@@ -239,7 +253,9 @@ def continuous_once(args, params, cfg, no_sep, temperature, seed) -> tuple[float
     limits = np.clip(np.round(np.exp(rng.normal(np.log(0.3 * m), 0.8, rows))), 1, m).astype(np.int32)
     prompts = rng.integers(0, args.vocab, (rows, p)).astype(np.int32)
     keys = jax.random.split(jax.random.key(2), rows)
-    settings = LoopSettings(max_new_tokens=m, sampling=SamplingParams(temperature=temperature), num_steps=32)
+    settings = LoopSettings(
+        max_new_tokens=m, sampling=SamplingParams(temperature=temperature), num_steps=32, page_size=args.page
+    )
 
     def call(lo, hi, **schedule):
         k = hi - lo

@@ -565,11 +565,12 @@ def write_pages(buf: Array, layer, ids: Array, values: Array) -> Array:
 def read_positions(buf: Array, layer, table: Array) -> Array:
     """[B, MB page, K, H]: layer `layer` of a pool [D, L, K, P, page, H] read through each row's page
     table [B, MB] (storage type; positions without a page hold some page's values, which callers mask)."""
-    from attnrl_jax.kernels.decode_attention import gather_pages
-
-    d = buf.shape[0]
-    rows = jax.vmap(lambda b, t: gather_pages(b, t, layer))(buf, _by_shard(table, d))
-    return rows.reshape((table.shape[0],) + rows.shape[2:])
+    d, k, pages, page, h = buf.shape[0], buf.shape[2], buf.shape[3], buf.shape[4], buf.shape[5]
+    g = jax.vmap(lambda b, t: b[layer][:, jnp.clip(t, 0, pages - 1)])(buf, _by_shard(table, d))
+    # [D, K, B/D, MB, page, H] -> [B, K, S, H], handed on as [B, S, K, H]: the attention's own
+    # transpose back to head-major then cancels, leaving one copy (the gather's) per layer.
+    kt = g.transpose(0, 2, 1, 3, 4, 5).reshape(table.shape[0], k, table.shape[1] * page, h)
+    return kt.transpose(0, 2, 1, 3)
 
 
 def forward_cached(

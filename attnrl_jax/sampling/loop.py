@@ -319,7 +319,7 @@ def generate(
     )
 
     # Sources in queue order: shard d's are j = d, d + D, ... (the first `used`; later ones are bucket
-    # padding), at queue positions [src_beg[d], src_end_q[d]). Rows in queue order of their sources, so
+    # padding), at queue positions [q_beg[d], q_end[d]). Rows in queue order of their sources, so
     # a source's rows are contiguous: [row_beg[q], row_end[q]) for queue position q.
     used = jnp.max(row_src) + 1
     j = jnp.arange(r)

@@ -172,6 +172,7 @@ class SamplerMeasurement:
     rows: int  # rows sampled (before bucketing)
     sources: int  # prefixes prefilled
     slots: int  # decode slots
+    fci_slots: int  # of which carry FCI state
     cache_size: int  # KV positions a row can address
     pages: int  # KV pages per device
     page_size: int  # positions per page
@@ -187,8 +188,8 @@ class SamplerMeasurement:
         return self.arguments + self.outputs + self.temporaries - self.aliased
 
 
-def paper_call(c, call: str) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """The prefixes and rows (source, prefix length, token limit) of one sampler call of config `c`: the
+def paper_call(c, call: str) -> tuple[list[int], list[tuple[int, int, int, bool]]]:
+    """The prefixes and rows (source, prefix length, token limit, FCI) of one sampler call of config `c`: the
     first batch (algo.initial_batch prompts of data.max_prompt_len tokens, algo.group_size responses
     each), or an off-policy call that adds, for every response of such a batch, ATB's N branch points x T
     continuations, each response at the length limit and branched at half and at all of it (the longest
@@ -198,14 +199,14 @@ def paper_call(c, call: str) -> tuple[list[int], list[tuple[int, int, int]]]:
     m, prompt, g = c.sampler.max_new_tokens, c.data.max_prompt_len, c.algo.group_size
     prompts = c.algo.initial_batch
     source_lens = [prompt] * prompts
-    rows = [(i, prompt, m) for i in range(prompts) for _ in range(g)]
+    rows = [(i, prompt, m, True) for i in range(prompts) for _ in range(g)]  # initial responses: FCI
     if call == "off-policy":
         algo = algo_config(c)
         offsets = np.linspace(m // 2, m - 1, algo.atb.num_points).astype(int)
         for _ in range(prompts * g):
             source_lens.append(prompt + int(offsets[-1]))
             rows += [
-                (len(source_lens) - 1, prompt + int(o), m - int(o))
+                (len(source_lens) - 1, prompt + int(o), m - int(o), False)
                 for o in offsets
                 for _ in range(algo.continuations)
             ]
@@ -283,6 +284,7 @@ def measure_sampler(
         insert_rows=shape.insert_rows,
         pages=shape.pages,
         shards=shape.shards,
+        fci_slots=shape.fci_slots,
     ).compile()
     mem = compiled.memory_analysis()
     kv = (
@@ -295,6 +297,7 @@ def measure_sampler(
         len(rows),
         len(source_lens),
         shape.slots,
+        shape.slots if shape.fci_slots is None else shape.fci_slots,
         shape.cache_size,
         shape.pages,
         s.loop.page_size,
@@ -309,14 +312,14 @@ def measure_sampler(
 
 def sampler_table(rows: list[SamplerMeasurement]) -> str:
     head = (
-        "| model | devices | call | rows (prefixes) | slots; pages x positions | arguments | temporaries "
-        "| total per device | KV pages (bound) | fits (per chip) |"
+        "| model | devices | call | rows (prefixes) | slots (FCI); pages x positions | arguments "
+        "| temporaries | total per device | KV pages (bound) | fits (per chip) |"
     )
     lines = [head, "|" + "---|" * 10]
     for m in rows:
         lines.append(
             f"| {m.preset} | {m.devices} | {m.call} | {m.rows} ({m.sources}) "
-            f"| {m.slots}; {m.pages} x {m.page_size} "
+            f"| {m.slots} ({m.fci_slots}); {m.pages} x {m.page_size} "
             f"| {m.arguments / GiB:.2f} GiB | {m.temporaries / GiB:.2f} GiB | **{m.total / GiB:.2f} GiB** "
             f"| {m.kv_cache / GiB:.2f} GiB | {fits(m.total)} |"
         )

@@ -229,6 +229,8 @@ def test_continuous_batching_returns_exactly_the_static_result(params):
     settings = LoopSettings(max_new_tokens=20, sampling=SamplingParams(temperature=1.0), num_steps=8, delta=1)
     common = dict(stop=63, sep=sep, fci=np.arange(b) % 2 == 0, row_max_new=rng.integers(1, 21, b).tolist())
     keys = jax.random.split(jax.random.key(5), b)
+    # The most rows that track FCI one source has: fewer FCI slots than that could never take it.
+    fci_most = max(int(common["fci"][row_src == j].sum()) for j in range(6))
     static = jax.tree.map(np.asarray, _run(params, src, lens, row_src, row_len, keys, settings, **common))
     assert static["lengths"][-1] == 0 and (static["tokens"][-1] == settings.pad_id).all()
     assert len(set(static["lengths"][:-1].tolist())) > 4 and np.abs(static["fci"]).max() > 0
@@ -242,6 +244,9 @@ def test_continuous_batching_returns_exactly_the_static_result(params):
         (4, dict()),
         (4, dict(slots=16, pages=28, insert_sources=2)),
         (2, dict(slots=6, pages=40, insert_sources=1, insert_rows=5, cache_size=33)),
+        # FCI state in only some slots: rows that track FCI wait for those, the others fill the rest.
+        (4, dict(slots=8, fci_slots=fci_most, pages=40, insert_sources=2)),
+        (64, dict(fci_slots=fci_most + 1)),
     ):
         paged = dataclasses.replace(settings, page_size=page)
         out = jax.tree.map(
@@ -289,7 +294,10 @@ def test_call_shapes_follow_the_cache_budget():
     mixed = plan_call(*paper_call(c, "off-policy"), cfg=cfg, settings=settings, cache_gib=12.0, parallelism=8)
     assert (mixed.prefix, mixed.cache_size) == (9216, 9216)
     assert mixed.slots > 384 and mixed.slots % 8 == 0 and mixed.insert_sources % 8 == 0
-    assert mixed.slots // 8 * state + mixed.pages * page <= 12 * GiB
+    # FCI state only in as many slots as the new prompts' responses (48 a device), not in all 86.
+    assert mixed.fci_slots == 384 and first.fci_slots == 384
+    other = slot_bytes(cfg, settings, 9216, 2, fci=False)
+    assert mixed.slots // 8 * other + 48 * (state - other) + mixed.pages * page <= 12 * GiB
     short = plan_call(
         [40, 30, 20],
         [(0, 40, 12), (1, 30, 12), (2, 20, 12)],
@@ -567,6 +575,40 @@ def test_sharded_sampler_gives_the_same_tokens(params):
     split = _run(sharded, src[[0] * 4], [7] * 4, chunk, [7] * 8, keys, settings, stop=-1, sharder=sharder)
     assert (np.asarray(split["lengths"]) == 8).all()
     np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(split["tokens"]))
+
+
+def test_fci_state_only_in_the_slots_of_rows_that_track_it(params):
+    """Two FCI slots for four rows, two of which track FCI: the FCI rows decode in those slots, the others
+    in the remaining ones; on the Pallas path the decode kernel runs with the step mass over the FCI
+    slots and without it over the rest. Every output equals the call with FCI state in every slot."""
+    settings = LoopSettings(
+        max_new_tokens=10, sampling=SamplingParams(temperature=1.0), num_steps=8, delta=1, page_size=4
+    )
+    sep = jnp.asarray(np.arange(64) % 3 == 0)
+    keys = jax.random.split(jax.random.key(6), 4)
+    common = dict(stop=-1, sep=sep, fci=[False, True, False, True])
+    args = (params, SRC, LENS, [0, 1, 2, 0], [7, 3, 2, 7], keys, settings)
+    want = jax.tree.map(np.asarray, _run(*args, **common))
+    assert np.abs(want["fci"][[1, 3]]).max() > 0 and (want["fci"][[0, 2]] == 0).all()
+    assert (want["step_ids"][[0, 2]] == -1).all() and (want["step_ids"][[1, 3]] >= 1).all()
+    # Not written to the persistent compilation cache: once in the full suite, serialising this interpret-mode
+    # program segfaulted inside jax's cache write (compilation_cache.put_executable_and_time); the program
+    # itself runs and passes, alone and after the kernel and sampler tests.
+    minimum = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    try:
+        runs = [
+            jax.tree.map(np.asarray, _run(*args, **common, cfg=cfg, fci_slots=2))
+            for cfg in (CFG, CFG.replace(attention_impl="pallas"))
+        ]
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
+    for cfg, got in zip((CFG, CFG.replace(attention_impl="pallas")), runs):
+        for key, w in want.items():
+            if w.dtype.kind == "f":
+                np.testing.assert_allclose(got[key], w, atol=1e-5, err_msg=f"{key}, {cfg.attention_impl}")
+            else:
+                np.testing.assert_array_equal(got[key], w, err_msg=f"{key}, {cfg.attention_impl}")
 
 
 @pytest.mark.parametrize("segmentations", [1, 2], ids=["one-table", "newline-fallback"])

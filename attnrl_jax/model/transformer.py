@@ -595,7 +595,9 @@ def forward_cached(
     With `key_steps` [B, S] (the step id of every cache position, -1 for none; or [B, S, R] for R
     segmentations at once; S = cache.size) and `num_steps` C, also returns the attention mass that each new
     token pays to each key step, [L, B, N, T, C] (or [L, B, N, T, R, C]) summed over the tokens of the
-    step: the per-token rows of the attention matrix that FCI accumulates while decoding.
+    step: the per-token rows of the attention matrix that FCI accumulates while decoding. key_steps may
+    cover only the first F rows of each of the cache's D shards ([D F, S(, R)], in that order): the mass
+    is then computed for those rows alone ([L, D F, ...]), the sampler's rows that track FCI.
 
     Returns:
       (final hidden states [B, T, D], the updated cache, the attention mass or None)
@@ -615,6 +617,12 @@ def forward_cached(
     squeeze = track and key_steps.ndim == 2
     if squeeze:
         key_steps = key_steps[..., None]  # one segmentation
+    d = cache.shards
+    tracked = key_steps.shape[0] // d if track else 0  # rows of each shard with key steps
+    if track and (key_steps.shape[0] % d or not 0 < tracked <= b // d):
+        raise ValueError(f"key_steps of {key_steps.shape[0]} rows: not the first rows of each of {d} shards")
+    # The tracked rows' indices in the batch: the first `tracked` of each shard's B / D.
+    sub = (jnp.arange(d)[:, None] * (b // d) + jnp.arange(tracked)[None, :]).reshape(-1)
 
     def body(carry, xs):
         x, ck, cv = carry
@@ -627,7 +635,7 @@ def forward_cached(
             # The paged Pallas decode kernel: reads only the pages below each row's length and returns
             # the per-step attention mass itself. (Rows with no valid token compute values nobody reads.)
             out, mass = _decode_per_device(
-                sharder, q[:, 0], ck, cv, li, cache.table, new_lengths, key_steps, num_steps
+                sharder, q[:, 0], ck, cv, li, cache.table, new_lengths, key_steps, num_steps, tracked
             )
             x = _out_and_mlp(cfg, sharder, lp, x, out[:, None])
             return (x, ck, cv), (mass[:, :, None] if track else None)
@@ -635,9 +643,10 @@ def forward_cached(
         v_all = load(read_positions(cv, li, cache.table), dtype)
         a, lse = attention(q, k_all, v_all, q_seg, kv_seg, return_lse=True, q_offsets=cache.lengths)
         x = _out_and_mlp(cfg, sharder, lp, x, a)
-        mass = (
-            _step_mass(q, k_all, lse, q_seg, kv_seg, cache.lengths, key_steps, num_steps) if track else None
-        )
+        rows = (q, k_all, lse, q_seg, kv_seg, cache.lengths)
+        if track and tracked < b // d:
+            rows = tuple(arr[sub] for arr in rows)
+        mass = _step_mass(*rows, key_steps, num_steps) if track else None
         return (x, ck, cv), mass
 
     xs = (params["layers"], jnp.arange(cfg.num_layers))
@@ -725,22 +734,40 @@ def prefill_into_pages(
     return h, KVCache(ck, cv, cache.table, cache.lengths)
 
 
-def _decode_per_device(sharder, q, k_pool, v_pool, layer, table, lengths, key_steps, num_steps):
+def _decode_per_device(sharder, q, k_pool, v_pool, layer, table, lengths, key_steps, num_steps, tracked=0):
     """The paged Pallas decode kernel on each device's rows and heads over its shard of the pools
-    [D, L, K, P, page, H]: (out [B, N, H], mass [B, N, R, C] or None without key steps)."""
+    [D, L, K, P, page, H]: (out [B, N, H], mass [D tracked, N, R, C] or None without key steps). With key
+    steps for the first `tracked` rows of each shard only, the kernel runs twice per device: with the mass
+    over those rows, without it over the rest (the mass is most of the kernel's arithmetic)."""
     from jax.sharding import PartitionSpec as P
 
     from attnrl_jax.kernels.decode_attention import decode_attention
 
     track = key_steps is not None
-    steps = num_steps if track else 0
 
     def run(q, k_pool, v_pool, layer, table, lengths, *key_steps):
         kp, vp = k_pool[0], v_pool[0]  # this device's shard
-        out, _, mass = decode_attention(
-            q, kp, vp, table, lengths, key_steps[0] if track else None, layer, num_steps=steps
-        )
-        return (out, mass) if track else (out,)
+        f = tracked if track else 0
+        if not track or f == q.shape[0]:
+            out, _, mass = decode_attention(
+                q,
+                kp,
+                vp,
+                table,
+                lengths,
+                key_steps[0] if track else None,
+                layer,
+                num_steps=num_steps if track else 0,
+            )
+            return (out, mass) if track else (out,)
+        parts, mass = [], None
+        if f:
+            out, _, mass = decode_attention(
+                q[:f], kp, vp, table[:f], lengths[:f], key_steps[0], layer, num_steps=num_steps
+            )
+            parts.append(out)
+        parts.append(decode_attention(q[f:], kp, vp, table[f:], lengths[f:], None, layer)[0])
+        return jnp.concatenate(parts), mass
 
     if k_pool.shape[0] != 1 and not sharder.active:
         raise ValueError(f"a pool of {k_pool.shape[0]} shards needs the mesh that splits it")

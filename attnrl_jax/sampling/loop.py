@@ -33,8 +33,11 @@ continuations agree, and continuous batching gives the static result).
 FCI while decoding (section 5.2, for rows with `row_fci`): feeding response token i computes its attention
 row over the cache, which the model reduces to the mass paid to each key step. The mass of the current
 query step a is summed; when the step closes (right after a separator token, or at the row's last token)
-it is divided by |U_a| |U_c| and added to the FCI sums of every key step c <= a - Delta. The state per row is
-[R, layers, heads, C]; steps numbered C - 1 or more share the last bucket (counted in `step_overflow`).
+it is divided by |U_a| |U_c| and added to the FCI sums of every key step c <= a - Delta. The state is
+[R, layers, heads, C] (plus the key step of every cache position) per FCI slot: only the first
+`fci_slots` slots of each shard carry it, rows with `row_fci` decode in those, and the attention mass is
+computed for them alone (tree continuations, which need no FCI, take the other slots). Steps numbered
+C - 1 or more share the last bucket (counted in `step_overflow`).
 R = 2 segmentations are tracked side by side when `separators` is [V, 2] ("\\n\\n" and the "\\n"
 fallback of section 4): a row uses the "\\n\\n" one if it has such a separator, else the "\\n" one.
 A response with neither (every token its own step in section 4) is flagged `needs_fallback`.
@@ -106,18 +109,7 @@ def check_page_size(key: str, page: int) -> None:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=[
-        "cache",
-        "refs",
-        "reserve",
         "key_steps",
-        "cur_token",
-        "n_gen",
-        "done",
-        "fed_final",
-        "reason",
-        "tokens",
-        "logprobs",
-        "entropies",
         "cur_step",
         "cur_len",
         "step_len",
@@ -129,13 +121,45 @@ def check_page_size(key: str, page: int) -> None:
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
+class FciState:
+    """FCI while decoding, for the slots that track it (the first of each shard's slots, `fci_slots`); a
+    leading F axis (one per such slot) and an R axis (one per tracked segmentation)."""
+
+    key_steps: Array  # [F, S, R] step id of each cache position (-1: none)
+    cur_step: Array  # [F, R] 1-based step of the next response token
+    cur_len: Array  # [F, R] tokens of the current step so far
+    step_len: Array  # [F, R, C] tokens per step bucket
+    cur_mass: Array  # [F, R, L, N, C] attention mass of the current step to each key step
+    fci: Array  # [F, R, L, N, C] FCI sums of closed steps
+    think_step: Array  # [F, R] step of the last </think>, or -1
+    has_sep: Array  # [F, R] a separator of this segmentation occurred
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "cache",
+        "refs",
+        "reserve",
+        "cur_token",
+        "n_gen",
+        "done",
+        "fed_final",
+        "reason",
+        "tokens",
+        "logprobs",
+        "entropies",
+        "f",
+    ],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
 class LoopState:
-    """Decode state; the FCI fields carry a leading R axis (one per tracked segmentation)."""
+    """Decode state of the n slots."""
 
     cache: KVCache  # the page pool, each slot's page table and length
     refs: Array  # [D, P] slots whose page table names each page (0: free)
     reserve: Array  # [n] pages each slot's row may still take (its worst case less what it took)
-    key_steps: Array  # [n, S, R] step id of each cache position (-1: none)
     cur_token: Array  # [n] the last sampled token, fed next
     n_gen: Array  # [n] tokens sampled so far
     done: Array  # [n] the last token has been sampled
@@ -144,13 +168,7 @@ class LoopState:
     tokens: Array  # [n, M]
     logprobs: Array  # [n, M] float32
     entropies: Array  # [n, M] float32
-    cur_step: Array  # [n, R] 1-based step of the next response token
-    cur_len: Array  # [n, R] tokens of the current step so far
-    step_len: Array  # [n, R, C] tokens per step bucket
-    cur_mass: Array  # [n, R, L, N, C] attention mass of the current step to each key step
-    fci: Array  # [n, R, L, N, C] FCI sums of closed steps
-    think_step: Array  # [n, R] step of the last </think>, or -1
-    has_sep: Array  # [n, R] a separator of this segmentation occurred
+    f: FciState  # the FCI slots' state
 
 
 @functools.partial(
@@ -170,34 +188,52 @@ class Slots:
     prefix: Array  # [n] prefix length (cache positions before the first sampled token)
 
 
-def _results(s: LoopState, sl: Slots, m: int, c: int) -> dict[str, Array]:
-    """Each slot's finished row as the caller sees it ([n, ...] per output of `generate`)."""
-    n, size, nseg = s.key_steps.shape
-    # Per row, the "\n\n" segmentation if it has such a separator, else the "\n" fallback if tracked.
-    use = jnp.where(s.has_sep[:, 0] | (nseg == 1), 0, 1)
-
-    def pick(x):
-        return jnp.take_along_axis(x, use.reshape((n, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
-
-    offs = sl.prefix[:, None] + jnp.arange(m)[None, :]
-    chosen_steps = jnp.take_along_axis(s.key_steps, use[:, None, None], axis=2)[..., 0]  # [n, S]
-    step_ids = jnp.take_along_axis(chosen_steps, jnp.minimum(offs, size - 1), axis=1)
-    step_ids = jnp.where(jnp.arange(m)[None, :] < s.n_gen[:, None], step_ids, -1)
-    think_step = pick(s.think_step)
-    cur_step = pick(s.cur_step)
-    fci = zero_steps(pick(s.fci).max(axis=(1, 2)), think_step)
-    return {
+def _results(s: LoopState, sl: Slots, m: int, c: int, fci_slot: Array, fci_of: Array) -> dict[str, Array]:
+    """Each slot's finished row as the caller sees it ([n, ...] per output of `generate`); the FCI outputs
+    come from the slot's FCI state (fci_of [n]: its index there, F for none; fci_slot [F]: the inverse)
+    for rows that track FCI, and are empty (0, -1) for the others."""
+    n = s.n_gen.shape[0]
+    f = s.f
+    nf, size, nseg = f.key_steps.shape
+    out = {
         "tokens": s.tokens,
         "logprobs": s.logprobs,
         "entropies": s.entropies,
         "lengths": s.n_gen,
         "finish_reason": s.reason,
-        "fci": jnp.where(sl.fci[:, None], fci, 0.0),
-        "think_step": think_step,
-        "step_ids": step_ids,
-        "num_steps": cur_step - 1,
-        "step_overflow": jnp.maximum(cur_step - 1 - (c - 1), 0),
-        "needs_fallback": sl.fci & ~jnp.any(s.has_sep, axis=1),
+    }
+    if nf == 0:
+        zero = jnp.zeros((n,), jnp.int32)
+        return out | {
+            "fci": jnp.zeros((n, c), jnp.float32),
+            "think_step": zero - 1,
+            "step_ids": jnp.full((n, m), -1, jnp.int32),
+            "num_steps": zero,
+            "step_overflow": zero,
+            "needs_fallback": jnp.zeros((n,), bool),
+        }
+    # Per row, the "\n\n" segmentation if it has such a separator, else the "\n" fallback if tracked.
+    use = jnp.where(f.has_sep[:, 0] | (nseg == 1), 0, 1)
+
+    def pick(x):
+        return jnp.take_along_axis(x, use.reshape((nf, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+
+    offs = sl.prefix[fci_slot][:, None] + jnp.arange(m)[None, :]
+    chosen_steps = jnp.take_along_axis(f.key_steps, use[:, None, None], axis=2)[..., 0]  # [F, S]
+    step_ids = jnp.take_along_axis(chosen_steps, jnp.minimum(offs, size - 1), axis=1)
+    step_ids = jnp.where(jnp.arange(m)[None, :] < s.n_gen[fci_slot][:, None], step_ids, -1)
+    think_step = pick(f.think_step)
+    cur_step = pick(f.cur_step)
+    fci = zero_steps(pick(f.fci).max(axis=(1, 2)), think_step)
+    has = (fci_of < nf) & sl.fci  # the slot tracks FCI for its row
+    i = jnp.minimum(fci_of, nf - 1)
+    return out | {
+        "fci": jnp.where(has[:, None], fci[i], 0.0),
+        "think_step": jnp.where(has, think_step[i], -1),
+        "step_ids": jnp.where(has[:, None], step_ids[i], -1),
+        "num_steps": jnp.where(has, cur_step[i] - 1, 0),
+        "step_overflow": jnp.where(has, jnp.maximum(cur_step[i] - 1 - (c - 1), 0), 0),
+        "needs_fallback": has & ~jnp.any(f.has_sep, axis=1)[i],
     }
 
 
@@ -224,6 +260,7 @@ def default_pages(slots: int, cache_size: int, page: int, shards: int) -> int:
         "insert_rows",
         "pages",
         "shards",
+        "fci_slots",
     ),
 )
 def generate(
@@ -248,6 +285,7 @@ def generate(
     insert_rows: int | None = None,
     pages: int | None = None,
     shards: int | None = None,
+    fci_slots: int | None = None,
 ) -> dict[str, Array]:
     """Samples every row to EOS/stop or its length limit (module docstring), `slots` rows at a time.
 
@@ -288,12 +326,16 @@ def generate(
         (`model.transformer.cache_shards`; None: the latter where it divides the slots). Every source's
         rows must fit one shard's slots and pages (the host checks it, `Sampler.plan`: a source that does
         not is never inserted and its rows come back empty, length 0).
+      fci_slots: slots that carry FCI state, over all shards (the first of each shard's; None: all). Rows
+        with row_fci decode only in them, the other rows in the others first; the attention mass is
+        computed for these slots alone. A shard must have as many as one of its sources has FCI rows.
 
     Returns:
       dict: tokens [B, M] (pad after the end), logprobs and entropies [B, M] float32, lengths [B] (sampled
       tokens, stop token included), finish_reason [B] (1 eos, 2 length), fci [B, C] float32 (rows with
       row_fci), think_step [B], step_ids [B, M] (1-based step of each response token, -1 after the end),
-      num_steps [B], step_overflow [B] (steps merged into the last bucket), needs_fallback [B].
+      num_steps [B], step_overflow [B] (steps merged into the last bucket), needs_fallback [B]; the last
+      five for rows with row_fci (-1, 0 or False for the others).
     """
     sharder = sharder or Sharder()
     m, c, delta, page = settings.max_new_tokens, settings.num_steps, settings.delta, settings.page_size
@@ -307,6 +349,10 @@ def generate(
     nl, mb = n // d, -(-size // page)
     size = mb * page
     npages = default_pages(n, size, page, d) if pages is None else pages
+    fl = nl if fci_slots is None else max(0, min(-(-fci_slots // d), nl))  # FCI slots per shard
+    nf = d * fl
+    fci_slot = (jnp.arange(d)[:, None] * nl + jnp.arange(fl)[None, :]).reshape(-1)  # [F] their slots
+    fci_of = jnp.full((n,), nf, jnp.int32).at[fci_slot].set(jnp.arange(nf, dtype=jnp.int32))
     g = -(-r // d) if insert_sources is None else -(-max(1, min(insert_sources, r)) // d)
     w = nl if insert_rows is None else max(1, min(-(-insert_rows // d), nl))
     mpg = -(-p // page)  # pages of a prefix
@@ -341,6 +387,7 @@ def generate(
     shared = jnp.maximum(jax.ops.segment_max(o_prefix, o_q, num_segments=r + 1)[:r], 0) // page
     need = shared + jax.ops.segment_sum(o_worst, o_q, num_segments=r + 1)[:r]
     src_rows = row_end - row_beg
+    src_fci_rows = jax.ops.segment_sum(o_fci.astype(jnp.int32), o_q, num_segments=r + 1)[:r]
 
     def is_stop(tok, stop):
         return jnp.any(tok[:, None] == stop, axis=1)
@@ -349,12 +396,11 @@ def generate(
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys, impl=key_impl), n_gen)
         return sample_tokens(logits, keys, settings.sampling)
 
-    zeros_lnc = jnp.zeros((n, nseg, layers, heads, c), jnp.float32)
+    zeros_lnc = jnp.zeros((nf, nseg, layers, heads, c), jnp.float32)
     state = LoopState(
         cache=empty_cache(cfg, n, size, npages, page, sharder, d),
         refs=jnp.zeros((d, npages), jnp.int32),
         reserve=jnp.zeros((n,), jnp.int32),
-        key_steps=jnp.full((n, size, nseg), -1, jnp.int32),
         cur_token=jnp.zeros((n,), jnp.int32),
         n_gen=jnp.zeros((n,), jnp.int32),
         done=jnp.ones((n,), bool),
@@ -363,13 +409,16 @@ def generate(
         tokens=jnp.full((n, m), settings.pad_id, jnp.int32),
         logprobs=jnp.zeros((n, m), jnp.float32),
         entropies=jnp.zeros((n, m), jnp.float32),
-        cur_step=jnp.ones((n, nseg), jnp.int32),
-        cur_len=jnp.zeros((n, nseg), jnp.int32),
-        step_len=jnp.zeros((n, nseg, c), jnp.int32),
-        cur_mass=zeros_lnc,
-        fci=zeros_lnc,
-        think_step=jnp.full((n, nseg), -1, jnp.int32),
-        has_sep=jnp.zeros((n, nseg), bool),
+        f=FciState(
+            key_steps=jnp.full((nf, size, nseg), -1, jnp.int32),
+            cur_step=jnp.ones((nf, nseg), jnp.int32),
+            cur_len=jnp.zeros((nf, nseg), jnp.int32),
+            step_len=jnp.zeros((nf, nseg, c), jnp.int32),
+            cur_mass=zeros_lnc,
+            fci=zeros_lnc,
+            think_step=jnp.full((nf, nseg), -1, jnp.int32),
+            has_sep=jnp.zeros((nf, nseg), bool),
+        ),
     )
     free_slots = Slots(
         row=jnp.full((n,), -1, jnp.int32),
@@ -379,7 +428,7 @@ def generate(
         limit=jnp.ones((n,), jnp.int32),
         prefix=jnp.ones((n,), jnp.int32),
     )
-    shapes = jax.eval_shape(lambda: _results(state, free_slots, m, c))
+    shapes = jax.eval_shape(lambda: _results(state, free_slots, m, c, fci_slot, fci_of))
     out0 = {
         k: jnp.full(
             (b,) + v.shape[1:], settings.pad_id if k == "tokens" else (-1 if k == "step_ids" else 0), v.dtype
@@ -390,13 +439,16 @@ def generate(
     def plan(s: LoopState, nxt):
         """Per shard ([D] each): whether its next group enters now, how many sources and rows it brings."""
         idle = s.fed_final.reshape(d, nl)  # free or finished (harvested first)
+        idle_fci = jnp.sum(idle[:, :fl], axis=1)
         avail = available(s.refs, jnp.where(s.fed_final, 0, s.reserve))
         qs = nxt[:, None] + jnp.arange(g)  # [D, G]
         inside = qs < q_end[:, None]
         qc = jnp.minimum(qs, r - 1)
         rows = jnp.cumsum(jnp.where(inside, src_rows[qc], 0), axis=1)
+        fci_rows = jnp.cumsum(jnp.where(inside, src_fci_rows[qc], 0), axis=1)
         pgs = jnp.cumsum(jnp.where(inside, need[qc], 0), axis=1)
         fits = inside & (rows <= jnp.minimum(idle.sum(axis=1), w)[:, None]) & (pgs <= avail[:, None])
+        fits &= fci_rows <= idle_fci[:, None]  # FCI rows take FCI slots; the others any slot
         count = jnp.sum(fits, axis=1)  # the group's sources are a prefix of it: sums only grow
         rows_in = jnp.where(
             count > 0, jnp.take_along_axis(rows, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0], 0
@@ -408,7 +460,7 @@ def generate(
     def harvest(s: LoopState, sl: Slots, out):
         fin = s.fed_final & (sl.row >= 0)
         dest = jnp.where(fin, sl.row, b)
-        res = _results(s, sl, m, c)
+        res = _results(s, sl, m, c, fci_slot, fci_of)
         out = {k: out[k].at[dest].set(res[k], mode="drop") for k in out}
         return dataclasses.replace(sl, row=jnp.where(fin, -1, sl.row)), out
 
@@ -462,8 +514,25 @@ def generate(
         h, cache = prefill_into_pages(
             params, tokens, valid, s.cache, ids, page_src, page_start, cfg=cfg, sharder=sharder
         )
-        free_first = jnp.argsort(sl.row.reshape(d, nl) >= 0, axis=1, stable=True)[:, :w]
-        dest = jnp.where(row_ok, free_first + jnp.arange(d)[:, None] * nl, n).reshape(-1)  # n: dropped
+        # Slots: FCI rows take the shard's free FCI slots in index order; the other rows its other free
+        # slots first, then the FCI slots the FCI rows leave.
+        free = sl.row.reshape(d, nl) < 0
+        free_fci = free & (jnp.arange(nl) < fl)
+        is_fci = row_ok & o_fci[cand]
+        rest = row_ok & ~is_fci
+        spare = free_fci & (jnp.cumsum(free_fci, axis=1) > is_fci.sum(axis=1, keepdims=True))
+        slot = jnp.arange(nl)
+        by_fci = jnp.argsort(jnp.where(free_fci, slot, nl + slot), axis=1)
+        by_rest = jnp.argsort(
+            jnp.where(free & ~free_fci, slot, jnp.where(spare, nl + slot, 2 * nl + slot)), axis=1
+        )
+        local = jnp.where(
+            is_fci,
+            jnp.take_along_axis(by_fci, jnp.cumsum(is_fci, axis=1) - is_fci, axis=1),
+            jnp.take_along_axis(by_rest, jnp.cumsum(rest, axis=1) - rest, axis=1),
+        )
+        dest = jnp.where(row_ok, local + jnp.arange(d)[:, None] * nl, n).reshape(-1)  # n: dropped
+        fdest = jnp.where(dest < n, fci_of[jnp.minimum(dest, n - 1)], nf)  # F: dropped
         h_row = jax.vmap(lambda hs, i, t: hs[i, t])(h.reshape((d, g) + h.shape[1:]), gi, prefix - 1)
         cand, prefix, own = cand.reshape(-1), prefix.reshape(-1), own.reshape(-1)
         logits = logits_from_hidden(params, h_row.reshape(d * w, 1, -1), cfg=cfg, sharder=sharder)[:, 0]
@@ -475,13 +544,16 @@ def generate(
         def put(x, v):
             return x.at[dest].set(v, mode="drop")
 
+        def put_f(x, v):
+            return x.at[fdest].set(v, mode="drop")
+
         cache = KVCache(cache.k, cache.v, put(cache.table, table.reshape(nw, mb)), put(cache.lengths, prefix))
         ks = jnp.where(jnp.arange(size)[None, :] < prefix[:, None], 0, -1).astype(jnp.int32)
+        f = s.f
         s = LoopState(
             cache=cache,
             refs=refs,
             reserve=put(s.reserve, o_worst[cand] - own),
-            key_steps=put(s.key_steps, jnp.repeat(ks[:, :, None], nseg, axis=2)),
             cur_token=put(s.cur_token, tok),
             n_gen=put(s.n_gen, jnp.ones((nw,), jnp.int32)),
             done=put(s.done, stop | (lim == 1)),
@@ -490,13 +562,18 @@ def generate(
             tokens=put(s.tokens, jnp.full((nw, m), settings.pad_id, jnp.int32).at[:, 0].set(tok)),
             logprobs=put(s.logprobs, jnp.zeros((nw, m), jnp.float32).at[:, 0].set(lp)),
             entropies=put(s.entropies, jnp.zeros((nw, m), jnp.float32).at[:, 0].set(ent)),
-            cur_step=put(s.cur_step, jnp.ones((nw, nseg), jnp.int32)),
-            cur_len=put(s.cur_len, jnp.zeros((nw, nseg), jnp.int32)),
-            step_len=put(s.step_len, jnp.zeros((nw, nseg, c), jnp.int32).at[:, :, 0].set(prefix[:, None])),
-            cur_mass=put(s.cur_mass, jnp.zeros((nw,) + s.cur_mass.shape[1:], jnp.float32)),
-            fci=put(s.fci, jnp.zeros((nw,) + s.fci.shape[1:], jnp.float32)),
-            think_step=put(s.think_step, jnp.full((nw, nseg), -1, jnp.int32)),
-            has_sep=put(s.has_sep, jnp.zeros((nw, nseg), bool)),
+            f=FciState(
+                key_steps=put_f(f.key_steps, jnp.repeat(ks[:, :, None], nseg, axis=2)),
+                cur_step=put_f(f.cur_step, jnp.ones((nw, nseg), jnp.int32)),
+                cur_len=put_f(f.cur_len, jnp.zeros((nw, nseg), jnp.int32)),
+                step_len=put_f(
+                    f.step_len, jnp.zeros((nw, nseg, c), jnp.int32).at[:, :, 0].set(prefix[:, None])
+                ),
+                cur_mass=put_f(f.cur_mass, jnp.zeros((nw,) + f.cur_mass.shape[1:], jnp.float32)),
+                fci=put_f(f.fci, jnp.zeros((nw,) + f.fci.shape[1:], jnp.float32)),
+                think_step=put_f(f.think_step, jnp.full((nw, nseg), -1, jnp.int32)),
+                has_sep=put_f(f.has_sep, jnp.zeros((nw, nseg), bool)),
+            ),
         )
         sl = Slots(
             row=put(sl.row, cand),
@@ -508,13 +585,37 @@ def generate(
         )
         return s, sl, out, nxt + count
 
+    def fci_step(f: FciState, key_steps, mass, track, token, done) -> FciState:
+        """One decode step of FCI for the FCI slots (track [F]: the slot's row is active and tracks FCI;
+        token: the fed token; done: it is the row's last): the fed token's attention row (mass [F, R, L,
+        N, C]) joins its step, and a closing step is added to the sums."""
+        track = track[:, None]  # [F, 1]
+        bucket = jnp.minimum(f.cur_step, c - 1)  # [F, R]
+        cur_mass = f.cur_mass + jnp.where(track[..., None, None, None], mass, 0.0)
+        step_len = f.step_len + track[..., None] * jax.nn.one_hot(bucket, c, dtype=jnp.int32)
+        cur_len = f.cur_len + track
+        sep = seps[token]  # [F, R]
+        close = track & (sep | done[:, None])
+        key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [F, R, C]
+        earlier = jnp.arange(c) <= (f.cur_step - delta)[..., None]  # key steps c <= a - Delta
+        scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [F, R, C]
+        closing = close[..., None, None, None]
+        return FciState(
+            key_steps=key_steps,
+            cur_step=f.cur_step + close,
+            cur_len=jnp.where(close, 0, cur_len),
+            step_len=step_len,
+            cur_mass=jnp.where(closing, 0.0, cur_mass),
+            fci=f.fci + jnp.where(closing, cur_mass * scale[:, :, None, None, :], 0.0),
+            think_step=jnp.where(track & (token == think_id)[:, None], f.cur_step, f.think_step),
+            has_sep=f.has_sep | (track & sep),
+        )
+
     def decode(carry):
         s, sl, out, nxt = carry
         slot_ids = jnp.arange(n)
         active = ~s.fed_final
-        bucket = jnp.minimum(s.cur_step, c - 1)  # [n, R]
         pos = s.cache.lengths
-        key_steps = s.key_steps.at[slot_ids, pos].set(jnp.where(active[:, None], bucket, -1), mode="drop")
         # ---- a row about to write the first position of a page takes a free page of its shard.
         opening = (active & (pos % page == 0)).reshape(d, nl)
         new_page = take_free(s.refs, jnp.cumsum(opening, axis=1) - opening, opening)  # [D, nl]
@@ -524,33 +625,26 @@ def generate(
             jnp.where(opened, new_page.reshape(-1), s.cache.table[slot_ids, blk])
         )
         cache = KVCache(s.cache.k, s.cache.v, table, s.cache.lengths)
+        # ---- the FCI slots' key steps: the fed token's position joins its row's current step.
+        track = (active & sl.fci)[fci_slot]  # [F]
+        bucket = jnp.minimum(s.f.cur_step, c - 1)
+        key_steps = s.f.key_steps.at[jnp.arange(nf), pos[fci_slot]].set(
+            jnp.where(track[:, None], bucket, -1), mode="drop"
+        )
         h, cache, mass = forward_cached(
             params,
             s.cur_token[:, None],
             cache,
             cfg=cfg,
             valid=active[:, None],
-            key_steps=key_steps,
+            key_steps=key_steps if nf else None,
             num_steps=c,
             sharder=sharder,
         )
-        # ---- FCI: the fed token's attention row joins its step; a closing step is added to the sums.
-        track = (active & sl.fci)[:, None]  # [n, 1]
-        mass = jnp.moveaxis(mass[:, :, :, 0], (1, 3), (0, 1))  # [L, n, N, R, C] -> [n, R, L, N, C]
-        cur_mass = s.cur_mass + jnp.where(track[..., None, None, None], mass, 0.0)
-        step_len = s.step_len + track[..., None] * jax.nn.one_hot(bucket, c, dtype=jnp.int32)
-        cur_len = s.cur_len + track
-        sep = seps[s.cur_token]  # [n, R]
-        close = track & (sep | s.done[:, None])
-        key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [n, R, C]
-        earlier = jnp.arange(c) <= (s.cur_step - delta)[..., None]  # key steps c <= a - Delta
-        scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [n, R, C]
-        closing = close[..., None, None, None]
-        fci = s.fci + jnp.where(closing, cur_mass * scale[:, :, None, None, :], 0.0)
-        cur_mass = jnp.where(closing, 0.0, cur_mass)
-        think_step = jnp.where(track & (s.cur_token == think_id)[:, None], s.cur_step, s.think_step)
-        cur_step = s.cur_step + close
-        cur_len = jnp.where(close, 0, cur_len)
+        f = s.f
+        if nf:
+            mass = jnp.moveaxis(mass[:, :, :, 0], (1, 3), (0, 1))  # [L, F, N, R, C] -> [F, R, L, N, C]
+            f = fci_step(f, key_steps, mass, track, s.cur_token[fci_slot], s.done[fci_slot])
         # ---- sample the next token for rows that are still generating.
         gen = active & ~s.done
         logits = logits_from_hidden(params, h, cfg=cfg, sharder=sharder)[:, 0]
@@ -568,7 +662,6 @@ def generate(
             cache=cache,
             refs=refs,
             reserve=jnp.where(ending, 0, s.reserve - opened),
-            key_steps=key_steps,
             cur_token=jnp.where(gen, tok, s.cur_token),
             n_gen=n_gen,
             done=s.done | stop | hit_len,
@@ -577,13 +670,7 @@ def generate(
             tokens=s.tokens.at[slot_ids, write].set(tok, mode="drop"),
             logprobs=s.logprobs.at[slot_ids, write].set(lp, mode="drop"),
             entropies=s.entropies.at[slot_ids, write].set(ent, mode="drop"),
-            cur_step=cur_step,
-            cur_len=cur_len,
-            step_len=step_len,
-            cur_mass=cur_mass,
-            fci=fci,
-            think_step=think_step,
-            has_sep=s.has_sep | (track & sep),
+            f=f,
         )
         return s, sl, out, nxt
 

@@ -79,6 +79,7 @@ class CallShape:
     pages: int | None = None  # KV pages per shard (None: every slot at cache_size)
     shards: int = 1  # ways the slots and pages are split (the mesh's batch split, or 1)
     rows_per_source: int = 0  # rows of one prefix at most (`chunk_sources`; 0: no limit)
+    fci_slots: int | None = None  # slots with FCI state (None: all)
 
 
 def page_bytes(cfg: ModelConfig, settings: LoopSettings) -> int:
@@ -87,13 +88,18 @@ def page_bytes(cfg: ModelConfig, settings: LoopSettings) -> int:
     return per_position * settings.page_size
 
 
-def slot_bytes(cfg: ModelConfig, settings: LoopSettings, cache_size: int, segmentations: int) -> int:
-    """Device bytes one decode slot holds besides its pages: its FCI state, step ids and page table, and
-    its outputs."""
-    fci = 2 * segmentations * cfg.num_layers * cfg.num_heads * settings.num_steps * 4
-    steps = cache_size * segmentations * 4 + cache_size // settings.page_size * 4
+def slot_bytes(
+    cfg: ModelConfig, settings: LoopSettings, cache_size: int, segmentations: int, fci: bool = True
+) -> int:
+    """Device bytes one decode slot holds besides its pages: its page table and outputs, and, for a slot
+    that tracks FCI (`fci`), its FCI state (the per-layer, per-head sums and step ids)."""
+    table = cache_size // settings.page_size * 4
     outputs = 2 * settings.max_new_tokens * 12  # tokens, log-probs, entropies: the slot's and its row's
-    return fci + steps + outputs
+    if not fci:
+        return table + outputs
+    sums = 2 * segmentations * cfg.num_layers * cfg.num_heads * settings.num_steps * 4
+    steps = cache_size * segmentations * 4
+    return table + outputs + sums + steps
 
 
 def chunk_sources(num_sources: int, row_src: Sequence[int], cap: int) -> tuple[list[int], list[int]]:
@@ -116,7 +122,7 @@ def chunk_sources(num_sources: int, row_src: Sequence[int], cap: int) -> tuple[l
 
 def plan_call(
     source_lens: Sequence[int],
-    rows: Sequence[tuple[int, int, int]],
+    rows: Sequence[tuple[int, int, int] | tuple[int, int, int, bool]],
     *,
     cfg: ModelConfig,
     settings: LoopSettings,
@@ -127,7 +133,7 @@ def plan_call(
     min_prefix: int = 64,
 ) -> CallShape:
     """The shape of a call over prefixes of `source_lens` tokens with `rows` (source, prefix length, token
-    limit) each.
+    limit, and whether it tracks FCI: default True) each.
 
     `cache_gib` is the per-device budget of the decode slots and their KV pages (`slot_bytes`,
     `page_bytes`; 0: no limit, every row decodes at once). A row takes the pages of its prefix that it
@@ -136,11 +142,14 @@ def plan_call(
     The slots and pages are split `parallelism` ways (the mesh's batch split: each device holds its slots'
     pages, and a prefix's rows decode on one device); a prefix with more rows than a device's slots (a few
     prompts with many samples each on a large mesh, or a small budget) is split into chunks that fit
-    (`rows_per_source`, `chunk_sources`). A budget too small for one row is a ValueError naming it.
+    (`rows_per_source`, `chunk_sources`). Only as many slots as a device's prefixes have rows that track
+    FCI carry FCI state (`fci_slots`). A budget too small for one row is a ValueError naming it.
     """
     if not rows:
         raise ValueError("a sampler call needs at least one row")
     m, page = settings.max_new_tokens, settings.page_size
+    fci = [bool(r[3]) if len(r) > 3 else True for r in rows]
+    rows = [tuple(r[:3]) for r in rows]
     batch = _bucket(len(rows), min_batch)
     longest_row = max(prefix + limit for _, prefix, limit in rows)
     cache_size = -(-(_bucket(max(longest_row - m, 1), min_prefix) + m) // page) * page
@@ -148,32 +157,62 @@ def plan_call(
 
     def chunked(cap):
         """(number of sources, rows per source at most, pages each source needs to enter: the full pages
-        of its longest prefix, once, plus each row's own) after splitting by `cap`."""
+        of its longest prefix, once, plus each row's own; its rows that track FCI) after splitting by
+        `cap`."""
         source_of, row_src = chunk_sources(len(source_lens), [s for s, *_ in rows], cap)
         shared = np.zeros(len(source_of), np.int64)
         need = np.zeros(len(source_of), np.int64)
-        for s, (_, pre, limit) in zip(row_src, rows):
+        tracked = np.zeros(len(source_of), np.int64)
+        for s, (_, pre, limit), f in zip(row_src, rows, fci):
             shared[s] = max(shared[s], pre // page)
             need[s] += int(pages_spanned(pre, limit, page))
-        return len(source_of), int(np.bincount(row_src).max()), need + shared
+            tracked[s] += f
+        return len(source_of), int(np.bincount(row_src).max()), need + shared, tracked
+
+    def fci_slots(tracked, shards, local, minimum=None):
+        """FCI slots: each shard's (prefix j decodes in shard j mod shards) rows that track FCI, all at
+        once if its slots allow; without a budget, bucketed to a power of two >= `minimum`, so that calls
+        of one batch bucket reuse their program (under a budget the slots follow the rows already)."""
+        most = max(int(tracked[d::shards].sum()) for d in range(shards))
+        return min(most if minimum is None else _bucket(most, minimum), local) * shards
 
     if cache_gib <= 0:
         shards = parallelism if batch % parallelism == 0 else 1
-        sources = _bucket(chunked(batch // shards)[0], min_batch)
-        return CallShape(batch, sources, prefix, cache_size, batch, None, None, None, shards, batch // shards)
+        count, _, _, tracked = chunked(batch // shards)
+        return CallShape(
+            batch,
+            _bucket(count, min_batch),
+            prefix,
+            cache_size,
+            batch,
+            None,
+            None,
+            None,
+            shards,
+            batch // shards,
+            fci_slots(tracked, shards, batch // shards, max(min_batch // shards, 1)),
+        )
     per_page = page_bytes(cfg, settings)
-    per_slot = slot_bytes(cfg, settings, cache_size, segmentations)
+    per_slot = slot_bytes(cfg, settings, cache_size, segmentations, fci=False)
+    per_fci = slot_bytes(cfg, settings, cache_size, segmentations) - per_slot  # a slot's FCI state
     budget = int(cache_gib * GiB)
-    mean_row = chunked(0)[2].sum() / len(rows) * per_page + per_slot
+    mean_row = chunked(0)[2].sum() / len(rows) * per_page + per_slot + per_fci * sum(fci) / len(rows)
     local = min(-(-len(rows) // parallelism), int(budget // mean_row))  # slots per device
     slots = min(batch, local * parallelism)
     shards = parallelism if slots % parallelism == 0 else 1
-    pages = (budget - slots // shards * per_slot) // per_page
     cap = max(slots // shards, 1)
-    count, per_source, need = chunked(cap)
+
+    def fci_and_pages(tracked):
+        """FCI slots per shard, and the pages the budget holds beside every slot and their FCI state."""
+        fl = fci_slots(tracked, shards, slots // shards) // shards
+        return fl, (budget - slots // shards * per_slot - fl * per_fci) // per_page
+
+    count, per_source, need, tracked = chunked(cap)
+    fl, pages = fci_and_pages(tracked)
     while cap > 1 and need.max() > pages:  # a prefix's rows that do not fit the pages: smaller chunks
         cap //= 2
-        count, per_source, need = chunked(cap)
+        count, per_source, need, tracked = chunked(cap)
+        fl, pages = fci_and_pages(tracked)
     if local < 1 or need.max() > pages:
         raise ValueError(
             f"a sampler cache budget of {cache_gib} GiB per device (config.sampler.cache_gib; "
@@ -187,7 +226,9 @@ def plan_call(
     most = int(max(need[d::shards].sum() for d in range(shards)))
     if slots >= len(rows) and most <= pages:
         # Static: every prefix prefilled and every row set up in one insertion.
-        return CallShape(batch, sources, prefix, cache_size, slots, None, None, most, shards, cap)
+        return CallShape(
+            batch, sources, prefix, cache_size, slots, None, None, most, shards, cap, fl * shards
+        )
     pages = min(pages, most)
     # Continuous: insertions of about an eighth of the slots, so slots wait little for a group to fit, in
     # groups of prefixes that the mesh splits (a smaller group's prefill is repeated on every device).
@@ -204,6 +245,7 @@ def plan_call(
         pages,
         shards,
         cap,
+        fl * shards,
     )
 
 
@@ -306,7 +348,7 @@ class Sampler:
         """The compiled shape of a call over `sources` with `rows` (as `_run` receives them)."""
         return plan_call(
             [len(s) for s in sources],
-            [(s, length, limit) for s, length, _, _, limit in rows],
+            [(s, length, limit, fci) for s, length, fci, _, limit in rows],
             cfg=self.cfg,
             settings=self.settings,
             segmentations=self._separators.shape[1],
@@ -363,6 +405,7 @@ class Sampler:
             insert_rows=shape.insert_rows,
             pages=shape.pages,
             shards=shape.shards,
+            fci_slots=shape.fci_slots,
         )
         out = fetch(out)
         results = {}

@@ -221,3 +221,17 @@ def test_comparison_interval_and_methods():
 
     for preset, _, _ in {**METHODS, **ABLATIONS}.values():
         AlgoConfig.preset(preset)  # every row names a real preset
+
+
+def test_warm_start_seeds_config_overrides():
+    """The warm-start benchmark's --set: typed like the value it replaces; a key that does not exist or a
+    bool that is not true/false is refused, naming the flag."""
+    from benchmarks.warm_start_seeds import load_config
+
+    c = load_config("configs/program.py", 3, ["task.warm_batch=8", "task.warm_lr=3e-3", "model.remat=full"])
+    assert (c.task.seed, c.task.warm_batch, c.task.warm_lr, c.model.remat) == (3, 8, 3e-3, "full")
+    assert isinstance(c.task.warm_batch, int)
+    with pytest.raises(SystemExit, match="task.nope=1"):
+        load_config("configs/program.py", 0, ["task.nope=1"])
+    with pytest.raises(SystemExit, match="expected an existing config key"):
+        load_config("configs/program.py", 0, ["task.warm_batch"])

@@ -108,6 +108,50 @@ def _load_sft(data_dir: str, kind: str = "solutions"):
         return read_verl_parquet(os.path.join(data_dir, "sft.parquet")), json.load(f)
 
 
+def make_tokenizer(data_dir: str, tok_dir: str) -> None:
+    """Trains the task's tokenizer on the warm-start questions and solutions (`make_data`'s) into tok_dir."""
+    from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
+
+    sft, solutions = _load_sft(data_dir)
+    tmp = tok_dir + ".tmp"
+    train_tokenizer([p.question for p in sft] + solutions + [CHAT_TEMPLATE], tmp)
+    os.replace(tmp, tok_dir)
+
+
+def run_warm_start(c: ConfigDict, data_dir: str, tokenizer, progress: bool = True):
+    """The warm start of config `c` on `make_data`'s examples: (the model config, `WarmStartResult`)."""
+    from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
+
+    sft, solutions = _load_sft(data_dir)
+    _, references = _load_sft(data_dir, "references")
+    cfg = tiny_task_model(
+        len(tokenizer),
+        tokenizer.eos_token_id,
+        c.task.model_layers,
+        c.task.model_heads,
+        c.task.model_kv_heads,
+    )
+    length = c.data.max_prompt_len + c.sampler.max_new_tokens
+    tokens, mask = encode_examples(tokenizer, sft, solutions, length)
+    # Held out from the warm start for its stopping rule: the first 5% of the problems, with their
+    # correct solutions (the rule asks whether the model has the procedure, not the teacher's slips).
+    holdout = max(len(tokens) // 20, 1)
+    held = encode_examples(tokenizer, sft[:holdout], references[:holdout], length)
+    return cfg, warm_start(
+        cfg,
+        tokens[holdout:],
+        mask[holdout:],
+        steps=c.task.warm_steps,
+        batch_size=c.task.warm_batch,
+        lr=c.task.warm_lr,
+        seed=c.task.seed,
+        holdout=held,
+        target=c.task.warm_target,
+        cooldown=c.task.warm_cooldown,
+        progress=progress,
+    )
+
+
 def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) -> dict:
     from attnrl_jax import eval_job
     from configs import eval as eval_config
@@ -146,47 +190,15 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
     done = os.path.isfile(os.path.join(tok_dir, "tokenizer.json"))
     _stage(1, done)
     if not done:
-        from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
-
-        sft, solutions = _load_sft(data_dir)
-        tmp = tok_dir + ".tmp"
-        train_tokenizer([p.question for p in sft] + solutions + [CHAT_TEMPLATE], tmp)
-        os.replace(tmp, tok_dir)
+        make_tokenizer(data_dir, tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
 
     done = os.path.isfile(os.path.join(warm_dir, "config.json"))
     _stage(2, done)
     if not done:
         from attnrl_jax.model.hf_io import save_checkpoint
-        from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
 
-        sft, solutions = _load_sft(data_dir)
-        _, references = _load_sft(data_dir, "references")
-        cfg = tiny_task_model(
-            len(tokenizer),
-            tokenizer.eos_token_id,
-            c.task.model_layers,
-            c.task.model_heads,
-            c.task.model_kv_heads,
-        )
-        length = c.data.max_prompt_len + c.sampler.max_new_tokens
-        tokens, mask = encode_examples(tokenizer, sft, solutions, length)
-        # Held out from the warm start for its stopping rule: the first 5% of the problems, with their
-        # correct solutions (the rule asks whether the model has the procedure, not the teacher's slips).
-        holdout = max(len(tokens) // 20, 1)
-        held = encode_examples(tokenizer, sft[:holdout], references[:holdout], length)
-        result = warm_start(
-            cfg,
-            tokens[holdout:],
-            mask[holdout:],
-            steps=c.task.warm_steps,
-            batch_size=c.task.warm_batch,
-            lr=c.task.warm_lr,
-            seed=c.task.seed,
-            holdout=held,
-            target=c.task.warm_target,
-            cooldown=c.task.warm_cooldown,
-        )
+        cfg, result = run_warm_start(c, data_dir, tokenizer)
         losses = result.losses
         if result.reached_at is None:
             raise JobError(

@@ -760,14 +760,12 @@ def _decode_per_device(sharder, q, k_pool, v_pool, layer, table, lengths, key_st
                 num_steps=num_steps if track else 0,
             )
             return (out, mass) if track else (out,)
-        parts, mass = [], None
-        if f:
-            out, _, mass = decode_attention(
-                q[:f], kp, vp, table[:f], lengths[:f], key_steps[0], layer, num_steps=num_steps
-            )
-            parts.append(out)
-        parts.append(decode_attention(q[f:], kp, vp, table[f:], lengths[f:], None, layer)[0])
-        return jnp.concatenate(parts), mass
+        # 0 < f < rows (forward_cached checks it): the tracked rows with the mass, the rest without.
+        out, _, mass = decode_attention(
+            q[:f], kp, vp, table[:f], lengths[:f], key_steps[0], layer, num_steps=num_steps
+        )
+        rest = decode_attention(q[f:], kp, vp, table[f:], lengths[f:], None, layer)[0]
+        return jnp.concatenate([out, rest]), mass
 
     if k_pool.shape[0] != 1 and not sharder.active:
         raise ValueError(f"a pool of {k_pool.shape[0]} shards needs the mesh that splits it")

@@ -32,9 +32,11 @@ lint: $(VENV)/.installed-test
 
 # Two test processes (pytest-xdist), each test file kept in one (its module fixtures are built once): on the
 # 2-core CI machine the suite takes 15.5 min instead of 20.5 serially. TEST_WORKERS=0 runs it serially.
+# A worker that crashes is not replaced: the run fails at once naming the test (xdist 3.8's loadfile
+# scheduling can hang forever after replacing one).
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0)
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.model_forward

@@ -2,9 +2,18 @@
 persistent compilation cache for the session (its subprocesses included): many tests compile the same
 programs (each training run builds its own jitted closures of the same sampler and train step), and a
 cache hit turns a 20-second compile into a load. The cache starts empty, so every program still compiles
-once per session."""
+once per session.
+
+Compiled CPU programs are bounded too: each keeps its JIT code in memory mappings of its own (a few per
+compiled kernel), held until JAX's caches let it go, and a test process that compiles the whole suite's
+programs passes the kernel's limit on mappings per process (vm.max_map_count, 65,530 by default) at
+about 90% of the suite. XLA then segfaults wherever it next maps memory (a compile, a cache write), which
+took a worker down and, with xdist's loadfile scheduling, hung the run. `_bounded_jit_mappings` clears
+JAX's caches after any test that leaves the process above half the limit; a later test that needs a
+program again loads it from the persistent cache."""
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -24,6 +33,26 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _map_limit_and_count() -> tuple[int, int]:
+    """(vm.max_map_count, this process's memory mappings); (0, 0) where /proc does not tell."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            return limit, sum(1 for _ in f)
+    except (OSError, ValueError):
+        return 0, 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_jit_mappings():
+    yield
+    limit, count = _map_limit_and_count()
+    if count > limit // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -279,12 +279,12 @@ def bench_decode(args):
     size = mb * page
     ks = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(ks[0], (b, n, h), dt)
-    k = jax.random.normal(ks[1], (1, kv, b * mb, page, h), dt)
-    v = jax.random.normal(ks[2], (1, kv, b * mb, page, h), dt)
+    k = jax.random.normal(ks[1], (1, b * mb, page, kv * h), dt)
+    v = jax.random.normal(ks[2], (1, b * mb, page, kv * h), dt)
     table = jax.random.permutation(ks[3], b * mb).reshape(b, mb).astype(jnp.int32)
     lengths = jnp.full((b,), length, jnp.int32)
-    steps = jnp.stack([jnp.arange(size) // args.mean_step, jnp.arange(size) // (2 * args.mean_step)], -1)
-    steps = jnp.broadcast_to(steps, (b, size, 2)).astype(jnp.int32)
+    steps = jnp.stack([jnp.arange(size) // args.mean_step, jnp.arange(size) // (2 * args.mean_step)])
+    steps = jnp.broadcast_to(steps, (b, 2, size)).astype(jnp.int32)
     c = args.buckets
     kernel = decode_attention if impl == "pallas" else decode_attention_reference
     cases = {

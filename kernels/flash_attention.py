@@ -100,18 +100,26 @@ def _causal_hi(q_block, bq, bk, offset, num_k_blocks):
     return jnp.clip(last_q // bk + 1, 0, num_k_blocks)
 
 
-def online_step(s, mask, m, denom, accs, values):
-    """One online-softmax update over a key tile: scores s [R, bk] (visible where `mask`), running max m
-    and denominator [R, 1]; each acc [R, X] accumulates p @ value ([bk, X]) rescaled to the new max."""
+def softmax_step(s, mask, m, denom):
+    """The probabilities of one key tile in an online softmax: scores s [R, bk] (visible where `mask`),
+    running max m and denominator [R, 1]. Returns (new max, p = exp(s - new max) [R, bk], the factor corr
+    that rescales what was accumulated under the old max, new denominator)."""
     s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     corr = jnp.exp(m - m_new)
+    return m_new, p, corr, corr * denom + p.sum(axis=1, keepdims=True)
+
+
+def online_step(s, mask, m, denom, accs, values):
+    """One online-softmax update over a key tile (`softmax_step`); each acc [R, X] accumulates p @ value
+    ([bk, X]) rescaled to the new max."""
+    m_new, p, corr, denom = softmax_step(s, mask, m, denom)
     accs = tuple(
         corr * a + jnp.dot(p.astype(val.dtype), val, preferred_element_type=jnp.float32)
         for a, val in zip(accs, values)
     )
-    return m_new, corr * denom + p.sum(axis=1, keepdims=True), accs
+    return m_new, denom, accs
 
 
 def finish(m, denom, acc):

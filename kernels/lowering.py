@@ -224,11 +224,11 @@ def entry_points(length: int, layers: int | None = None) -> dict[str, tuple[Call
             lambda q, k, v, table, lens, st: decode_attention(q, k, v, table, lens, st, num_steps=buckets),
             (
                 _sds((decode_rows, n, h), bf16),
-                _sds((1, k, decode_rows * pages, PAGE, h), jnp.uint16),  # the sampler's pool of raw words
-                _sds((1, k, decode_rows * pages, PAGE, h), jnp.uint16),
+                _sds((1, decode_rows * pages, PAGE, k * h), jnp.uint16),  # the sampler's pool of raw words
+                _sds((1, decode_rows * pages, PAGE, k * h), jnp.uint16),
                 _sds((decode_rows, pages), i32),
                 _sds((decode_rows,), i32),
-                _sds((decode_rows, pages * PAGE, 2), i32),
+                _sds((decode_rows, 2, pages * PAGE), i32),
             ),
         ),
     }

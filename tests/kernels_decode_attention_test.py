@@ -21,7 +21,7 @@ FORMS = {
 
 
 def _paged(rng, b, lengths, k, h, page, layers=2, pages=None, dtype=jnp.float32):
-    """Pools [L, K, P, page, H] and a table where rows 0 and 1 share their first page and every other
+    """Pools [L, P, page, K H] and a table where rows 0 and 1 share their first page and every other
     page sits at a random place in the pool; entries past a row's length point anywhere."""
     mb = -(-max(lengths) // page)
     pages = pages or b * mb + 3
@@ -30,10 +30,43 @@ def _paged(rng, b, lengths, k, h, page, layers=2, pages=None, dtype=jnp.float32)
     table = np.where(
         np.arange(mb)[None] * page < np.asarray(lengths)[:, None], ids, rng.integers(0, pages, (b, mb))
     )
-    shape = (layers, k, pages, page, h)
+    shape = (layers, pages, page, k * h)
     kp = jnp.asarray(rng.normal(size=shape), dtype)
     vp = jnp.asarray(rng.normal(size=shape), dtype)
     return kp, vp, jnp.asarray(table, jnp.int32), mb * page
+
+
+def _staircase(rng, shape, top):
+    """Key steps as the sampler writes them: along each row's positions every segmentation's ids never
+    decrease and rise by at most one per position (steps of random lengths, up to `top`), with positions of
+    -1 (no step) in between."""
+    rises = rng.random(shape) < 0.3
+    steps = np.minimum(np.cumsum(rises, axis=-1), top)
+    return np.where(rng.random(shape) < 0.1, -1, steps)
+
+
+def test_a_window_of_steps_moves_with_the_tiles():
+    """The GPU form keeps a window of 2 x tile step buckets in registers and stores it when a tile's steps
+    leave it: a row whose every position is a new step (the most windows) and rows whose steps jump past
+    the window at once (after -1 runs) equal the reference."""
+    rng = np.random.default_rng(7)
+    b, n, k, h, page, c = 3, 4, 2, 16, 16, 200
+    lengths = [150, 97, 40]
+    q = jnp.asarray(rng.normal(size=(b, n, h)), jnp.float32)
+    kp, vp, table, s = _paged(rng, b, lengths, k, h, page)
+    steps = np.zeros((b, 2, s), np.int64)
+    steps[0, 0] = np.arange(s)  # every position its own step: 150 steps, windows of 32 (tile 16)
+    steps[0, 1] = np.arange(s) // 3
+    steps[1, 0] = np.where(np.arange(s) < 20, 0, -1)
+    steps[1, 0, 80:] = 60  # a jump past the window across a run of -1 as long as the jump
+    steps[1, 1] = np.minimum(np.arange(s) // 5, 500)  # ids past C merge into the last bucket
+    steps[2] = _staircase(rng, (2, s), 30)
+    steps = jnp.asarray(steps)
+    lens = jnp.array(lengths)
+    want = decode_attention_reference(q, kp, vp, table, lens, steps, c)
+    got = decode_attention(q, kp, vp, table, lens, steps, num_steps=c, target="triton", interpret=True)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 @pytest.mark.parametrize("n,k,page", [(4, 2, 16), (12, 2, 8), (7, 1, 4), (6, 2, 128)])
@@ -49,8 +82,8 @@ def test_decode_attention_matches_reference(n, k, page, segmentations, form):
     lengths = [45, 17, 1] if page < 64 else [300, 100, 1]
     q = jnp.asarray(rng.normal(size=(b, n, h)), jnp.float32)
     kp, vp, table, s = _paged(rng, b, lengths, k, h, page)
-    shape = (b, s) if segmentations == 0 else (b, s, segmentations)
-    steps = jnp.asarray(rng.integers(-1, 9, shape))  # -1 = none; ids >= c merge into the last bucket
+    shape = (b, s) if segmentations == 0 else (b, segmentations, s)
+    steps = jnp.asarray(_staircase(rng, shape, 9))  # ids >= c merge into the last bucket
     lens = jnp.array(lengths)
     try:
         out, lse, mass = decode_attention(
@@ -60,7 +93,7 @@ def test_decode_attention_matches_reference(n, k, page, segmentations, form):
         if form == "tpu-interpret":
             pltpu.reset_tpu_interpret_mode_state()
     ref_out, ref_lse, ref_mass = decode_attention_reference(q, kp, vp, table, lens, steps, c, layer=1)
-    assert mass.shape == ref_mass.shape == (b, n, *shape[2:], c)
+    assert mass.shape == ref_mass.shape == (b, n, *shape[1:-1], c)
     np.testing.assert_allclose(out, ref_out, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
     np.testing.assert_allclose(mass, ref_mass, atol=1e-5)
@@ -70,7 +103,7 @@ def test_decode_attention_matches_reference(n, k, page, segmentations, form):
 
 def test_the_reference_reads_each_row_through_its_page_table():
     """gather_pages by hand: row positions in page order, a shared page read by both rows."""
-    pool = jnp.arange(1 * 1 * 3 * 2 * 1, dtype=jnp.float32).reshape(1, 1, 3, 2, 1)  # pages [0,1] [2,3] [4,5]
+    pool = jnp.arange(1 * 3 * 2 * 1, dtype=jnp.float32).reshape(1, 3, 2, 1)  # pages [0,1] [2,3] [4,5]
     table = jnp.array([[2, 0], [2, 1]])
     got = gather_pages(pool, table)[..., 0, 0]
     np.testing.assert_array_equal(got, [[4, 5, 0, 1], [4, 5, 2, 3]])
@@ -104,8 +137,8 @@ def test_without_steps_and_bad_shapes(form):
     np.testing.assert_allclose(out, ref_out, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
     with pytest.raises(
-        ValueError, match=r"key_steps must be \[B, S\] or \[B, S, R\] with \[B, S\]=\(2, 20\)"
+        ValueError, match=r"key_steps must be \[B, S\] or \[B, R, S\] with \[B, S\]=\(2, 20\)"
     ):
         decode_attention(q, kp, vp, table, lens, jnp.zeros((2, 19), jnp.int32), num_steps=4)
-    with pytest.raises(ValueError, match=r"page pools \[L, K, P, page, H\]"):
+    with pytest.raises(ValueError, match=r"page pools \[L, P, page, K H\]"):
         decode_attention(q, kp[0], vp[0], table, lens)

@@ -151,7 +151,7 @@ def test_kernels_run_on_each_devices_shards(tensor):
     # One decode step with two segmentations of the key steps.
     cache = init_cache(CFG, b, 20, sharder, page=4)  # 5 pages of 4 positions per row, split like the rows
     _, cache, _ = forward_cached(params, jnp.asarray(tokens), cache, cfg=CFG, valid=jnp.asarray(mask > 0))
-    key_steps = jnp.asarray(np.stack([np.arange(20) // 4, np.arange(20) // 5], -1)[None].repeat(b, 0))
+    key_steps = jnp.asarray(np.stack([np.arange(20) // 4, np.arange(20) // 5])[None].repeat(b, 0))
     new = jnp.asarray(tokens[:, :1])
 
     def decode(p, c, cfg):

@@ -425,9 +425,12 @@ def forward_with_fci(
 class KVCache:
     """A paged KV cache: keys and values in pages of a pool, and a page table per row.
 
-    k, v: [D, L, K, P, page, H] pools: D shards (the mesh's batch split; each shard's rows use its own P
-      pages, so every page a row reads is on the row's device), then per layer, KV heads, pages, positions
-      in a page and head dimension.
+    k, v: [D, L, P, page, K H] pools: D shards (the mesh's batch split; each shard's rows use its own P
+      pages, so every page a row reads is on the row's device), then per layer, pages, positions in a page,
+      and the KV heads' values side by side (head k in [k H, (k + 1) H)): one position's keys are one
+      contiguous row, so a token's write is a scatter of whole rows in the pool's own layout (on TPU, with
+      the KV heads as an axis of their own, the write wanted another tiled layout and XLA copied the whole
+      pool between the two around every write, `kernels/decode_attention.py`).
     table: [B, MB] the page (within the row's shard; rows are split over the shards in order, B / D each)
       that holds row b's positions [m page, (m + 1) page); P marks no page. Rows may share pages: tree
       continuations read the pages of their response's prefix instead of copying them.
@@ -447,12 +450,12 @@ class KVCache:
 
     @property
     def page(self) -> int:
-        return self.k.shape[4]
+        return self.k.shape[3]
 
     @property
     def pages(self) -> int:
         """Pages per shard (P); a table entry of P names no page."""
-        return self.k.shape[3]
+        return self.k.shape[2]
 
     @property
     def shards(self) -> int:
@@ -464,7 +467,14 @@ class KVCache:
         return self.table.shape[1] * self.page
 
 
-POOL_AXES = ("batch", "layers", "act_kv_heads", None, None, "head_dim")
+def pool_spec(sharder: Sharder, shape: tuple[int, ...], kv_heads: int, q_heads: int):
+    """The PartitionSpec of a pool [D, L, P, page, K H]: shards over the batch axes, the KV heads' columns
+    over their axis only where it splits whole query-head groups with their KV head (`kernel_axes`)."""
+    from jax.sharding import PartitionSpec as P
+
+    b = sharder.spec(("batch",), shape[:1])[0]
+    _, h = sharder.kernel_axes(shape[0], q_heads, kv_heads)
+    return P(b, None, None, None, h)
 
 
 def cache_dtype(dtype) -> jnp.dtype:
@@ -513,8 +523,11 @@ def empty_cache(
     `size` positions, with no page assigned to any row (table entries P) and zero lengths."""
     sharder = sharder or Sharder()
     d = cache_shards(rows, sharder, shards)
-    shape = (d, cfg.num_layers, cfg.num_kv_heads, pages, page, cfg.head_dim)
-    zeros = sharder.constrain(jnp.zeros(shape, cache_dtype(cfg.dtype)), POOL_AXES)
+    shape = (d, cfg.num_layers, pages, page, cfg.num_kv_heads * cfg.head_dim)
+    zeros = jnp.zeros(shape, cache_dtype(cfg.dtype))
+    if sharder.active:
+        spec = pool_spec(sharder, shape, cfg.num_kv_heads, cfg.num_heads)
+        zeros = jax.lax.with_sharding_constraint(zeros, jax.sharding.NamedSharding(sharder.mesh, spec))
     mb = -(-size // page)
     table = sharder.constrain(jnp.full((rows, mb), pages, jnp.int32), ("batch", None))
     return KVCache(zeros, zeros, table, jnp.zeros((rows,), jnp.int32))
@@ -538,39 +551,38 @@ def _by_shard(x: Array, d: int) -> Array:
 
 def write_positions(buf: Array, layer, table: Array, positions: Array, values: Array) -> Array:
     """Writes values [B, T, K, H] (storage type) at positions [B, T] of each row into layer `layer` of a
-    pool [D, L, K, P, page, H] through the page table [B, MB]; a negative position, one past the table or
+    pool [D, L, P, page, K H] through the page table [B, MB]; a negative position, one past the table or
     one whose page is P writes nothing."""
-    d, pages, page = buf.shape[0], buf.shape[3], buf.shape[4]
+    d, pages, page = buf.shape[0], buf.shape[2], buf.shape[3]
     mb = table.shape[1]
     ok = (positions >= 0) & (positions < mb * page)
     blk = jnp.take_along_axis(table, jnp.clip(positions // page, 0, mb - 1), axis=1)
     blk = jnp.where(ok, blk, pages)
 
-    def one(b, blk, off, val):  # b [L, K, P, page, H]; blk, off [B/D, T]; val [B/D, T, K, H]
-        return b.at[layer, :, blk, off, :].set(val, mode="drop")
+    def one(b, blk, off, val):  # b [L, P, page, K H]; blk, off [B/D, T]; val [B/D, T, K H]
+        return b.at[layer, blk, off].set(val, mode="drop")
 
-    return jax.vmap(one)(buf, _by_shard(blk, d), _by_shard(positions % page, d), _by_shard(values, d))
+    rows = values.reshape(values.shape[:2] + (-1,))  # [B, T, K H]: a position's keys, one row
+    return jax.vmap(one)(buf, _by_shard(blk, d), _by_shard(positions % page, d), _by_shard(rows, d))
 
 
 def write_pages(buf: Array, layer, ids: Array, values: Array) -> Array:
     """Writes whole pages values [D, M, page, K, H] (storage type) into pages ids [D, M] of each shard of
-    layer `layer` of a pool [D, L, K, P, page, H]; an id of P writes nothing."""
+    layer `layer` of a pool [D, L, P, page, K H]; an id of P writes nothing."""
 
-    def one(b, ids, val):  # b [L, K, P, page, H]; ids [M]; val [M, page, K, H]
-        return b.at[layer, :, ids].set(val.transpose(0, 2, 1, 3), mode="drop")
+    def one(b, ids, val):  # b [L, P, page, K H]; ids [M]; val [M, page, K H]
+        return b.at[layer, ids].set(val, mode="drop")
 
-    return jax.vmap(one)(buf, ids, values)
+    return jax.vmap(one)(buf, ids, values.reshape(values.shape[:3] + (-1,)))
 
 
-def read_positions(buf: Array, layer, table: Array) -> Array:
-    """[B, MB page, K, H]: layer `layer` of a pool [D, L, K, P, page, H] read through each row's page
+def read_positions(buf: Array, layer, table: Array, kv_heads: int) -> Array:
+    """[B, MB page, K, H]: layer `layer` of a pool [D, L, P, page, K H] read through each row's page
     table [B, MB] (storage type; positions without a page hold some page's values, which callers mask)."""
-    d, k, pages, page, h = buf.shape[0], buf.shape[2], buf.shape[3], buf.shape[4], buf.shape[5]
-    g = jax.vmap(lambda b, t: b[layer][:, jnp.clip(t, 0, pages - 1)])(buf, _by_shard(table, d))
-    # [D, K, B/D, MB, page, H] -> [B, K, S, H], handed on as [B, S, K, H]: the attention's own
-    # transpose back to head-major then cancels, leaving one copy (the gather's) per layer.
-    kt = g.transpose(0, 2, 1, 3, 4, 5).reshape(table.shape[0], k, table.shape[1] * page, h)
-    return kt.transpose(0, 2, 1, 3)
+    d, pages, page, kh = buf.shape[0], buf.shape[2], buf.shape[3], buf.shape[4]
+    g = jax.vmap(lambda b, t: b[layer][jnp.clip(t, 0, pages - 1)])(buf, _by_shard(table, d))
+    # [D, B/D, MB, page, K H] -> [B, S, K, H]: one copy (the gather's) per layer.
+    return g.reshape(table.shape[0], table.shape[1] * page, kv_heads, kh // kv_heads)
 
 
 def forward_cached(
@@ -592,11 +604,13 @@ def forward_cached(
     the attention seam with per-row query offsets over the pages read through the table, or, for
     single-token decoding with attention_impl "pallas", the paged Pallas decode kernel.
 
-    With `key_steps` [B, S] (the step id of every cache position, -1 for none; or [B, S, R] for R
-    segmentations at once; S = cache.size) and `num_steps` C, also returns the attention mass that each new
-    token pays to each key step, [L, B, N, T, C] (or [L, B, N, T, R, C]) summed over the tokens of the
-    step: the per-token rows of the attention matrix that FCI accumulates while decoding. key_steps may
-    cover only the first F rows of each of the cache's D shards ([D F, S(, R)], in that order): the mass
+    With `key_steps` [B, S] (the step id of every cache position, -1 for none; or [B, R, S] for R
+    segmentations at once; S = cache.size; along a row's positions the ids never decrease and rise by at
+    most one per position, as `kernels/decode_attention.py` needs) and `num_steps` C, also returns the
+    attention mass that each new token pays to each key step, [L, B, N, T, C] (or [L, B, N, T, R, C])
+    summed over the tokens of the step: the per-token rows of the attention matrix that FCI accumulates
+    while decoding. key_steps may cover only the first F rows of each of the cache's D shards ([D F, (R,)
+    S], in that order): the mass
     is then computed for those rows alone ([L, D F, ...]), the sampler's rows that track FCI.
 
     Returns:
@@ -616,7 +630,7 @@ def forward_cached(
     track = key_steps is not None
     squeeze = track and key_steps.ndim == 2
     if squeeze:
-        key_steps = key_steps[..., None]  # one segmentation
+        key_steps = key_steps[:, None]  # one segmentation
     d = cache.shards
     tracked = key_steps.shape[0] // d if track else 0  # rows of each shard with key steps
     if track and (key_steps.shape[0] % d or not 0 < tracked <= b // d):
@@ -639,8 +653,8 @@ def forward_cached(
             )
             x = _out_and_mlp(cfg, sharder, lp, x, out[:, None])
             return (x, ck, cv), (mass[:, :, None] if track else None)
-        k_all = load(read_positions(ck, li, cache.table), dtype)  # [B, S, K, H]
-        v_all = load(read_positions(cv, li, cache.table), dtype)
+        k_all = load(read_positions(ck, li, cache.table, cfg.num_kv_heads), dtype)  # [B, S, K, H]
+        v_all = load(read_positions(cv, li, cache.table, cfg.num_kv_heads), dtype)
         a, lse = attention(q, k_all, v_all, q_seg, kv_seg, return_lse=True, q_offsets=cache.lengths)
         x = _out_and_mlp(cfg, sharder, lp, x, a)
         rows = (q, k_all, lse, q_seg, kv_seg, cache.lengths)
@@ -736,7 +750,7 @@ def prefill_into_pages(
 
 def _decode_per_device(sharder, q, k_pool, v_pool, layer, table, lengths, key_steps, num_steps, tracked=0):
     """The paged Pallas decode kernel on each device's rows and heads over its shard of the pools
-    [D, L, K, P, page, H]: (out [B, N, H], mass [D tracked, N, R, C] or None without key steps). With key
+    [D, L, P, page, K H]: (out [B, N, H], mass [D tracked, N, R, C] or None without key steps). With key
     steps for the first `tracked` rows of each shard only, the kernel runs twice per device: with the mass
     over those rows, without it over the rest (the mass is most of the kernel's arithmetic)."""
     from jax.sharding import PartitionSpec as P
@@ -774,10 +788,10 @@ def _decode_per_device(sharder, q, k_pool, v_pool, layer, table, lengths, key_st
     )
     if not sharder.active:
         return (*run(*args), None)[:2]
-    b, h = sharder.kernel_axes(q.shape[0], q.shape[1], k_pool.shape[2])
+    b, h = sharder.kernel_axes(q.shape[0], q.shape[1], k_pool.shape[4] // q.shape[2])
     if k_pool.shape[0] == 1:
         b = None  # a replicated pool (rows that do not divide the mesh): every device runs every row
-    pool = P(b, None, h, None, None, None)
+    pool = P(b, None, None, None, h)
     in_specs = (P(b, h, None), pool, pool, P(), P(b, None), P(b)) + ((P(b, None, None),) if track else ())
     out_specs = (P(b, h, None),) + ((P(b, h, None, None),) if track else ())
     outs = sharder.per_device(run, in_specs, out_specs)(*args)
@@ -787,13 +801,14 @@ def _decode_per_device(sharder, q, k_pool, v_pool, layer, table, lengths, key_st
 def _step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
     """[B, N, T, R, C]: per segmentation r, the sum over the keys of each step of exp(s - lse).
 
-    key_steps [B, S, R] gives R step assignments of the cache; they share one segment sum by offsetting
+    key_steps [B, R, S] gives R step assignments of the cache; they share one segment sum by offsetting
     segmentation r into buckets [r C, (r + 1) C).
     """
     from attnrl_jax.model.attention import attention_mask
 
     b, t, n, h = q.shape
     kv_heads = k_all.shape[2]
+    key_steps = jnp.swapaxes(key_steps, 1, 2)  # [B, S, R]
     r = key_steps.shape[-1]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k_all, preferred_element_type=jnp.float32) * h**-0.5

@@ -125,7 +125,7 @@ class FciState:
     """FCI while decoding, for the slots that track it (the first of each shard's slots, `fci_slots`); a
     leading F axis (one per such slot) and an R axis (one per tracked segmentation)."""
 
-    key_steps: Array  # [F, S, R] step id of each cache position (-1: none)
+    key_steps: Array  # [F, R, S] step id of each cache position (-1: none)
     cur_step: Array  # [F, R] 1-based step of the next response token
     cur_len: Array  # [F, R] tokens of the current step so far
     step_len: Array  # [F, R, C] tokens per step bucket
@@ -194,7 +194,7 @@ def _results(s: LoopState, sl: Slots, m: int, c: int, fci_slot: Array, fci_of: A
     for rows that track FCI, and are empty (0, -1) for the others."""
     n = s.n_gen.shape[0]
     f = s.f
-    nf, size, nseg = f.key_steps.shape
+    nf, nseg, size = f.key_steps.shape
     out = {
         "tokens": s.tokens,
         "logprobs": s.logprobs,
@@ -219,7 +219,7 @@ def _results(s: LoopState, sl: Slots, m: int, c: int, fci_slot: Array, fci_of: A
         return jnp.take_along_axis(x, use.reshape((nf, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
 
     offs = sl.prefix[fci_slot][:, None] + jnp.arange(m)[None, :]
-    chosen_steps = jnp.take_along_axis(f.key_steps, use[:, None, None], axis=2)[..., 0]  # [F, S]
+    chosen_steps = jnp.take_along_axis(f.key_steps, use[:, None, None], axis=1)[:, 0]  # [F, S]
     step_ids = jnp.take_along_axis(chosen_steps, jnp.minimum(offs, size - 1), axis=1)
     step_ids = jnp.where(jnp.arange(m)[None, :] < s.n_gen[fci_slot][:, None], step_ids, -1)
     think_step = pick(f.think_step)
@@ -410,7 +410,7 @@ def generate(
         logprobs=jnp.zeros((n, m), jnp.float32),
         entropies=jnp.zeros((n, m), jnp.float32),
         f=FciState(
-            key_steps=jnp.full((nf, size, nseg), -1, jnp.int32),
+            key_steps=jnp.full((nf, nseg, size), -1, jnp.int32),
             cur_step=jnp.ones((nf, nseg), jnp.int32),
             cur_len=jnp.zeros((nf, nseg), jnp.int32),
             step_len=jnp.zeros((nf, nseg, c), jnp.int32),
@@ -563,7 +563,7 @@ def generate(
             logprobs=put(s.logprobs, jnp.zeros((nw, m), jnp.float32).at[:, 0].set(lp)),
             entropies=put(s.entropies, jnp.zeros((nw, m), jnp.float32).at[:, 0].set(ent)),
             f=FciState(
-                key_steps=put_f(f.key_steps, jnp.repeat(ks[:, :, None], nseg, axis=2)),
+                key_steps=put_f(f.key_steps, jnp.repeat(ks[:, None, :], nseg, axis=1)),
                 cur_step=put_f(f.cur_step, jnp.ones((nw, nseg), jnp.int32)),
                 cur_len=put_f(f.cur_len, jnp.zeros((nw, nseg), jnp.int32)),
                 step_len=put_f(
@@ -628,7 +628,7 @@ def generate(
         # ---- the FCI slots' key steps: the fed token's position joins its row's current step.
         track = (active & sl.fci)[fci_slot]  # [F]
         bucket = jnp.minimum(s.f.cur_step, c - 1)
-        key_steps = s.f.key_steps.at[jnp.arange(nf), pos[fci_slot]].set(
+        key_steps = s.f.key_steps.at[jnp.arange(nf), :, pos[fci_slot]].set(
             jnp.where(track[:, None], bucket, -1), mode="drop"
         )
         h, cache, mass = forward_cached(

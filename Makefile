@@ -11,10 +11,12 @@ $(VENV)/.installed-main: setup.py
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The tests compile the kernels and the run's programs for TPU and H100 with the real compilers (the
+# `compilers` extra: libtpu, jax's CUDA plugin, triton), on this CPU.
 $(VENV)/.installed-test: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,compilers]"
 	touch $(VENV)/.installed-main $@
 
 # The main job: the built-in task end to end on CPU (data, tokenizer, warm start, eval, AttnRL, eval,

@@ -13,6 +13,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/eval.py", "Path to an eval config file.", lock_config=True
 )
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A Hugging Face directory or a training run directory.")
+_COMPILE_ONLY = flags.DEFINE_string(
+    "compile_only",
+    None,
+    "Compile the evaluation call for TARGET (v5e-8, h100-8, ...) with its real compiler on this machine and "
+    "check it fits (attnrl_jax/fit.py); the architecture comes from --checkpoint's config.json when it is "
+    "here, else config.model.preset.",
+)
+_COMPILE_LAYERS = flags.DEFINE_integer("compile_layers", 0, "With --compile_only: the model's depth.")
 
 
 def main(argv):
@@ -24,6 +32,17 @@ def main(argv):
     if _CHECKPOINT.value:
         with config.unlocked():
             config.checkpoint = _CHECKPOINT.value
+    if _COMPILE_ONLY.value:
+        os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts: the target's devices are compile-only
+        from attnrl_jax import fit
+
+        if config.checkpoint and os.path.isfile(os.path.join(config.checkpoint, "config.json")):
+            with config.unlocked():
+                config.model.hf_path = config.checkpoint  # the architecture of the checkpoint given
+        sys.exit(fit.cli(config, _COMPILE_ONLY.value, "eval", _COMPILE_LAYERS.value))
+    from attnrl_jax.targets import GPU_MEMORY_FRACTION
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(GPU_MEMORY_FRACTION))
     from attnrl_jax import eval_job
 
     try:

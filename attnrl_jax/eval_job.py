@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 
 from attnrl_jax.data import read_verl_parquet
 from attnrl_jax.evaluation import evaluate, load_policy, markdown_table, paper_k, write_results
+from attnrl_jax.memory import cache_gib, check_memory_settings, device_capacity, resident_bytes
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
@@ -31,6 +32,16 @@ def benchmark_files(spec: str) -> dict[str, str]:
     return {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
 
 
+def loop_settings(c: ConfigDict) -> LoopSettings:
+    """The sampler's loop settings of an eval config (no FCI: two step buckets)."""
+    return LoopSettings(
+        max_new_tokens=c.eval.max_new_tokens,
+        sampling=SamplingParams(c.eval.temperature, c.eval.top_k, c.eval.top_p),
+        num_steps=2,  # FCI is not needed here
+        page_size=c.eval.page_size,
+    )
+
+
 def run(c: ConfigDict) -> dict:
     if not c.checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint=DIR (a Hugging Face directory or a training run)")
@@ -39,28 +50,22 @@ def run(c: ConfigDict) -> dict:
     for key in ("k", "max_prompt_len", "batch_prompts"):
         if c.eval[key] < (0 if key == "k" else 1):
             raise ValueError(f"config.eval.{key} must be positive, got {c.eval[key]}")
-    if not c.eval.cache_gib >= 0:
-        raise ValueError(
-            f"config.eval.cache_gib must be 0 (no limit) or positive GiB, got {c.eval.cache_gib}"
-        )
+    check_memory_settings(c.eval, "eval")
     check_page_size("config.eval.page_size", c.eval.page_size)
-    settings = LoopSettings(
-        max_new_tokens=c.eval.max_new_tokens,
-        sampling=SamplingParams(c.eval.temperature, c.eval.top_k, c.eval.top_p),
-        num_steps=2,  # FCI is not needed here
-        page_size=c.eval.page_size,
-    )
+    settings = loop_settings(c)
     files = benchmark_files(c.eval.data)
     benchmarks = {name: read_verl_parquet(path) for name, path in files.items()}
     mesh_cfg = MeshConfig(**c.mesh)
     mesh_cfg.resolve(jax.device_count())
     sharder = Sharder(make_mesh(mesh_cfg))
-    cfg, params, tokenizer = load_policy(c.checkpoint, sharder, **dict(c.model))
+    overrides = {k: v for k, v in c.model.items() if k != "preset"}  # preset: for --compile_only only
+    cfg, params, tokenizer = load_policy(c.checkpoint, sharder, **overrides)
     if c.tokenizer_path or tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_path or c.checkpoint)
-    sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder, cache_gib=c.eval.cache_gib)
+    budget = cache_gib(c.eval.cache_gib, device_capacity(), resident_bytes(params), c.eval.memory_fraction)
+    sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder, cache_gib=budget)
 
     skipped = {}
     for name, problems in benchmarks.items():

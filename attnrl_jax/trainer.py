@@ -52,6 +52,14 @@ from attnrl_jax.algo import (
 from attnrl_jax.checkpoint import Checkpointer, PreemptionGuard
 from attnrl_jax.data import IteratorState, PromptIterator, read_verl_parquet
 from attnrl_jax.distributed import ShardedScorer, any_process, is_main
+from attnrl_jax.memory import (
+    cache_gib,
+    check_memory_settings,
+    device_capacity,
+    resident_bytes,
+    to_device,
+    to_host,
+)
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
 from attnrl_jax.model import ModelConfig, init_sharded_params
@@ -156,11 +164,7 @@ def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_pa
             "config.train.micro_batches is no longer a setting: set config.train.rows_per_device (rows per "
             "device per micro-batch; the micro-batch count follows from the mesh)"
         )
-    if not c.sampler.cache_gib >= 0:
-        raise ValueError(
-            "config.sampler.cache_gib must be 0 (no limit) or a positive number of GiB, "
-            f"got {c.sampler.cache_gib}"
-        )
+    check_memory_settings(c.sampler, "sampler")
     check_page_size("config.sampler.page_size", c.sampler.page_size)
     for key in ("steps", "row_length"):
         if c.train[key] < 1:
@@ -299,28 +303,40 @@ class Job:
         return self._compiled[key]
 
     def passes_fn(self, count: int) -> Callable:
-        """The reference and recompute passes of one mini-batch, jitted (see `reference_stage`)."""
+        """The reference and recompute passes of one mini-batch, jitted (`jit_passes`)."""
         key = ("passes", count)
         if key not in self._compiled:
-            cfg, loss, sharder = self.cfg, self.s.loss, self.sharder
-            reference, recompute = self.ref_params is not None, self.c.train.recompute_logprobs
-            log_probs = functools.partial(
-                batch_log_probs, model_cfg=cfg, num_microbatches=count, sharder=sharder
+            self._compiled[key] = jit_passes(
+                self.cfg,
+                self.s.loss,
+                self.sharder,
+                self.ref_params is not None,
+                self.c.train.recompute_logprobs,
+                count,
             )
-
-            def passes(params, ref_params, mb: TrainBatch):
-                mismatch = {}
-                if reference:
-                    mb = dataclasses.replace(mb, ref_logp=log_probs(ref_params, mb, temperature=1.0))
-                if recompute:
-                    logp = log_probs(params, mb, temperature=loss.temperature)
-                    mask = mb.loss_mask.astype(jnp.float32)
-                    mismatch = {"sum": jnp.sum(jnp.abs(logp - mb.old_logp) * mask), "tokens": jnp.sum(mask)}
-                    mb = dataclasses.replace(mb, old_logp=logp)
-                return mb, mismatch
-
-            self._compiled[key] = jax.jit(passes, donate_argnums=(2,))
         return self._compiled[key]
+
+
+def jit_passes(
+    cfg: ModelConfig, loss: LossConfig, sharder: Sharder, reference: bool, recompute: bool, count: int
+) -> Callable:
+    """The passes before a step's first update over one mini-batch of `count` micro-batches, jitted:
+    (params, ref_params, mini-batch) -> (the mini-batch with ref_logp (`reference`) and old_logp
+    recomputed by the policy (`recompute`), the recompute mismatch sums). The mini-batch is donated."""
+    log_probs = functools.partial(batch_log_probs, model_cfg=cfg, num_microbatches=count, sharder=sharder)
+
+    def passes(params, ref_params, mb: TrainBatch):
+        mismatch = {}
+        if reference:
+            mb = dataclasses.replace(mb, ref_logp=log_probs(ref_params, mb, temperature=1.0))
+        if recompute:
+            logp = log_probs(params, mb, temperature=loss.temperature)
+            mask = mb.loss_mask.astype(jnp.float32)
+            mismatch = {"sum": jnp.sum(jnp.abs(logp - mb.old_logp) * mask), "tokens": jnp.sum(mask)}
+            mb = dataclasses.replace(mb, old_logp=logp)
+        return mb, mismatch
+
+    return jax.jit(passes, donate_argnums=(2,))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -555,15 +571,19 @@ def run(c: ConfigDict) -> dict:
     end = start if spent else c.train.steps
     finished = start >= c.train.steps or spent
     mode = "off-policy" if c.train.off_policy else "on-policy"
+    offload = bool(c.train.offload_state)
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool, PreemptionGuard() as guard:
-        sampler = Sampler(
-            sampler_params(state.params),
-            cfg,
-            tokenizer,
-            s.loop,
-            sharder=job.sharder,
-            cache_gib=c.sampler.cache_gib,
-        )
+        policy = sampler_params(state.params)
+        # What stays on each chip while the sampler runs (attnrl_jax/memory.py); its cache gets the rest.
+        resident = resident_bytes(job.ref_params, policy, None if offload else state)
+        budget = cache_gib(c.sampler.cache_gib, device_capacity(), resident, c.sampler.memory_fraction)
+        if c.sampler.cache_gib is None:
+            _say(
+                f"sampler cache budget {budget:.2f} GiB per chip ({c.sampler.memory_fraction:g} of what the "
+                f"chip leaves after {resident / 2**30:.2f} GiB resident while sampling)"
+            )
+        sampler = Sampler(policy, cfg, tokenizer, s.loop, sharder=job.sharder, cache_gib=budget)
+        del policy
         # Each process grades its share of the responses; every process gets all verdicts.
         scorer = ShardedScorer(pool.submit)
         score = lambda texts, gts: clock.wrap(scorer(texts, gts))  # noqa: E731
@@ -579,7 +599,10 @@ def run(c: ConfigDict) -> dict:
             t0 = time.perf_counter()
             clock.waited = 0.0
             sampler.params = sampler_params(state.params)
+            state = to_host(state) if offload else state  # the sampler reads only its own copy
             result, generated = sample_stage(job, progress, sampler, score, step)
+            sampler.params = None  # the update does not need the sampler's copy on the chips
+            state = to_device(state) if offload else state
             t1 = time.perf_counter()
             device_metrics = {}
             if result.batch is not None:

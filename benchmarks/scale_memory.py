@@ -1,12 +1,19 @@
-"""Per-device memory of the compiled update at the paper's shapes, from XLA's memory analysis (compile only,
-nothing runs): `python -m benchmarks.scale_memory [--presets 1p5b,7b] [--devices 8,16,32] [--layers N]`.
+"""A fake-CPU PROXY of the per-device memory of the update and the sampler at the paper's shapes, from CPU
+XLA's memory analysis (compile only, nothing runs):
+`python -m benchmarks.scale_memory [--presets 1p5b,7b] [--devices 8,16,32] [--layers N]`.
+
+This is not a hardware verdict: CPU XLA keeps one layout and updates in place, where the TPU compiler once
+kept the KV pool in two layouts (3x these figures), and the kernels compile here in their interpreted form.
+What a run needs on a chip comes from the real compilers: `python train.py --config=... --compile_only=v5e-8`
+(`attnrl_jax/fit.py`). This proxy stays for what it does show quickly: what a program materialises (full
+logits, a replicated batch), for any mesh size.
 
 For each shipped config (configs/attnrl_1p5b.py, configs/attnrl_7b.py) and each mesh size it compiles, on
 fake CPU devices, exactly what the trainer runs for one PPO mini-batch: the train step (forward, backward and
 AdamW over `train.mini_batch_rows` rows of `train.row_length` tokens, micro-batched by
 `train.rows_per_device`) and the log-prob pass that gives the reference (and recomputed) log-probs, with the
 shipped dtypes, remat and attention. It prints argument, output, temporary and total bytes per device next to
-an analytic lower bound, and which accelerators' memory the total fits.
+an analytic lower bound, and which accelerators' memory the proxy total is below.
 
 The lower bound: the float32 parameters, their float32 gradient accumulator and Adam's two moments, split over
 every device (FSDP), plus the layer inputs that full rematerialisation keeps for the backward pass (layers x
@@ -36,8 +43,6 @@ if "jax" not in sys.modules:  # fake devices must be requested before JAX starts
 
 import dataclasses  # noqa: E402
 import time  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 GiB = 2**30
 # Memory per chip of the accelerators people train on (HBM): TPU v5e, v4, H100, v5p.
@@ -192,27 +197,22 @@ def paper_call(c, call: str) -> tuple[list[int], list[tuple[int, int, int, bool]
     """The prefixes and rows (source, prefix length, token limit, FCI) of one sampler call of config `c`: the
     first batch (algo.initial_batch prompts of data.max_prompt_len tokens, algo.group_size responses
     each), or an off-policy call that adds, for every response of such a batch, ATB's N branch points x T
-    continuations, each response at the length limit and branched at half and at all of it (the longest
-    prefix ATB can ask for: the most prefill per source)."""
+    continuations, branched late in full-length responses (the rows of `attnrl_jax.fit`, which compiles
+    the same calls at the config's largest batch for a real target)."""
+    from attnrl_jax.fit import continuation_rows, initial_rows
     from attnrl_jax.trainer import algo_config
 
     m, prompt, g = c.sampler.max_new_tokens, c.data.max_prompt_len, c.algo.group_size
-    prompts = c.algo.initial_batch
-    source_lens = [prompt] * prompts
-    rows = [(i, prompt, m, True) for i in range(prompts) for _ in range(g)]  # initial responses: FCI
+    sources, rows = initial_rows(c.algo.initial_batch, g, prompt, m)
     if call == "off-policy":
         algo = algo_config(c)
-        offsets = np.linspace(m // 2, m - 1, algo.atb.num_points).astype(int)
-        for _ in range(prompts * g):
-            source_lens.append(prompt + int(offsets[-1]))
-            rows += [
-                (len(source_lens) - 1, prompt + int(o), m - int(o), False)
-                for o in offsets
-                for _ in range(algo.continuations)
-            ]
+        more_src, more_rows = continuation_rows(
+            len(rows), algo.atb.num_points, algo.continuations, prompt, m, first=len(sources)
+        )
+        sources, rows = sources + more_src, rows + more_rows
     elif call != "first batch":
         raise ValueError(f"call must be 'first batch' or 'off-policy', got {call!r}")
-    return source_lens, rows
+    return sources, rows
 
 
 def measure_sampler(
@@ -227,6 +227,7 @@ def measure_sampler(
     import jax
     import jax.numpy as jnp
 
+    from attnrl_jax.memory import cache_gib
     from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
     from attnrl_jax.model.transformer import param_axes, param_shapes
     from attnrl_jax.sampling.loop import generate
@@ -243,7 +244,8 @@ def measure_sampler(
         rows,
         cfg=s.model,  # the shipped depth's slots and pages, also when fewer layers are compiled
         settings=s.loop,
-        cache_gib=c.sampler.cache_gib,
+        # unset: from the chip, which a CPU does not state (memory.CPU_CACHE_GIB)
+        cache_gib=cache_gib(c.sampler.cache_gib, None, 0, c.sampler.memory_fraction),
         parallelism=sharder.batch_parallelism(),
     )
     dtype = jnp.dtype(cfg.dtype)  # the sampler reads the compute-dtype copy of the parameters
@@ -313,7 +315,7 @@ def measure_sampler(
 def sampler_table(rows: list[SamplerMeasurement]) -> str:
     head = (
         "| model | devices | call | rows (prefixes) | slots (FCI); pages x positions | arguments "
-        "| temporaries | total per device | KV pages (bound) | fits (per chip) |"
+        "| temporaries | total per device | KV pages (bound) | below (proxy only) |"
     )
     lines = [head, "|" + "---|" * 10]
     for m in rows:
@@ -327,13 +329,14 @@ def sampler_table(rows: list[SamplerMeasurement]) -> str:
 
 
 def fits(total: int) -> str:
+    """The chips whose memory the proxy total is below (not a fit claim: `train.py --compile_only`)."""
     return ", ".join(name for name, gib in CHIPS if total <= gib * GiB) or "none"
 
 
 def table(rows: list[Measurement]) -> str:
     head = (
         "| model | devices | pass | rows (micro-batches x rows/device) | arguments | temporaries | total "
-        "per device | lower bound | fits (per chip) |"
+        "per device | lower bound | below (proxy only) |"
     )
     lines = [head, "|" + "---|" * 9]
     for m in rows:

@@ -14,6 +14,9 @@ def get_config():
     c = base.get_config()
     c.workdir = "runs/attnrl_1p5b"
     c.model.hf_path = "checkpoints/DeepSeek-R1-Distill-Qwen-1.5B"  # download it from the Hugging Face Hub
+    # The architecture of that checkpoint, for `--compile_only` on a machine without it (training loads
+    # hf_path; ALGORITHM.md section 11).
+    c.model.preset = "r1_distill_qwen_1p5b"
     c.data.train_path = "data/train/dapo+math_train.parquet"  # verl format (ALGORITHM.md section 2)
     c.algo.preset = "attnrl"
     c.train.off_policy = True

@@ -8,4 +8,5 @@ def get_config():
     c = attnrl_1p5b.get_config()
     c.workdir = "runs/attnrl_7b"
     c.model.hf_path = "checkpoints/DeepSeek-R1-Distill-Qwen-7B"
+    c.model.preset = "r1_distill_qwen_7b"  # its architecture, for --compile_only without the checkpoint
     return c

@@ -58,10 +58,14 @@ def get_config() -> ConfigDict:
     c.sampler.temperature = 1.0
     c.sampler.top_p = 1.0
     c.sampler.top_k = 0  # 0: no limit
-    # Per-device memory for the sampler's decode slots (KV cache and per-row state), GiB; a call with more
-    # rows than fit batches continuously (a finished row's slot takes the next one). 0: all rows at once.
-    # 12 GiB holds the paper's first batch (384 rows of 9,216 positions at 1.5B) on 8 devices.
-    c.sampler.cache_gib = 12.0
+    # Per-chip memory for the sampler's decode slots (KV cache and per-row state), GiB; a call with more
+    # rows than fit batches continuously (a finished row's slot takes the next one). Unset: from the chip,
+    # memory_fraction of what it has left after what the run keeps resident while sampling (attnrl_jax/
+    # memory.py; 12 GiB on a CPU, which states no limit). 0: all rows at once.
+    c.sampler.cache_gib = config_dict.placeholder(float)
+    # The share of a chip's free memory (after the resident state) that an unset cache_gib gives the cache;
+    # the rest is the sampler program's own working memory. `train.py --compile_only=TARGET` checks it fits.
+    c.sampler.memory_fraction = 0.8
     # Positions per KV-cache page: the unit in which a prefix's rows share it and a row takes memory as it
     # generates, and the decode kernel's tile (a power of two of at least 16).
     c.sampler.page_size = 128
@@ -94,6 +98,9 @@ def get_config() -> ConfigDict:
         True  # one-step off-policy pipeline (section 10); False: on-policy, two sampler calls
     )
     c.train.recompute_logprobs = False  # True: old log-probs from a forward pass (mismatch is logged)
+    # Move the train state (float32 parameters, AdamW moments) to host memory while the sampler runs (it
+    # reads its own compute-dtype copy), so the sampler's cache gets that room; back before the update.
+    c.train.offload_state = True
 
     c.reward = ConfigDict()
     c.reward.workers = 0  # verifier processes (0: CPU count)

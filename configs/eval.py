@@ -4,7 +4,7 @@ DIR is a Hugging Face directory (config.json + safetensors + tokenizer) or a tra
 latest Orbax checkpoint). Results go to <output>.json and <output>.md.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -15,6 +15,9 @@ def get_config() -> ConfigDict:
     c.tokenizer_path = ""  # default: the checkpoint's own tokenizer
 
     c.model = ConfigDict()
+    # The checkpoint's architecture, for `eval.py --compile_only=TARGET` when --checkpoint is not on this
+    # machine (an evaluation reads it from the checkpoint): r1_distill_qwen_1p5b | r1_distill_qwen_7b.
+    c.model.preset = "r1_distill_qwen_1p5b"
     c.model.param_dtype = "bfloat16"  # float32 | bfloat16
     c.model.dtype = "bfloat16"
     c.model.remat = "none"
@@ -34,9 +37,10 @@ def get_config() -> ConfigDict:
     c.eval.top_p = 1.0
     c.eval.top_k = 0
     c.eval.batch_prompts = 64  # prompts per sampler call
-    c.eval.cache_gib = (
-        12.0  # per-device memory for the decode slots (continuous batching beyond); 0: no limit
-    )
+    # Per-chip memory for the decode slots (continuous batching beyond), GiB; unset: memory_fraction of what
+    # the chip has left after the parameters (attnrl_jax/memory.py; 12 GiB on a CPU); 0: no limit.
+    c.eval.cache_gib = config_dict.placeholder(float)
+    c.eval.memory_fraction = 0.8
     c.eval.page_size = 128  # positions per KV-cache page (a power of two of at least 16)
     c.eval.output = ""  # results prefix; default: <checkpoint>/eval/results
 

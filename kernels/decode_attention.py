@@ -35,7 +35,8 @@ Two forms (`kernels/target.py`):
   SMEM, so that the index map fetches page `table[b, j]` (its KV head's columns) and pages past a row's
   length repeat its last one (no fetch). The mass is p @ onehot(steps) ([G, page] x [page, R C]) in VMEM.
 Key steps come as [B, R, S], positions last: the lanes of a TPU tile, where [B, S, R] would pad R to 128
-lanes (64 times the array at R = 2).
+lanes (64 times the array at R = 2); pages of fewer than 128 positions are not a lane block, and the TPU form
+reads their steps as [B, S, R] (the built-in tasks' pages of 16: small caches).
 A page is the TPU form's tile: a multiple of 16 positions for its bfloat16 tiles; the GPU form's pieces need a
 power of two of at least 16 (Triton's dots), so a power of two of at least 16 serves both.
 `decode_attention_reference` is the dense float32 version of the same contract.
@@ -69,13 +70,15 @@ def _onehot_t(steps_row, width):
     return (steps_row == lax.broadcasted_iota(jnp.int32, (width, steps_row.shape[1]), 0)).astype(jnp.float32)
 
 
-def _step_values_t(steps_ref, cols, r, width):
-    """The transposed one-hot [width, tile] of the tile's key steps over all R segmentations (their
-    buckets are disjoint); steps_ref [R, S]."""
-    onehot = _onehot_t(steps_ref[pl.ds(0, 1), cols], width)
-    for i in range(1, r):
-        onehot = onehot + _onehot_t(steps_ref[pl.ds(i, 1), cols], width)
-    return onehot
+def _step_mass(p, steps_ref, r, width, lanes):
+    """p [G, page] @ the one-hot of a page's key steps over all R segmentations (their buckets are
+    disjoint): [G, width]. steps_ref is the page's [R, page] (`lanes`) or [page, R]."""
+    if lanes:
+        onehot = sum(_onehot_t(steps_ref[pl.ds(i, 1), :], width) for i in range(r))  # [width, page]
+        return _dot_t(p, onehot)
+    iota = lax.broadcasted_iota(jnp.int32, (steps_ref.shape[0], width), 1)
+    onehot = sum((steps_ref[:, pl.ds(i, 1)] == iota).astype(jnp.float32) for i in range(r))  # [page, width]
+    return jnp.dot(p, onehot, preferred_element_type=jnp.float32)
 
 
 def _as(x, dtype):
@@ -157,7 +160,7 @@ def _decode_kernel(layer_ref, len_ref, table_ref, q_ref, k_ref, v_ref, *rest, sc
         _flush(sums_ref, scale_ref, wins[2 * i], wins[2 * i + 1], m)
 
 
-def _decode_kernel_tpu(layer_ref, len_ref, table_ref, q_ref, k_ref, v_ref, *rest, scale, r, width):
+def _decode_kernel_tpu(layer_ref, len_ref, table_ref, q_ref, k_ref, v_ref, *rest, scale, r, width, lanes):
     """TPU form: grid (row, KV head, page); statistics carry over the pages in VMEM scratch."""
     if r:
         steps_ref, o_ref, lse_ref, mass_ref, m_ref, l_ref, acc_ref, macc_ref = rest
@@ -184,7 +187,7 @@ def _decode_kernel_tpu(layer_ref, len_ref, table_ref, q_ref, k_ref, v_ref, *rest
         acc_ref[...] = corr * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         m_ref[...], l_ref[...] = m, denom
         if r:
-            macc_ref[...] = corr * macc_ref[...] + _dot_t(p, _step_values_t(steps_ref, slice(None), r, width))
+            macc_ref[...] = corr * macc_ref[...] + _step_mass(p, steps_ref, r, width, lanes)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _():
@@ -222,10 +225,19 @@ def _decode_tpu(qg, k_pages, v_pages, table, lengths, layer, steps, *, interpret
         pltpu.VMEM((g, 1), jnp.float32),
         pltpu.VMEM((g, h), jnp.float32),
     ]
-    if r:
+    # A page's key steps with its positions in lanes ([R, page]) where a page fills whole lanes; smaller
+    # pages (the built-in tasks' 16) cannot be a lane block, and take them as [page, R] instead.
+    lanes = page % 128 == 0
+    if r and lanes:
         in_specs.append(
             pl.BlockSpec((None, r, page), lambda bi, ki, j, _, len_ref, __: (bi, 0, visible(bi, j, len_ref)))
         )
+    elif r:
+        steps = jnp.swapaxes(steps, 1, 2)
+        in_specs.append(
+            pl.BlockSpec((None, page, r), lambda bi, ki, j, _, len_ref, __: (bi, visible(bi, j, len_ref), 0))
+        )
+    if r:
         out_specs.append(pl.BlockSpec((None, None, g, width), lambda bi, ki, j, *_: (bi, ki, 0, 0)))
         scratch.append(pltpu.VMEM((g, width), jnp.float32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -236,7 +248,7 @@ def _decode_tpu(qg, k_pages, v_pages, table, lengths, layer, steps, *, interpret
         scratch_shapes=scratch,
     )
     outs = pl.pallas_call(
-        functools.partial(_decode_kernel_tpu, scale=h**-0.5, r=r, width=width),
+        functools.partial(_decode_kernel_tpu, scale=h**-0.5, r=r, width=width, lanes=lanes),
         grid_spec=grid_spec,
         out_shape=out_shape,
         compiler_params=tg.compiler_params("tpu", interpret, "parallel", "parallel", "arbitrary"),

@@ -24,7 +24,14 @@ from attnrl_jax.sampling import (
 )
 from attnrl_jax.sampling.loop import EOS, LENGTH
 from attnrl_jax.sampling.pages import add_refs, available, pages_spanned, take_free
-from attnrl_jax.sampling.sampler import GiB, chunk_sources, page_bytes, plan_call, slot_bytes
+from attnrl_jax.sampling.sampler import (
+    GiB,
+    block_layout,
+    chunk_sources,
+    page_bytes,
+    plan_call,
+    slot_bytes,
+)
 
 CFG = ModelConfig.tiny(vocab_size=64, remat="none")
 NO_SEP = jnp.zeros(64, bool)
@@ -503,12 +510,12 @@ def test_a_sampler_under_a_small_cache_budget_batches_continuously_with_the_same
     request = [ContinuationRequest(prompts[0], response[:6], [2, 4], 2)]
     rows = [(i, 3, True, None, 12) for i in range(3) for _ in range(2)] + [(3, 5, False, None, 10)] * 4
     sources = [[1] * 3] * 3 + [[1] * 9]
-    size = unlimited.plan(sources, rows).cache_size
+    size = unlimited.plan(sources, rows)[0].cache_size
     # Rows need 1 page of 16 positions each, the continuations' source none of its own (5 < 16): a budget
     # of 5 mean rows is 5 slots and their 5 pages.
     budget = 5 * (slot_bytes(cfg, settings, size, 2) + page_bytes(cfg, settings)) / GiB
     small = Sampler(params, cfg, tok, settings, cache_gib=budget, **kw)
-    shape = small.plan(sources, rows)
+    shape = small.plan(sources, rows)[0]
     assert (shape.slots, shape.pages, shape.batch, shape.insert_sources, shape.insert_rows) == (
         5,
         5,
@@ -564,6 +571,31 @@ def test_sharded_sampler_gives_the_same_tokens(params):
     )
     np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(paged["tokens"]))
     np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(paged["logprobs"]), atol=1e-5)
+    # The Sampler's block layout: shard d's rows (those of sources j with j mod 4 = d) in block d of 4
+    # rows, padding after them; each row's outputs come back at its position, split over the batch axes
+    # (every device holds its own block, no device all of them).
+    per, pos = block_layout(rows, 4)
+    assert per == 4 and sorted(pos // per) == [0, 0, 0, 1, 1, 1, 2, 3]
+    blocked = np.full(4 * per, -1)
+    blocked[pos] = rows
+    block_keys = jnp.concatenate([keys, jax.random.split(jax.random.key(9), 4 * per - 8)])
+    block_keys = block_keys[np.argsort(np.concatenate([pos, np.setdiff1d(np.arange(4 * per), pos)]))]
+    lens_b = [lens[r] if r >= 0 else 1 for r in blocked]
+    out = _run(
+        sharded,
+        src,
+        lens,
+        blocked,
+        lens_b,
+        block_keys,
+        settings,
+        stop=-1,
+        sharder=sharder,
+        rows_per_shard=per,
+    )
+    np.testing.assert_array_equal(np.asarray(out["tokens"])[pos], np.asarray(plain["tokens"]))
+    np.testing.assert_array_equal(np.asarray(out["lengths"])[blocked < 0], 0)
+    assert out["tokens"].sharding.shard_shape(out["tokens"].shape)[0] == per
     # Eight samples of one prompt: more rows than a shard's 2 slots. The host splits the prompt's rows
     # into 4 chunks of 2, each its own source (the prompt prefilled once per chunk, on its shard's
     # device); the samples are those of one source with 8 rows.

@@ -106,13 +106,21 @@ def test_a_batch_that_does_not_divide_the_mesh_is_reported(mesh, caplog):
     assert len(said) == 1 and "5 rows" in said[0] and "'fsdp' (size 2)" in said[0], said
 
 
-def _kernel_operand_shapes(fn, *args):
-    from attnrl_jax.kernels import lowering
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation of a jaxpr, inside nested jaxprs (scan, shard_map, cond) too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    yield from _pallas_calls(inner)
 
+
+def _kernel_operand_shapes(fn, *args):
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return {
-        str(e.params["name"]): [tuple(v.aval.shape) for v in e.invars] for e in lowering._pallas_calls(jaxpr)
-    }
+    return {str(e.params["name"]): [tuple(v.aval.shape) for v in e.invars] for e in _pallas_calls(jaxpr)}
 
 
 @pytest.mark.parametrize("tensor", [2, 4], ids=["heads-split", "kv-heads-indivisible"])

@@ -129,7 +129,7 @@ class FciState:
     cur_step: Array  # [F, R] 1-based step of the next response token
     cur_len: Array  # [F, R] tokens of the current step so far
     step_len: Array  # [F, R, C] tokens per step bucket
-    cur_mass: Array  # [F, R, L, N, C] attention mass of the current step to each key step
+    cur_mass: Array  # [L, F, N, R, C] attention mass of the current step to each key step
     fci: Array  # [F, R, L, N, C] FCI sums of closed steps
     think_step: Array  # [F, R] step of the last </think>, or -1
     has_sep: Array  # [F, R] a separator of this segmentation occurred
@@ -224,7 +224,11 @@ def _results(s: LoopState, sl: Slots, m: int, c: int, fci_slot: Array, fci_of: A
     step_ids = jnp.where(jnp.arange(m)[None, :] < s.n_gen[fci_slot][:, None], step_ids, -1)
     think_step = pick(f.think_step)
     cur_step = pick(f.cur_step)
-    fci = zero_steps(pick(f.fci).max(axis=(1, 2)), think_step)
+    # [L, F, N, R, C] -> the chosen segmentation's sums, maximised over layers and heads: [F, C] (a
+    # select, not a gather: the sums keep their one layout)
+    which = (jnp.arange(nseg) == use[:, None])[None, :, None, :, None]
+    chosen = jnp.where(which, f.fci, 0.0).sum(axis=3)
+    fci = zero_steps(chosen.max(axis=(0, 2)), think_step)
     has = (fci_of < nf) & sl.fci  # the slot tracks FCI for its row
     i = jnp.minimum(fci_of, nf - 1)
     return out | {
@@ -261,6 +265,7 @@ def default_pages(slots: int, cache_size: int, page: int, shards: int) -> int:
         "pages",
         "shards",
         "fci_slots",
+        "rows_per_shard",
     ),
 )
 def generate(
@@ -286,6 +291,7 @@ def generate(
     pages: int | None = None,
     shards: int | None = None,
     fci_slots: int | None = None,
+    rows_per_shard: int | None = None,
 ) -> dict[str, Array]:
     """Samples every row to EOS/stop or its length limit (module docstring), `slots` rows at a time.
 
@@ -329,6 +335,12 @@ def generate(
       fci_slots: slots that carry FCI state, over all shards (the first of each shard's; None: all). Rows
         with row_fci decode only in them, the other rows in the others first; the attention mass is
         computed for these slots alone. A shard must have as many as one of its sources has FCI rows.
+      rows_per_shard: the rows come in D blocks of this many (B = D rows_per_shard), block d holding, in
+        queue order, the rows of the sources shard d decodes (source j with j mod D = d, in increasing j;
+        a source's rows contiguous) and padding rows (row_src < 0) after them (`sampler.block_layout`
+        arranges them so). The outputs then come back in that layout with their rows split over the
+        batch axes: each device writes and holds only its own rows, where the default (None: rows in
+        any order) gathers every row's outputs into one array that every device holds.
 
     Returns:
       dict: tokens [B, M] (pad after the end), logprobs and entropies [B, M] float32, lengths [B] (sampled
@@ -352,7 +364,11 @@ def generate(
     fl = nl if fci_slots is None else max(0, min(-(-fci_slots // d), nl))  # FCI slots per shard
     nf = d * fl
     fci_slot = (jnp.arange(d)[:, None] * nl + jnp.arange(fl)[None, :]).reshape(-1)  # [F] their slots
-    fci_of = jnp.full((n,), nf, jnp.int32).at[fci_slot].set(jnp.arange(nf, dtype=jnp.int32))
+    # Each slot's index among the FCI slots (F: none), the inverse of fci_slot, by arithmetic: as a scatter
+    # of arange into fci_slot it is one whose indices and updates are the same iota on a single shard,
+    # which libtpu's scatter fusion aborts on ("Check failed: operand_indices.size() == 1").
+    local = jnp.arange(n) % nl
+    fci_of = jnp.where(local < fl, jnp.arange(n) // nl * fl + local, nf).astype(jnp.int32)
     g = -(-r // d) if insert_sources is None else -(-max(1, min(insert_sources, r)) // d)
     w = nl if insert_rows is None else max(1, min(-(-insert_rows // d), nl))
     mpg = -(-p // page)  # pages of a prefix
@@ -375,12 +391,21 @@ def generate(
     q_end = jnp.cumsum(per_shard)
     q_beg = q_end - per_shard
     row_q = jnp.where(row_src >= 0, rank[jnp.maximum(row_src, 0)], r)
-    order = jnp.argsort(row_q, stable=True)
+    if rows_per_shard is None:
+        order = jnp.argsort(row_q, stable=True)
+    elif rows_per_shard * d != b:
+        raise ValueError(f"{b} rows are not {d} blocks of rows_per_shard={rows_per_shard}")
+    else:
+        order = jnp.arange(b)  # already in queue order, block by block (padding rows inside the blocks)
     o_q, o_prefix, o_fci = row_q[order], row_prefix_len[order].astype(jnp.int32), row_fci[order]
     key_impl = jax.random.key_impl(row_keys)
     o_key, o_stop, o_limit = jax.random.key_data(row_keys)[order], stop_ids[order], limit[order]
-    row_beg = jnp.searchsorted(o_q, jnp.arange(r), side="left").astype(jnp.int32)
-    row_end = jnp.searchsorted(o_q, jnp.arange(r), side="right").astype(jnp.int32)
+    # Each queue position's rows are contiguous: [row_beg, row_end) (padding rows, o_q = r, may sit
+    # between blocks, so these are segment reductions, not a search of sorted positions).
+    src_count = jax.ops.segment_sum(jnp.ones((b,), jnp.int32), o_q, num_segments=r + 1)[:r]
+    first_row = jax.ops.segment_min(jnp.arange(b, dtype=jnp.int32), o_q, num_segments=r + 1)[:r]
+    row_beg = jnp.where(src_count > 0, first_row, 0).astype(jnp.int32)
+    row_end = row_beg + src_count
     o_worst = jnp.where(o_q < r, pages_spanned(o_prefix, o_limit, page), 0)
     # Per queue position: the pages its rows share (every full page of the longest prefix they read) and
     # the pages it needs to enter (those plus each row's worst case).
@@ -396,7 +421,9 @@ def generate(
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys, impl=key_impl), n_gen)
         return sample_tokens(logits, keys, settings.sampling)
 
-    zeros_lnc = jnp.zeros((nf, nseg, layers, heads, c), jnp.float32)
+    # The FCI sums in the layout the layer scan gives the decode kernel's mass ([L, F, N, R, C]): adding
+    # a step's mass needs no transpose of this, the largest per-slot state (two [L, N, R, C] per slot).
+    zeros_lnc = jnp.zeros((layers, nf, heads, nseg, c), jnp.float32)
     state = LoopState(
         cache=empty_cache(cfg, n, size, npages, page, sharder, d),
         refs=jnp.zeros((d, npages), jnp.int32),
@@ -428,13 +455,34 @@ def generate(
         limit=jnp.ones((n,), jnp.int32),
         prefix=jnp.ones((n,), jnp.int32),
     )
+
+    def split(x, axis=0):
+        """x with its axis `axis` (slots, FCI slots or block-laid-out rows) split over the batch axes like
+        the shards: each device holds its own slots' state (and rows' outputs)."""
+        if d == 1:
+            return x
+        return sharder.constrain(x, (None,) * axis + ("batch",) + (None,) * (x.ndim - axis - 1))
+
+    def pin(s: LoopState) -> LoopState:
+        """The per-slot state that grows with the slots, split like them (tokens and log-probs [n, M], the
+        FCI sums [L, F, N, R, C] and key steps [F, R, S])."""
+        f = dataclasses.replace(
+            s.f, key_steps=split(s.f.key_steps), cur_mass=split(s.f.cur_mass, 1), fci=split(s.f.fci, 1)
+        )
+        return dataclasses.replace(
+            s, tokens=split(s.tokens), logprobs=split(s.logprobs), entropies=split(s.entropies), f=f
+        )
+
+    state = pin(state)
     shapes = jax.eval_shape(lambda: _results(state, free_slots, m, c, fci_slot, fci_of))
+    blocks = rows_per_shard is not None
     out0 = {
         k: jnp.full(
             (b,) + v.shape[1:], settings.pad_id if k == "tokens" else (-1 if k == "step_ids" else 0), v.dtype
         )
         for k, v in shapes.items()
     }
+    out0 = {k: split(v) for k, v in out0.items()} if blocks else out0
 
     def plan(s: LoopState, nxt):
         """Per shard ([D] each): whether its next group enters now, how many sources and rows it brings."""
@@ -459,9 +507,19 @@ def generate(
 
     def harvest(s: LoopState, sl: Slots, out):
         fin = s.fed_final & (sl.row >= 0)
-        dest = jnp.where(fin, sl.row, b)
         res = _results(s, sl, m, c, fci_slot, fci_of)
-        out = {k: out[k].at[dest].set(res[k], mode="drop") for k in out}
+        if blocks:  # shard d's slots write its own block of rows, on its own device
+            local = jnp.where(fin, sl.row - jnp.arange(n) // nl * rows_per_shard, rows_per_shard)
+
+            def write(o, v):
+                o, v = o.reshape((d, rows_per_shard) + o.shape[1:]), v.reshape((d, nl) + v.shape[1:])
+                o = jax.vmap(lambda a, i, x: a.at[i].set(x, mode="drop"))(o, local.reshape(d, nl), v)
+                return split(o.reshape((b,) + o.shape[2:]))
+
+            out = {k: write(out[k], res[k]) for k in out}
+        else:
+            dest = jnp.where(fin, sl.row, b)
+            out = {k: out[k].at[dest].set(res[k], mode="drop") for k in out}
         return dataclasses.replace(sl, row=jnp.where(fin, -1, sl.row)), out
 
     def insert(carry):
@@ -547,6 +605,9 @@ def generate(
         def put_f(x, v):
             return x.at[fdest].set(v, mode="drop")
 
+        # FCI slots taking a new row: their [L, F, N, R, C] sums start again
+        fresh = jnp.zeros((nf,), bool).at[fdest].set(True, mode="drop")[None, :, None, None, None]
+
         cache = KVCache(cache.k, cache.v, put(cache.table, table.reshape(nw, mb)), put(cache.lengths, prefix))
         ks = jnp.where(jnp.arange(size)[None, :] < prefix[:, None], 0, -1).astype(jnp.int32)
         f = s.f
@@ -569,8 +630,8 @@ def generate(
                 step_len=put_f(
                     f.step_len, jnp.zeros((nw, nseg, c), jnp.int32).at[:, :, 0].set(prefix[:, None])
                 ),
-                cur_mass=put_f(f.cur_mass, jnp.zeros((nw,) + f.cur_mass.shape[1:], jnp.float32)),
-                fci=put_f(f.fci, jnp.zeros((nw,) + f.fci.shape[1:], jnp.float32)),
+                cur_mass=jnp.where(fresh, 0.0, f.cur_mass),
+                fci=jnp.where(fresh, 0.0, f.fci),
                 think_step=put_f(f.think_step, jnp.full((nw, nseg), -1, jnp.int32)),
                 has_sep=put_f(f.has_sep, jnp.zeros((nw, nseg), bool)),
             ),
@@ -583,15 +644,15 @@ def generate(
             limit=put(sl.limit, lim),
             prefix=put(sl.prefix, prefix),
         )
-        return s, sl, out, nxt + count
+        return pin(s), sl, out, nxt + count
 
     def fci_step(f: FciState, key_steps, mass, track, token, done) -> FciState:
         """One decode step of FCI for the FCI slots (track [F]: the slot's row is active and tracks FCI;
-        token: the fed token; done: it is the row's last): the fed token's attention row (mass [F, R, L,
-        N, C]) joins its step, and a closing step is added to the sums."""
+        token: the fed token; done: it is the row's last): the fed token's attention row (mass [L, F, N,
+        R, C]) joins its step, and a closing step is added to the sums."""
+        cur_mass = f.cur_mass + jnp.where(track[None, :, None, None, None], mass, 0.0)
         track = track[:, None]  # [F, 1]
         bucket = jnp.minimum(f.cur_step, c - 1)  # [F, R]
-        cur_mass = f.cur_mass + jnp.where(track[..., None, None, None], mass, 0.0)
         step_len = f.step_len + track[..., None] * jax.nn.one_hot(bucket, c, dtype=jnp.int32)
         cur_len = f.cur_len + track
         sep = seps[token]  # [F, R]
@@ -599,14 +660,14 @@ def generate(
         key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [F, R, C]
         earlier = jnp.arange(c) <= (f.cur_step - delta)[..., None]  # key steps c <= a - Delta
         scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [F, R, C]
-        closing = close[..., None, None, None]
+        closing = close[None, :, None, :, None]  # [1, F, 1, R, 1] against the sums [L, F, N, R, C]
         return FciState(
             key_steps=key_steps,
             cur_step=f.cur_step + close,
             cur_len=jnp.where(close, 0, cur_len),
             step_len=step_len,
             cur_mass=jnp.where(closing, 0.0, cur_mass),
-            fci=f.fci + jnp.where(closing, cur_mass * scale[:, :, None, None, :], 0.0),
+            fci=f.fci + jnp.where(closing, cur_mass * scale[None, :, None], 0.0),
             think_step=jnp.where(track & (token == think_id)[:, None], f.cur_step, f.think_step),
             has_sep=f.has_sep | (track & sep),
         )
@@ -621,9 +682,9 @@ def generate(
         new_page = take_free(s.refs, jnp.cumsum(opening, axis=1) - opening, opening)  # [D, nl]
         blk = jnp.minimum(pos // page, mb - 1)
         opened = opening.reshape(-1)
-        table = s.cache.table.at[slot_ids, blk].set(
-            jnp.where(opened, new_page.reshape(-1), s.cache.table[slot_ids, blk])
-        )
+        # (a select over the table, rather than a scatter of what a gather of it read)
+        opens = opened[:, None] & (jnp.arange(mb)[None, :] == blk[:, None])
+        table = jnp.where(opens, new_page.reshape(-1, 1), s.cache.table)
         cache = KVCache(s.cache.k, s.cache.v, table, s.cache.lengths)
         # ---- the FCI slots' key steps: the fed token's position joins its row's current step.
         track = (active & sl.fci)[fci_slot]  # [F]
@@ -643,7 +704,7 @@ def generate(
         )
         f = s.f
         if nf:
-            mass = jnp.moveaxis(mass[:, :, :, 0], (1, 3), (0, 1))  # [L, F, N, R, C] -> [F, R, L, N, C]
+            mass = mass[:, :, :, 0]  # [L, F, N, T = 1, R, C] -> [L, F, N, R, C]: the sums' layout
             f = fci_step(f, key_steps, mass, track, s.cur_token[fci_slot], s.done[fci_slot])
         # ---- sample the next token for rows that are still generating.
         gen = active & ~s.done
@@ -672,7 +733,7 @@ def generate(
             entropies=s.entropies.at[slot_ids, write].set(ent, mode="drop"),
             f=f,
         )
-        return s, sl, out, nxt
+        return pin(s), sl, out, nxt
 
     # Insert, decode until some shard's next group fits (or every row ended), insert again: two nested
     # loops rather than a `lax.cond` per step, whose branches would each need their own copy of the cache.
@@ -688,5 +749,7 @@ def generate(
     carry = (state, free_slots, out0, q_beg.astype(jnp.int32))
     s, sl, out, _ = jax.lax.while_loop(go, insert_then_decode, carry)
     _, out = harvest(s, sl, out)
+    if rows_per_shard is not None:
+        return out  # the callers' block layout, each device's rows on it
     inv = jnp.argsort(order)  # back to the callers' row order
     return {k: v[inv] for k, v in out.items()}

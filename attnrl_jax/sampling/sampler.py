@@ -80,6 +80,7 @@ class CallShape:
     shards: int = 1  # ways the slots and pages are split (the mesh's batch split, or 1)
     rows_per_source: int = 0  # rows of one prefix at most (`chunk_sources`; 0: no limit)
     fci_slots: int | None = None  # slots with FCI state (None: all)
+    rows_per_shard: int | None = None  # rows come in `shards` blocks of this many (`block_layout`)
 
 
 def page_bytes(cfg: ModelConfig, settings: LoopSettings) -> int:
@@ -118,6 +119,37 @@ def chunk_sources(num_sources: int, row_src: Sequence[int], cap: int) -> tuple[l
         new_src.append(int(first[s] + seen[s] // size[s]))
         seen[s] += 1
     return source_of, new_src
+
+
+def block_layout(row_src: Sequence[int], shards: int, min_rows: int = 1) -> tuple[int, np.ndarray]:
+    """The loop's row blocks (`generate(rows_per_shard=...)`): shard d decodes the sources j with
+    j mod shards = d, so its block holds their rows, source by source in increasing j (each source's rows
+    in their order), then padding. Returns (rows per block: the fullest shard's rows rounded up to a power
+    of two of at least `min_rows`, each row's position in the blocks)."""
+    row_src = np.asarray(row_src, np.int64)
+    shard = row_src % shards
+    order = np.lexsort((np.arange(len(row_src)), row_src, shard))  # by shard, source, then row
+    counts = np.bincount(shard, minlength=shards)
+    per = _bucket(int(counts.max()), min_rows)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.empty(len(row_src), np.int64)
+    ranked = np.arange(len(row_src)) - starts[shard[order]]
+    pos[order] = shard[order] * per + ranked
+    return per, pos
+
+
+def plan_rows(
+    source_lens: Sequence[int], rows: Sequence[tuple], **plan_kw
+) -> tuple[CallShape, list[int], list[int], np.ndarray]:
+    """`plan_call`, then the sources split to fit one shard's slots (`chunk_sources`) and the rows laid out
+    in the loop's blocks (`block_layout`), so that each device writes and holds only its own rows' outputs.
+    Returns (the call's shape, the original source of each source, each row's source, each row's position
+    in the blocks)."""
+    shape = plan_call(source_lens, rows, **plan_kw)
+    source_of, row_src = chunk_sources(len(source_lens), [r[0] for r in rows], shape.rows_per_source)
+    per, pos = block_layout(row_src, shape.shards, max(plan_kw.get("min_batch", 8) // shape.shards, 1))
+    shape = dataclasses.replace(shape, batch=per * shape.shards, rows_per_shard=per)
+    return shape, source_of, row_src, pos
 
 
 def plan_call(
@@ -344,9 +376,10 @@ class Sampler:
         ]
         return initial, conts
 
-    def plan(self, sources, rows) -> CallShape:
-        """The compiled shape of a call over `sources` with `rows` (as `_run` receives them)."""
-        return plan_call(
+    def plan(self, sources, rows):
+        """The compiled shape of a call over `sources` with `rows` (as `_run` receives them), with the
+        sources after chunking and the rows' block positions (`plan_rows`)."""
+        return plan_rows(
             [len(s) for s in sources],
             [(s, length, limit, fci) for s, length, fci, _, limit in rows],
             cfg=self.cfg,
@@ -359,8 +392,7 @@ class Sampler:
         )
 
     def _run(self, sources, rows, seed) -> dict:
-        shape = self.plan(sources, rows)
-        source_of, row_src_of = chunk_sources(len(sources), [s for s, *_ in rows], shape.rows_per_source)
+        shape, source_of, row_src_of, pos = self.plan(sources, rows)
         sources = [sources[i] for i in source_of]
         rows = [(s, *rest) for s, (_, *rest) in zip(row_src_of, rows)]
         r_bucket, b_bucket, p_bucket = shape.sources, shape.batch, shape.prefix
@@ -378,10 +410,13 @@ class Sampler:
         row_len = np.ones(b_bucket, np.int32)
         row_fci = np.zeros(b_bucket, bool)
         row_max = np.ones(b_bucket, np.int32)
-        for b, (s, length, fci, _, limit) in enumerate(rows):
+        stream = np.arange(b_bucket)  # row i draws from fold_in(seed, i) wherever its block puts it
+        stream[pos] = np.arange(len(rows))
+        stream[np.setdiff1d(np.arange(b_bucket), pos)] = np.arange(len(rows), b_bucket)
+        for (s, length, fci, _, limit), b in zip(rows, pos):
             row_src[b], row_len[b], row_fci[b], row_max[b] = s, length, fci, limit
         base = jax.random.key(seed)
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b_bucket))
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(stream))
         stop = np.tile(np.asarray(self.stop_ids, np.int32), (b_bucket, 1))
         put = self.sharder.put  # rows are split over the batch axes; each process feeds its own rows
         out = generate(
@@ -406,10 +441,11 @@ class Sampler:
             pages=shape.pages,
             shards=shape.shards,
             fci_slots=shape.fci_slots,
+            rows_per_shard=shape.rows_per_shard,
         )
         out = fetch(out)
         results = {}
-        for b, (_, _, fci, key, _) in enumerate(rows):
+        for b, (_, _, fci, key, _) in zip(pos, rows):
             n = int(out["lengths"][b])
             tokens = out["tokens"][b, :n]
             results[key] = Sample(

@@ -2,9 +2,16 @@
 (never run) at their real width, vocabulary and 9,216-token rows, at two or three layers instead of 28, on
 the suite's 8 fake devices (`benchmarks/scale_memory.py` gives the full-depth tables). What a regression
 would bring back shows up per row: full float32 logits are 5.2 GiB per row, an unchunked SwiGLU hidden
-another 1 GiB."""
+another 1 GiB.
+
+A fake-CPU proxy, run with `pytest -m benchmark`: the suite's verdict on memory is the real compilers'
+(tests/fit_test.py compiles these programs for a v5e-8 and fails if they do not fit; full logits would)."""
+
+import pytest
 
 from benchmarks.scale_memory import GiB, measure
+
+pytestmark = pytest.mark.benchmark
 
 # Measured at 2 layers on 2026-12-02: 0.85 GiB more per row per device (3 rows vs 1), 6.5 GiB in all.
 PER_ROW_BOUND = 1.25 * GiB

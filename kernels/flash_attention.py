@@ -38,8 +38,9 @@ class BlockSizes:
     """Tile sizes of the kernels (each a positive multiple of 8; shrunk to short sequences).
 
     The defaults are the GPU (Triton) tiles: a [128, 128] bfloat16 query tile and [64, 128] key/value
-    tiles, two pipeline stages, stay well inside 227 KiB of shared memory, and the backward's float32
-    accumulators ([64, 128] each) fit the registers of four warps. `TPU_BLOCKS` are the TPU tiles.
+    tiles, two pipeline stages, at 8 warps for head dim 128. XLA:GPU compiles them for an H100 in 96-105 KiB
+    of shared memory, and ptxas places them in 160-254 registers without spills
+    (`kernels/compile_check.py`, benchmarks/RESULTS.md). `TPU_BLOCKS` are the TPU tiles.
 
     Attributes:
       block_q, block_k: query/key tile of the forward kernel.
@@ -60,7 +61,7 @@ class BlockSizes:
 
 # TPU: 256-wide tiles fill the v6e MXU (two passes of v5e's 128-wide one); one grid step holds a q, k, v
 # and output tile (bfloat16, double-buffered), a [256, 128] float32 accumulator and [256, 256] float32
-# scores, about 1.5 MiB of VMEM: far inside the 16 MiB scoped default of the smallest target (v5e).
+# scores, which Mosaic compiles for v5e and v5p within their VMEM (`kernels/compile_check.py`).
 TPU_BLOCKS = BlockSizes(256, 256, 256, 256)
 
 

@@ -129,3 +129,26 @@ def test_the_run_config_takes_the_preset_without_the_checkpoint():
     with pytest.raises(ValueError, match="config.model.hf_path=.* is not on this machine"):
         fit.run_config(bare)
     assert jax.device_count() == 8  # nothing here touched the suite's own devices
+
+
+@compilers
+def test_the_tpu_sampler_holds_one_layout_of_the_kv_pool():
+    """The cause of the 3x TPU sampler: the pool in two tiled layouts with whole-pool copies between them
+    around every token's write (`[.., K, P, page, H]`: three copies at two layers). libtpu's compiled
+    first-batch call (v5e-8, two layers) copies no pool-sized array."""
+    from attnrl_jax import targets
+    from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+    from configs import attnrl_1p5b
+
+    target = targets.parse("v5e-8")
+    c = fit.run_config(attnrl_1p5b.get_config(), layers=2)
+    sharder = Sharder(make_mesh(MeshConfig(**c.mesh), list(targets.devices(target))))
+    program = fit.train_programs(c, sharder, targets.capacity(target))[0][0]
+    assert program.name == "sampler: first batch"
+    with jax.set_mesh(sharder.mesh), jax.default_matmul_precision(None):
+        compiled = program.fn(*program.args).compile()
+    text = compiled.as_text()
+    pool_row = 2 * 128  # KV heads x head dim: a pool's last axis
+    assert re.search(rf"u16\[[\d,]+,128,{pool_row}\]", text), "no pool in the program?"
+    copies = re.findall(rf"= u16\[[\d,]+,128,{pool_row}\]\{{[^}}]*\}} copy\(", text)
+    assert not copies, copies

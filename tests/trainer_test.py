@@ -209,3 +209,30 @@ def test_bad_config_gives_a_clear_error(task_world, tmp_path, override, message)
     assert done.returncode != 0
     assert message in done.stdout + done.stderr, done.stdout + done.stderr
     assert not (tmp_path / "ckpt").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_the_train_state_waits_in_host_memory_while_the_sampler_runs(
+    task_world, tmp_path, monkeypatch, offload
+):
+    """train.offload_state: while the sampling stage runs, the float32 parameters and both AdamW moments
+    are in host memory (pinned_host), not on the devices; without it nothing is."""
+    from attnrl_jax import trainer
+
+    seen = []
+    original = trainer.sample_stage
+
+    def spy(*args, **kwargs):
+        host = [x for x in jax.live_arrays() if x.sharding.memory_kind == "pinned_host"]
+        seen.append(sum(x.nbytes for x in host))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sample_stage", spy)
+    c = _config(task_world, tmp_path, 2)
+    c.train.offload_state = offload
+    trainer.run(c)
+    _, params = _params(tmp_path)
+    param_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    assert len(seen) == 2
+    for held in seen:
+        assert held >= 3 * param_bytes if offload else held == 0, (held, param_bytes)

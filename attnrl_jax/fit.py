@@ -103,7 +103,7 @@ def _models(c: ConfigDict):
     return cfg, (cfg.replace(num_layers=c.model.num_layers) if "num_layers" in c.model else cfg)
 
 
-def _params(cfg, sharder, dtype):
+def abstract_params(cfg, sharder, dtype):
     """Abstract parameters in `dtype` with the parameter shardings."""
     import jax
 
@@ -137,17 +137,15 @@ def continuation_rows(responses: int, points: int, per_point: int, prompt_len: i
     return sources, rows
 
 
-def sampler_program(
-    name, cfg, loop, sharder, params, sources, rows, budget_gib, resident, plan_cfg=None
-) -> Program:
+def sampler_call(cfg, loop, sharder, params, sources, rows, budget_gib, plan_cfg=None):
     """The `sampling.loop.generate` call that `Sampler` compiles for `rows` over `sources` under a cache
-    budget of `budget_gib` per chip (`sampling.sampler.plan_call`, with `plan_cfg`'s pages: default
-    `cfg`)."""
+    budget of `budget_gib` per chip (`sampling.sampler.plan_rows`, with `plan_cfg`'s pages: default `cfg`):
+    (its CallShape, generate.lower with the static arguments bound, the abstract arguments)."""
     import jax
     import jax.numpy as jnp
 
-    from attnrl_jax.sampling.loop import default_pages, generate
-    from attnrl_jax.sampling.sampler import page_bytes, plan_rows, slot_bytes
+    from attnrl_jax.sampling.loop import generate
+    from attnrl_jax.sampling.sampler import plan_rows
 
     shape, *_ = plan_rows(
         sources,
@@ -176,20 +174,18 @@ def sampler_program(
         jax.ShapeDtypeStruct((), jnp.int32),
         array((b,), jnp.int32, ("batch",)),
     )
-    fn = functools.partial(
-        generate.lower,
-        cfg=cfg,
-        settings=loop,
-        sharder=sharder,
-        slots=shape.slots,
-        cache_size=shape.cache_size,
-        insert_sources=shape.insert_sources,
-        insert_rows=shape.insert_rows,
-        pages=shape.pages,
-        shards=shape.shards,
-        fci_slots=shape.fci_slots,
-        rows_per_shard=shape.rows_per_shard,
-    )
+    fn = functools.partial(generate.lower, cfg=cfg, settings=loop, sharder=sharder, **shape.loop_args())
+    return shape, fn, args
+
+
+def sampler_program(
+    name, cfg, loop, sharder, params, sources, rows, budget_gib, resident, plan_cfg=None
+) -> Program:
+    """`sampler_call` as a Program, with its floor: the KV page pool, the weights and the FCI state."""
+    from attnrl_jax.sampling.loop import default_pages
+    from attnrl_jax.sampling.sampler import page_bytes, slot_bytes
+
+    shape, fn, args = sampler_call(cfg, loop, sharder, params, sources, rows, budget_gib, plan_cfg)
     fci = shape.slots if shape.fci_slots is None else shape.fci_slots
     per_fci = slot_bytes(cfg, loop, shape.cache_size, 2) - slot_bytes(cfg, loop, shape.cache_size, 2, False)
     pages = shape.pages or default_pages(shape.slots, shape.cache_size, loop.page_size, shape.shards)
@@ -220,7 +216,7 @@ def train_programs(c: ConfigDict, sharder, capacity: int) -> tuple[list[Program]
     full, cfg = _models(c)
     optimizer = make_optimizer(s.optim)
     state = abstract_train_state(cfg, optimizer, sharder)
-    compute = _params(cfg, sharder, jnp.dtype(cfg.dtype))  # the sampler's (and the reference's) copy
+    compute = abstract_params(cfg, sharder, jnp.dtype(cfg.dtype))  # the sampler's and reference's copy
     ref = compute if s.loss.kl_coef > 0 else None
     offload = bool(c.train.offload_state)
     sampling = resident_bytes(ref, None if offload else state)  # besides the call's own arguments
@@ -307,7 +303,7 @@ def eval_programs(c: ConfigDict, sharder, capacity: int) -> tuple[list[Program],
 
     full, cfg = _models(c)
     loop = loop_settings(c)
-    params = _params(cfg, sharder, jnp.dtype(cfg.param_dtype))
+    params = abstract_params(cfg, sharder, jnp.dtype(cfg.param_dtype))
     budget = cache_gib(c.eval.cache_gib, capacity, resident_bytes(params), c.eval.memory_fraction)
     k = c.eval.k or MAX_EVAL_K
     src, rows = initial_rows(c.eval.batch_prompts, k, c.eval.max_prompt_len, loop.max_new_tokens)

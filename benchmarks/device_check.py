@@ -1,5 +1,6 @@
-"""The prepared device check: what only an accelerator can show, in one command of under 8 minutes, so that
-a session lent a GPU (15 minutes of device time, `benchmarks/RESULTS.md`) spends it on measurement.
+"""The prepared device check: what only an accelerator can show, in one command sized for under 8 minutes
+(its shapes were chosen for that; it has not been timed on a device yet), so that a session lent a GPU
+(15 minutes of device time, `benchmarks/RESULTS.md`) spends it on measurement.
 
     PYTHONUNBUFFERED=1 python -m benchmarks.device_check --out $OUT        # on the GPU machine
     python -m benchmarks.device_check --dry-run                             # the same steps, tiny, on CPU

@@ -227,11 +227,9 @@ def measure_sampler(
     import jax
     import jax.numpy as jnp
 
+    from attnrl_jax.fit import abstract_params, sampler_call
     from attnrl_jax.memory import cache_gib
     from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
-    from attnrl_jax.model.transformer import param_axes, param_shapes
-    from attnrl_jax.sampling.loop import generate
-    from attnrl_jax.sampling.sampler import plan_call
     from attnrl_jax.trainer import settings_from_config
 
     c = shipped_config(preset, overrides)
@@ -239,55 +237,14 @@ def measure_sampler(
     cfg = s.model if layers is None else s.model.replace(num_layers=layers)
     sharder = Sharder(make_mesh(MeshConfig(**c.mesh), jax.devices()[:devices]))
     source_lens, rows = paper_call(c, call)
-    shape = plan_call(
-        source_lens,
-        rows,
-        cfg=s.model,  # the shipped depth's slots and pages, also when fewer layers are compiled
-        settings=s.loop,
-        # unset: from the chip, which a CPU does not state (memory.CPU_CACHE_GIB)
-        cache_gib=cache_gib(c.sampler.cache_gib, None, 0, c.sampler.memory_fraction),
-        parallelism=sharder.batch_parallelism(),
-    )
     dtype = jnp.dtype(cfg.dtype)  # the sampler reads the compute-dtype copy of the parameters
-
-    def array(shape_, dtype_, axes):
-        return jax.ShapeDtypeStruct(shape_, dtype_, sharding=sharder.sharding(axes, shape_))
-
-    params = jax.tree.map(
-        lambda sh, ax: array(sh, dtype, ax),
-        param_shapes(cfg),
-        param_axes(cfg),
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-    b, r = shape.batch, shape.sources
-    keys = jax.ShapeDtypeStruct((b,), jax.random.key(0).dtype, sharding=sharder.sharding(("batch",), (b,)))
-    args = (
-        params,
-        array((r, shape.prefix), jnp.int32, (None, None)),
-        array((r,), jnp.int32, (None,)),
-        array((b,), jnp.int32, ("batch",)),
-        array((b,), jnp.int32, ("batch",)),
-        keys,
-        array((b,), bool, ("batch",)),
-        array((b, 1), jnp.int32, ("batch", None)),
-        array((cfg.vocab_size, 2), bool, (None, None)),
-        jax.ShapeDtypeStruct((), jnp.int32),
-        array((b,), jnp.int32, ("batch",)),
-    )
+    # The call the Sampler compiles (attnrl_jax.fit), planned at the shipped depth's slots and pages also
+    # when fewer layers compile; an unset cache_gib is the CPU's (memory.CPU_CACHE_GIB): a CPU states none.
+    budget = cache_gib(c.sampler.cache_gib, None, 0, c.sampler.memory_fraction)
+    params = abstract_params(cfg, sharder, dtype)
+    shape, lower, args = sampler_call(cfg, s.loop, sharder, params, source_lens, rows, budget, s.model)
     t0 = time.perf_counter()
-    compiled = generate.lower(
-        *args,
-        cfg=cfg,
-        settings=s.loop,
-        sharder=sharder,
-        slots=shape.slots,
-        cache_size=shape.cache_size,
-        insert_sources=shape.insert_sources,
-        insert_rows=shape.insert_rows,
-        pages=shape.pages,
-        shards=shape.shards,
-        fci_slots=shape.fci_slots,
-    ).compile()
+    compiled = lower(*args).compile()
     mem = compiled.memory_analysis()
     kv = (
         2 * cfg.num_layers * shape.pages * s.loop.page_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize

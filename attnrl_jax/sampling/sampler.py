@@ -82,6 +82,19 @@ class CallShape:
     fci_slots: int | None = None  # slots with FCI state (None: all)
     rows_per_shard: int | None = None  # rows come in `shards` blocks of this many (`block_layout`)
 
+    def loop_args(self) -> dict:
+        """The static arguments of `sampling.loop.generate` for a call of this shape."""
+        return dict(
+            slots=self.slots,
+            cache_size=self.cache_size,
+            insert_sources=self.insert_sources,
+            insert_rows=self.insert_rows,
+            pages=self.pages,
+            shards=self.shards,
+            fci_slots=self.fci_slots,
+            rows_per_shard=self.rows_per_shard,
+        )
+
 
 def page_bytes(cfg: ModelConfig, settings: LoopSettings) -> int:
     """Device bytes of one KV page: keys and values of every layer for `settings.page_size` positions."""
@@ -434,14 +447,7 @@ class Sampler:
             cfg=self.cfg,
             settings=self.settings,
             sharder=self.sharder,
-            slots=shape.slots,
-            cache_size=shape.cache_size,
-            insert_sources=shape.insert_sources,
-            insert_rows=shape.insert_rows,
-            pages=shape.pages,
-            shards=shape.shards,
-            fci_slots=shape.fci_slots,
-            rows_per_shard=shape.rows_per_shard,
+            **shape.loop_args(),
         )
         out = fetch(out)
         results = {}

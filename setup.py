@@ -1,8 +1,11 @@
 """Installs attnrl_jax and its Pallas kernels.
 
-The kernel sources live in the top-level ``kernels/`` folder but are installed as ``attnrl_jax.kernels``:
-a top-level ``kernels`` module in site-packages would collide with Hugging Face's ``kernels`` distribution,
-which transformers probes for and imports when it believes it is present.
+The kernel sources live in the top-level ``kernels/`` folder and are installed as ``attnrl_jax.kernels``
+through the link ``attnrl_jax/kernels -> ../kernels``. The folder has no ``__init__.py``: run from the
+checkout, the repository root is on sys.path, and a folder without one never shadows an installed regular
+package, so ``import kernels`` finds Hugging Face's ``kernels`` distribution (which transformers >= 5.25
+requires and imports), while ``attnrl_jax.kernels`` is our folder, a namespace package inside attnrl_jax
+(the link is followed by the editable install and copied into a wheel).
 """
 
 from setuptools import setup
@@ -42,17 +45,13 @@ setup(
         "attnrl_jax.task",
         "attnrl_jax.kernels",
     ],
-    package_dir={"attnrl_jax.kernels": "kernels"},
     package_data={"attnrl_jax": ["gpu_targets/*.txtpb"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
         "optax>=0.2",
         "orbax-checkpoint>=0.12",
-        # <5.25: transformers 5.25 requires Hugging Face's `kernels` package, whose import name is this
-        # repository's top-level kernels/ folder (installed as attnrl_jax.kernels): run from the checkout,
-        # transformers imports our folder for theirs and fails (the fresh-clone CI of 2026-12-03).
-        "transformers>=4.45,<5.25",
+        "transformers>=4.45",
         "jinja2",  # transformers' apply_chat_template needs it but does not install it (torch brings it)
         "safetensors>=0.4",
         "sentencepiece",

@@ -9,7 +9,7 @@ Steps (each timed and reported; a failing step is recorded and the next one runs
 1. the compiled kernels against their dense references on the device: flash attention forward and
    backward, FCI column sums, the paged decode kernel with the step mass (R = 2 segmentations, C = 512,
    pages of 128, the sampler's staircase of steps) and without it, at the 1.5B model's heads;
-2. `attnrl_jax.kernels.bench` rows: attention forward and backward against cuDNN's and XLA's, FCI's forward
+2. `benchmarks.kernel_bench` rows: attention forward and backward against cuDNN's and XLA's, FCI's forward
    overhead against cuDNN attention, decode against the HBM roofline;
 3. a 1.5B-shaped sampler call (random bfloat16 weights, 28 layers, the shipped FCI settings, 64 rows of a
    1,024-token prompt generating 1,024 tokens) and train step (float32 master weights, AdamW, 8 rows of 9,216
@@ -115,9 +115,9 @@ def kernels(dry: bool):
     return out
 
 
-@_step("kernel benchmarks (attnrl_jax.kernels.bench)")
+@_step("kernel benchmarks (benchmarks.kernel_bench)")
 def benches(dry: bool):
-    from attnrl_jax.kernels import bench
+    from benchmarks import kernel_bench as bench
 
     runs = (
         [["attention", "--seq-len", "256", "--iters", "1"]]
@@ -131,7 +131,7 @@ def benches(dry: bool):
         ]
     )
     for argv in runs:
-        print(f"   python -m attnrl_jax.kernels.bench {' '.join(argv)}", flush=True)
+        print(f"   python -m benchmarks.kernel_bench {' '.join(argv)}", flush=True)
         bench.main(argv)
     return {"runs": [" ".join(a) for a in runs]}
 

@@ -32,7 +32,7 @@ Two forms (`kernels/target.py`):
   every bucket ([tile, R C] float32, 256 KiB at R = 2, C = 512) does not fit an H100's 227 KiB of shared
   memory per block (XLA:GPU refused it); the window's is [tile, 2 tile] whatever R and C are: the kernel
   compiles for an H100 in 23 KiB of shared memory and 168 registers without spills at R = 2, C = 512 and
-  C = 2048 alike (`kernels/compile_check.py`).
+  C = 2048 alike (`benchmarks/kernel_compile.py`).
 * "tpu" makes the pages a grid axis, with the layer, the rows' lengths and the page table prefetched into
   SMEM, so that the index map fetches page `table[b, j]` (its KV head's columns) and pages past a row's
   length repeat its last one (no fetch). The mass is p @ onehot(steps) ([G, page] x [page, R C]) in VMEM.

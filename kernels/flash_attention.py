@@ -40,7 +40,7 @@ class BlockSizes:
     The defaults are the GPU (Triton) tiles: a [128, 128] bfloat16 query tile and [64, 128] key/value
     tiles, two pipeline stages, at 8 warps for head dim 128. XLA:GPU compiles them for an H100 in 96-105 KiB
     of shared memory, and ptxas places them in 160-254 registers without spills
-    (`kernels/compile_check.py`, benchmarks/RESULTS.md). `TPU_BLOCKS` are the TPU tiles.
+    (`benchmarks/kernel_compile.py`, benchmarks/RESULTS.md). `TPU_BLOCKS` are the TPU tiles.
 
     Attributes:
       block_q, block_k: query/key tile of the forward kernel.
@@ -61,7 +61,7 @@ class BlockSizes:
 
 # TPU: 256-wide tiles fill the v6e MXU (two passes of v5e's 128-wide one); one grid step holds a q, k, v
 # and output tile (bfloat16, double-buffered), a [256, 128] float32 accumulator and [256, 256] float32
-# scores, which Mosaic compiles for v5e and v5p within their VMEM (`kernels/compile_check.py`).
+# scores, which Mosaic compiles for v5e and v5p within their VMEM (`benchmarks/kernel_compile.py`).
 TPU_BLOCKS = BlockSizes(256, 256, 256, 256)
 
 

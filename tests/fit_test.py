@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from attnrl_jax import fit
-from attnrl_jax.kernels import compile_check as cc
+from benchmarks import kernel_compile as cc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 compilers = pytest.mark.skipif(

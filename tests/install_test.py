@@ -1,5 +1,8 @@
-"""Installing attnrl_jax never makes transformers believe Hugging Face's `kernels` package is present."""
+"""The kernel folder shadows nothing: run from the checkout (the repository root on sys.path), `import
+kernels` finds the installed Hugging Face `kernels` distribution (transformers >= 5.25 requires and imports
+it) or nothing, never our top-level `kernels/` folder, which is importable only as `attnrl_jax.kernels`."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = textwrap.dedent(
     """
-    import importlib.util, sys
-    import attnrl_jax, attnrl_jax.kernels, transformers
+    import importlib.util, os, sys
+    import attnrl_jax, attnrl_jax.kernels.fci, transformers
     from transformers import AutoConfig, PreTrainedTokenizerFast
     from transformers.utils.import_utils import is_kernels_available
 
@@ -19,9 +22,11 @@ PROBE = textwrap.dedent(
     assert tok.decode(ids) == "Step 1.\\n\\nSo x = 2.", tok.decode(ids)
     cfg = AutoConfig.from_pretrained(sys.argv[2])
     assert cfg.model_type == "qwen2"
+    spec = importlib.util.find_spec("kernels")
+    origin = None if spec is None else (spec.origin or list(spec.submodule_search_locations)[0])
     print("kernels_available", is_kernels_available())
-    print("top_level_kernels", importlib.util.find_spec("kernels") is not None)
-    print("attnrl_kernels", attnrl_jax.kernels.__name__)
+    print("top_level_kernels", origin and os.path.realpath(origin))
+    print("attnrl_kernels", os.path.realpath(attnrl_jax.kernels.fci.__file__))
     """
 )
 
@@ -40,20 +45,17 @@ def _probe(cwd, tokenizer_dir, config_dir):
     return dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
 
 
-def test_transformers_does_not_see_a_kernels_package(tmp_path, qwen_tokenizer_dir):
-    import json
-
+def test_kernels_folder_shadows_no_installed_package(tmp_path, qwen_tokenizer_dir):
     from attnrl_jax.model import ModelConfig
 
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps(ModelConfig.tiny().to_hf_dict()))
-    # Outside the repository: the installed package exposes no top-level `kernels` module at all.
+    ours = os.path.join(REPO, "kernels")
     outside = _probe(str(tmp_path), qwen_tokenizer_dir, str(tmp_path / "cfg"))
-    assert outside == {
-        "kernels_available": "False",
-        "top_level_kernels": "False",
-        "attnrl_kernels": "attnrl_jax.kernels",
-    }
-    # In the repository root, where the source folder `kernels/` is importable: still not mistaken for it.
     inside = _probe(REPO, qwen_tokenizer_dir, str(tmp_path / "cfg"))
-    assert inside["kernels_available"] == "False"
+    for seen in (outside, inside):
+        # attnrl_jax.kernels is the repository's folder (the editable install follows the link) ...
+        assert seen["attnrl_kernels"] == os.path.join(ours, "fci.py")
+        # ... and a top-level `kernels`, where there is one, is an installed distribution, not that folder.
+        assert not seen["top_level_kernels"].startswith(ours), seen
+    assert inside == outside  # the working directory changes nothing transformers sees

@@ -1,5 +1,5 @@
 """Every Pallas kernel compiles for TPU v5e, TPU v5p and an H100 with their real compilers, from this
-CPU-only machine (`kernels/compile_check.py`): the 1.5B model's heads, bfloat16, the shipped tiles, every
+CPU-only machine (`benchmarks/kernel_compile.py`): the 1.5B model's heads, bfloat16, the shipped tiles, every
 (segmentations, step buckets, page) the configs use for the paged decode kernel, at L = 1k, 8k and 32k. The
 Triton kernels use no local memory (ptxas on sm_90a: no spills), and the compilers' limits are not vacuous
 (each refuses a kernel over them)."""
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
-from attnrl_jax.kernels import compile_check as cc
+from benchmarks import kernel_compile as cc
 from attnrl_jax.kernels import target as tg
 
 pytestmark = pytest.mark.skipif(

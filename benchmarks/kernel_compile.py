@@ -3,8 +3,8 @@ targets' own compilers (`attnrl_jax/targets.py`): Mosaic TPU for TPU v5e and v5p
 for an H100. The compiler's verdict replaces the on-chip estimates this project used to compute by hand
 (they said 69 KiB of shared memory for a decode kernel that needed 296.5 KiB).
 
-    python -m attnrl_jax.kernels.compile_check                       # every kernel, target and length
-    python -m attnrl_jax.kernels.compile_check --lengths 8192 --targets h100-1
+    python -m benchmarks.kernel_compile                       # every kernel, target and length
+    python -m benchmarks.kernel_compile --lengths 8192 --targets h100-1
 
 For the GPU form it also reports registers and spills: the `triton` package (the `cuda` extra) compiles the
 TTIR that Pallas emits with the same warps and stages, and ptxas (`ptxas-blackwell`, bundled with it) prints
@@ -38,6 +38,11 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from attnrl_jax import targets  # noqa: E402
+from attnrl_jax.kernels.decode_attention import decode_attention  # noqa: E402
+from attnrl_jax.kernels.fci import fci_column_sums  # noqa: E402
+from attnrl_jax.kernels.flash_attention import flash_attention  # noqa: E402
+
 LENGTHS = (1024, 8192, 32768)
 TARGETS = ("v5e-1", "v5p-2", "h100-1")  # one chip of each: kernels run per device
 HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128
@@ -48,8 +53,6 @@ DECODE_SETTINGS = ((0, 0, 128), (2, 512, 128), (2, 16, 16), (2, 2, 128), (1, 512
 
 def kernel_points(length: int) -> dict[str, tuple[Callable, tuple]]:
     """name -> (fn, abstract args) of every kernel at the 1.5B model's shapes and sequence length."""
-    from attnrl_jax.kernels.fci import fci_column_sums
-    from attnrl_jax.kernels.flash_attention import flash_attention
 
     sds = jax.ShapeDtypeStruct
     bf16, i32, f32 = jnp.bfloat16, jnp.int32, jnp.float32
@@ -82,20 +85,17 @@ def kernel_points(length: int) -> dict[str, tuple[Callable, tuple]]:
 
 
 def _decode(q, k, v, table, lengths):
-    from attnrl_jax.kernels.decode_attention import decode_attention
 
     return decode_attention(q, k, v, table, lengths)
 
 
 def _decode_with_mass(q, k, v, table, lengths, steps, *, num_steps):
-    from attnrl_jax.kernels.decode_attention import decode_attention
 
     return decode_attention(q, k, v, table, lengths, steps, num_steps=num_steps)
 
 
 def single_device(target_name: str, args):
     """(a one-device mesh of the target, `args` placed on it)."""
-    from attnrl_jax import targets
 
     device = targets.devices(targets.parse(target_name))[0]
     mesh = jax.sharding.Mesh([device], ("x",))

@@ -1,10 +1,10 @@
 """Standalone kernel benchmarks: attention forward and backward, FCI, FCI's forward overhead, decode.
 
-    python -m attnrl_jax.kernels.bench fci --seq-len 2048 4096 8192
-    python -m attnrl_jax.kernels.bench attention --seq-len 4096
-    python -m attnrl_jax.kernels.bench attention-bwd --seq-len 4096
-    python -m attnrl_jax.kernels.bench fci-forward --seq-len 8192 --dtype bfloat16
-    python -m attnrl_jax.kernels.bench decode --batch 256 --seq-len 4096 --dtype bfloat16
+    python -m benchmarks.kernel_bench fci --seq-len 2048 4096 8192
+    python -m benchmarks.kernel_bench attention --seq-len 4096
+    python -m benchmarks.kernel_bench attention-bwd --seq-len 4096
+    python -m benchmarks.kernel_bench fci-forward --seq-len 8192 --dtype bfloat16
+    python -m benchmarks.kernel_bench decode --batch 256 --seq-len 4096 --dtype bfloat16
 
 Every row first checks its result against the reference, then times the compiled programs (median of
 --iters runs after a warm-up) and reads their temporary memory from the compiled executable's memory
@@ -36,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference
 from attnrl_jax.kernels.fci import DELTA, fci_step_sums, step_lengths
 from attnrl_jax.kernels.flash_attention import attention_reference, flash_attention
+from attnrl_jax.model.attention import attention, xla_attention
 
 
 def _compiled(fn, *args):
@@ -80,7 +82,6 @@ def _dpa(q, k, v, implementation):
 
 
 def _attention_candidates(impl):
-    from attnrl_jax.model.attention import xla_attention
 
     ours = (
         (lambda q, k, v, s: flash_attention(q, k, v, s, s)[0])
@@ -225,7 +226,6 @@ def bench_fci_forward(args):
         num_steps = int(steps.max()) + 1
 
         def with_fci(q, k, v, steps, num_steps=num_steps):
-            from attnrl_jax.model.attention import attention
 
             seg = jnp.ones_like(steps)
             out, lse = attention(q, k, v, seg, seg, impl=impl, return_lse=True)
@@ -263,7 +263,6 @@ def _hbm_gbps(args) -> float | None:
 def bench_decode(args):
     """Decode attention of one layer over a paged cache (pages of `--page` positions scattered through the
     pool, as the sampler's are): rows/s and the fraction of the memory roofline it reaches."""
-    from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference
 
     impl = _ours_impl()
     dt = jnp.dtype(args.dtype)

@@ -107,7 +107,7 @@ def abstract_params(cfg, sharder, dtype):
     """Abstract parameters in `dtype` with the parameter shardings."""
     import jax
 
-    from attnrl_jax.model.transformer import param_axes, param_shapes
+    from attnrl_jax.model.params import param_axes, param_shapes
 
     return jax.tree.map(
         lambda sh, ax: jax.ShapeDtypeStruct(sh, dtype, sharding=sharder.sharding(ax, sh)),
@@ -418,7 +418,8 @@ def entry_points(length: int, layers: int = 2) -> dict[str, tuple[Callable, tupl
     import optax
 
     from attnrl_jax.model.config import ModelConfig
-    from attnrl_jax.model.transformer import forward_with_fci, init_params
+    from attnrl_jax.model.forward import forward_with_fci
+    from attnrl_jax.model.params import init_params
     from attnrl_jax.rl.loss import LossConfig
     from attnrl_jax.rl.train_step import TrainBatch, TrainState, train_step
     from attnrl_jax.sampling.loop import LoopSettings, generate

@@ -64,7 +64,7 @@ from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
 from attnrl_jax.model import ModelConfig, init_sharded_params
 from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
-from attnrl_jax.model.transformer import compute_params
+from attnrl_jax.model.params import compute_params
 from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.rl import (
     LossConfig,

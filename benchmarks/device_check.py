@@ -61,8 +61,9 @@ def kernels(dry: bool):
     import jax.numpy as jnp
     import numpy as np
 
+    from attnrl_jax.fci import step_lengths
     from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference
-    from attnrl_jax.kernels.fci import fci_column_sums, fci_column_sums_xla, step_lengths
+    from attnrl_jax.kernels.fci import fci_column_sums, fci_column_sums_xla
     from attnrl_jax.kernels.flash_attention import attention_reference, flash_attention
 
     out = {}
@@ -163,7 +164,7 @@ def sampler(dry: bool):
     import jax
     import jax.numpy as jnp
 
-    from attnrl_jax.model.transformer import init_params
+    from attnrl_jax.model.params import init_params
     from attnrl_jax.sampling.loop import LoopSettings, generate
 
     cfg = _model(dry, "bfloat16")
@@ -205,7 +206,7 @@ def train_step(dry: bool):
     import jax
     import jax.numpy as jnp
 
-    from attnrl_jax.model.transformer import init_params
+    from attnrl_jax.model.params import init_params
     from attnrl_jax.rl.loss import LossConfig
     from attnrl_jax.rl.train_step import OptimConfig, TrainBatch, init_train_state, make_optimizer
     from attnrl_jax.rl.train_step import train_step as step

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnrl_jax.fci import DELTA, fci_step_sums, step_lengths
 from attnrl_jax.kernels.decode_attention import decode_attention, decode_attention_reference
-from attnrl_jax.kernels.fci import DELTA, fci_step_sums, step_lengths
 from attnrl_jax.kernels.flash_attention import attention_reference, flash_attention
 from attnrl_jax.model.attention import attention, xla_attention
 

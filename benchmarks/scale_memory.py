@@ -107,7 +107,7 @@ def measure(
     import jax.numpy as jnp
 
     from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
-    from attnrl_jax.model.transformer import compute_params
+    from attnrl_jax.model.params import compute_params
     from attnrl_jax.rl.train_step import (
         TrainBatch,
         abstract_train_state,

@@ -6,7 +6,7 @@ The cache is the sampler's page pool, `[L, P, page, K H]` per layer, page, posit
 heads' values side by side (KV head k in columns [k H, (k + 1) H)), stacked over layers so that one layer's
 kernel reads the pool the layer scan carries (no per-layer slice of it is copied); `layer` picks the layer.
 Row b's position s lives in page `table[b, s // page]` at offset `s % page`; rows that share a prefix share
-its pages. The pool may hold the compute dtype's values as raw 16-bit words (`model.transformer.cache_dtype`):
+its pages. The pool may hold the compute dtype's values as raw 16-bit words (`model.kv_cache.cache_dtype`):
 each page is bitcast on chip. A position's keys are one contiguous row of the pool, so writing a new token is
 a scatter of whole rows into the pool's own layout: on TPU the compiler keeps one layout of the pool for
 that write, the prefill's page writes and this kernel (with the KV heads as a separate axis the token write

@@ -13,10 +13,11 @@ L x L (or steps x steps) array exists at any point.
 
 The Pallas kernel visits key tiles outside and, for each, the query tiles that can see it, the structure of
 a flash backward dK/dV kernel (two forms, `kernels/target.py`: the GPU form loops over query tiles inside
-the program, the TPU form makes them a grid axis), and writes the weighted column sums [B, N, S];
-`fci_step_sums` reduces them per key step with a segment sum. `fci_step_sums_xla` computes the same in
-plain XLA, chunked over queries (the compiled CPU path and the benchmark baseline of the kernel), and
-`fci_reference` is the dense formula from explicit attention maps (tests and benchmarks only).
+the program, the TPU form makes them a grid axis), and writes the weighted column sums [B, N, S].
+`fci_column_sums_xla` computes the same in plain XLA, chunked over queries (the compiled CPU path and the
+benchmark baseline of the kernel), and `fci_reference` is the dense formula from explicit attention maps
+(tests and benchmarks only). The algorithm-side math (step lengths, the per-step reduction of the column
+sums, the zeroing rules, the attention mass while decoding) lives in `attnrl_jax/fci.py`.
 
 Per-token inputs: step ids (0 for the prompt, c >= 1 for response step c, -1 for padding) and step lengths
 (|U_{s(i)}|, anything for padding). One sequence per row; queries and keys are the same tokens.
@@ -155,7 +156,8 @@ def _fci_call(qh, lse_p, steps, weights, kh, *, bq, bk, delta, target, interpret
     )(*args)
 
 
-def _token_weights(step_ids, step_lens):
+def token_weights(step_ids, step_lens):
+    """w_i = 1 / |U_{s(i)}| per token (0 for padding): the weight of a token within its step."""
     valid = step_ids >= 0
     return jnp.where(valid, 1.0 / jnp.maximum(step_lens, 1).astype(jnp.float32), 0.0)
 
@@ -208,7 +210,7 @@ def fci_column_sums(
         jnp.where(jnp.isfinite(lse), lse, jnp.inf), ((0, 0), (0, 0), (0, pad)), constant_values=jnp.inf
     )
     steps = jnp.pad(step_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
-    weights = jnp.pad(_token_weights(step_ids, step_lens), ((0, 0), (0, pad)))
+    weights = jnp.pad(token_weights(step_ids, step_lens), ((0, 0), (0, pad)))
 
     def build(tgt, interp):
         bq, bk = (_fit(x, lp) for x in blocks(tgt))
@@ -241,7 +243,7 @@ def fci_column_sums_xla(q, k, lse, step_ids, step_lens, *, delta=DELTA, chunk=No
         jnp.where(jnp.isfinite(lse), lse, jnp.inf), ((0, 0), (0, 0), (0, pad)), constant_values=jnp.inf
     )
     steps = jnp.pad(step_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
-    weights = jnp.pad(_token_weights(step_ids, step_lens), ((0, 0), (0, pad)))
+    weights = jnp.pad(token_weights(step_ids, step_lens), ((0, 0), (0, pad)))
     kstep = step_ids.astype(jnp.int32)
     k_pos = jnp.arange(length)
 
@@ -261,81 +263,6 @@ def fci_column_sums_xla(q, k, lse, step_ids, step_lens, *, delta=DELTA, chunk=No
     init = jnp.zeros((b, kv_heads, g, length), jnp.float32)
     colsum = lax.fori_loop(0, lp // chunk, one_chunk, init)
     return colsum.reshape(b, n, length)
-
-
-def reduce_per_step(colsum, step_ids, step_lens, num_steps: int):
-    """y[b, n, c] = sum_{j in U_c} w_j colsum[b, n, j] for c < num_steps ([B, N, num_steps]).
-
-    Steps numbered num_steps or more are merged into the last bucket; padding (-1) is dropped.
-    """
-    w = _token_weights(step_ids, step_lens)  # [B, L]
-    ids = jnp.where(step_ids >= 0, jnp.minimum(step_ids, num_steps - 1), num_steps)  # padding -> dropped
-
-    def one_row(c, i, wr):  # [N, L], [L], [L]
-        return jax.ops.segment_sum((c * wr).T, i, num_segments=num_steps + 1)[:num_steps].T
-
-    return jax.vmap(one_row)(colsum, ids, w)
-
-
-def fci_step_sums(
-    q,
-    k,
-    lse,
-    step_ids,
-    step_lens,
-    num_steps: int,
-    *,
-    delta=DELTA,
-    impl="pallas",
-    interpret=None,
-    target=None,
-    block_q=None,
-    block_k=None,
-    sharder=None,
-):
-    """Per-head FCI sums y^{l,h}_c of one layer, [B, N, num_steps] (before zeroing and max).
-
-    `impl` is "pallas" (the kernel, on each device's rows and heads under `sharder`'s mesh) or "xla"
-    (query-chunked XLA).
-    """
-    if impl == "pallas":
-        kernel = functools.partial(
-            fci_column_sums, delta=delta, block_q=block_q, block_k=block_k, target=target, interpret=interpret
-        )
-        if sharder is not None and sharder.active:
-            from jax.sharding import PartitionSpec as P
-
-            b, hd = sharder.kernel_axes(q.shape[0], q.shape[2], k.shape[2])
-            heads, rows = P(b, None, hd, None), P(b, None)
-            kernel = sharder.per_device(kernel, (heads, heads, P(b, hd, None), rows, rows), P(b, hd, None))
-        colsum = kernel(q, k, lse, step_ids, step_lens)
-    elif impl == "xla":
-        colsum = fci_column_sums_xla(q, k, lse, step_ids, step_lens, delta=delta)
-    else:
-        raise ValueError(f"unknown FCI implementation {impl!r}; known: 'pallas', 'xla'")
-    return reduce_per_step(colsum, step_ids, step_lens, num_steps)
-
-
-def zero_steps(y, think_step):
-    """The zeroing rules of section 5.2 on y [..., C] (step 0 = prompt): y_0 = y_1 = 0, and when the
-    think-end step kappa > 0, y_c = 0 for every c >= kappa. `think_step` broadcasts against y[..., 0]."""
-    c = jnp.arange(y.shape[-1])
-    kappa = jnp.asarray(think_step)[..., None]
-    keep = (c >= 2) & ~((kappa > 0) & (c >= kappa))
-    return jnp.where(keep, y, 0.0)
-
-
-def step_lengths(step_ids, num_steps: int | None = None):
-    """Per-token |U_{s(i)}| from per-token step ids [B, L] (0 for padding)."""
-    length = step_ids.shape[-1]
-    n = length + 1 if num_steps is None else num_steps
-
-    def one_row(ids):
-        safe = jnp.where(ids >= 0, ids, n)
-        counts = jax.ops.segment_sum(jnp.ones_like(ids), safe, num_segments=n + 1)
-        return jnp.where(ids >= 0, counts[safe], 0)
-
-    return jax.vmap(one_row)(step_ids)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
-from benchmarks import kernel_compile as cc
 from attnrl_jax.kernels import target as tg
+from benchmarks import kernel_compile as cc
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None or importlib.util.find_spec("jax_cuda12_plugin") is None,

@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from attnrl_jax.kernels.fci import (
-    fci_column_sums,
-    fci_column_sums_xla,
-    fci_reference,
-    fci_step_sums,
-    step_lengths,
-    zero_steps,
-)
+from attnrl_jax.fci import fci_step_sums, step_lengths, zero_steps
+from attnrl_jax.kernels.fci import fci_column_sums, fci_column_sums_xla, fci_reference
 from attnrl_jax.kernels.flash_attention import attention_reference
 
 

@@ -97,7 +97,7 @@ def _full_log_probs_and_entropy(params, x, targets, cfg, temperature):
 def test_chunked_log_probs_and_entropy_equal_the_full_logits_formula(params, chunk):
     """Values and gradients (through the target log-probs and the entropy) of the chunked head equal those
     of full logits, for chunks that do and do not divide the 9-token rows, at a sampling temperature."""
-    from attnrl_jax.model.transformer import hidden_states, token_log_probs_from_hidden
+    from attnrl_jax.model.forward import hidden_states, token_log_probs_from_hidden
 
     cfg = CFG.replace(logits_chunk=chunk, mlp_chunk=chunk)
     x = _tokens((2, 9), 6)
@@ -125,7 +125,7 @@ def test_chunked_log_probs_and_entropy_equal_the_full_logits_formula(params, chu
 def test_chunked_head_holds_one_chunk_of_logits():
     """The compiled gradient of 64 chunks keeps about one chunk's float32 logits, not the row's: its
     temporaries stay far below the [rows, length, vocab] array the full formula needs."""
-    from attnrl_jax.model.transformer import token_log_probs_from_hidden
+    from attnrl_jax.model.forward import token_log_probs_from_hidden
 
     cfg = CFG.replace(vocab_size=4096, logits_chunk=64)
     b, t, d = 2, 4096, cfg.hidden_size

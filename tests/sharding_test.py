@@ -129,7 +129,8 @@ def test_kernels_run_on_each_devices_shards(tensor):
     heads, where the tensor axis divides the KV heads too), never the all-gathered batch, and the
     results equal the unsharded XLA path's."""
     from attnrl_jax.model import forward_with_fci
-    from attnrl_jax.model.transformer import forward_cached, init_cache
+    from attnrl_jax.model.cached import forward_cached
+    from attnrl_jax.model.kv_cache import init_cache
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=8 // tensor, tensor=tensor))
     sharder = Sharder(mesh)

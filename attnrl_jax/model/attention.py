@@ -17,6 +17,10 @@ Every implementation returns the output and the per-row log-sum-exp of the scale
 
 "xla" is plain XLA einsums (materialises [B, N, T, S] logits); "pallas" is the flash-attention kernel of
 `attnrl_jax.kernels` (compiled on GPU/TPU, interpreted on CPU), which never holds a T x S array.
+
+The cached forwards' two forms are here too: `prefill_attention` (prefixes among themselves, in query
+chunks on the XLA path) and `paged_decode_attention` (the paged decode kernel on each device's rows and
+heads, with the attention mass per key step that FCI accumulates while decoding).
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from attnrl_jax.kernels.decode_attention import decode_attention
+from attnrl_jax.kernels.flash_attention import flash_attention
 from attnrl_jax.typing import Array
 
 
@@ -76,10 +83,6 @@ def pallas_attention(
 ) -> tuple[Array, Array]:
     """The Pallas flash-attention kernel (interpreted where no GPU/TPU compiler is present), run on each
     device's rows and heads under a mesh (`Sharder.per_device`)."""
-    from jax.sharding import PartitionSpec as P
-
-    from attnrl_jax.kernels.flash_attention import flash_attention
-
     if sharder is None or not sharder.active:
         return flash_attention(q, k, v, q_segment_ids, kv_segment_ids)
     b, h = sharder.kernel_axes(q.shape[0], q.shape[2], k.shape[2])
@@ -110,7 +113,7 @@ def attention(
 
     `q_offsets` [B] places each row's queries at key index q_offsets[b] + t (a KV cache with per-row
     lengths); it is served by the XLA path here, the reference for cached decoding (single-token decode
-    steps with attention_impl "pallas" go to `kernels/decode_attention.py` from the model's cached path).
+    steps with attention_impl "pallas" take `paged_decode_attention`, the paged decode kernel).
 
     `sharder` (an `attnrl_jax.mesh.Sharder`) runs a kernel on each device's shards under a mesh.
 
@@ -125,3 +128,72 @@ def attention(
     else:
         out, lse = IMPLS[impl](q, k, v, q_segment_ids, kv_segment_ids, sharder=sharder)
     return (out, lse) if return_lse else out
+
+
+def prefill_attention(q, k, v, seg, *, impl: str, chunk: int, sharder=None):
+    """Causal attention of T prefix tokens among themselves (q [B, T, N, H], k/v [B, T, K, H]): the flash
+    kernel for impl "pallas"; on the XLA path `chunk` queries at a time, so the float32 scores
+    are [B, N, chunk, T], never [B, N, T, T]."""
+    b, t = seg.shape
+    if impl != "xla" or t <= chunk:
+        return attention(q, k, v, seg, seg, impl=impl, sharder=sharder)
+
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, *q.shape[2:])
+    sp = jnp.pad(seg, ((0, 0), (0, pad))).reshape(b, n, chunk)
+
+    def one(xs):
+        qc, sc, i = xs
+        return xla_attention(qc, k, v, sc, seg, jnp.full((b,), i * chunk, jnp.int32))[0]
+
+    out = jax.lax.map(one, (qp.swapaxes(0, 1), sp.swapaxes(0, 1), jnp.arange(n)))  # [n, B, chunk, N, H]
+    return out.swapaxes(0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :t]
+
+
+def paged_decode_attention(
+    sharder, q, k_pool, v_pool, layer, table, lengths, key_steps, num_steps, tracked=0
+):
+    """The paged Pallas decode kernel on each device's rows and heads over its shard of the pools
+    [D, L, P, page, K H]: (out [B, N, H], mass [D tracked, N, R, C] or None without key steps). With key
+    steps for the first `tracked` rows of each shard only, the kernel runs twice per device: with the mass
+    over those rows, without it over the rest (the mass is most of the kernel's arithmetic)."""
+    track = key_steps is not None
+
+    def run(q, k_pool, v_pool, layer, table, lengths, *key_steps):
+        kp, vp = k_pool[0], v_pool[0]  # this device's shard
+        f = tracked if track else 0
+        if not track or f == q.shape[0]:
+            out, _, mass = decode_attention(
+                q,
+                kp,
+                vp,
+                table,
+                lengths,
+                key_steps[0] if track else None,
+                layer,
+                num_steps=num_steps if track else 0,
+            )
+            return (out, mass) if track else (out,)
+        # 0 < f < rows (`cached.forward_cached` checks it): the tracked rows with the mass, the rest without.
+        out, _, mass = decode_attention(
+            q[:f], kp, vp, table[:f], lengths[:f], key_steps[0], layer, num_steps=num_steps
+        )
+        rest = decode_attention(q[f:], kp, vp, table[f:], lengths[f:], None, layer)[0]
+        return jnp.concatenate([out, rest]), mass
+
+    if k_pool.shape[0] != 1 and not sharder.active:
+        raise ValueError(f"a pool of {k_pool.shape[0]} shards needs the mesh that splits it")
+    args = (q, k_pool, v_pool, jnp.asarray(layer, jnp.int32), table, lengths) + (
+        (key_steps,) if track else ()
+    )
+    if not sharder.active:
+        return (*run(*args), None)[:2]
+    b, h = sharder.kernel_axes(q.shape[0], q.shape[1], k_pool.shape[4] // q.shape[2])
+    if k_pool.shape[0] == 1:
+        b = None  # a replicated pool (rows that do not divide the mesh): every device runs every row
+    pool = P(b, None, None, None, h)
+    in_specs = (P(b, h, None), pool, pool, P(), P(b, None), P(b)) + ((P(b, None, None),) if track else ())
+    out_specs = (P(b, h, None),) + ((P(b, h, None, None),) if track else ())
+    outs = sharder.per_device(run, in_specs, out_specs)(*args)
+    return (*outs, None)[:2]

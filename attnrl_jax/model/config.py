@@ -188,45 +188,8 @@ class ModelConfig:
           **overrides: fields to set that config.json does not carry (param_dtype, dtype, remat, ...).
             `param_dtype` defaults to bfloat16 for bfloat16 checkpoints, else float32.
         """
-        archs = hf.get("architectures") or []
-        model_type = hf.get("model_type")
-        if model_type != "qwen2" or (archs and "Qwen2ForCausalLM" not in archs):
-            raise ValueError(
-                f"{source}: architecture {archs or None} (model_type {model_type!r}) is not supported; "
-                "expected Qwen2ForCausalLM (model_type 'qwen2')"
-            )
-        if hf.get("use_sliding_window"):
-            raise ValueError(
-                f"{source}: use_sliding_window=true is not supported (sliding-window attention is not "
-                "implemented); set it to false"
-            )
-        layer_types = hf.get("layer_types") or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(
-                f"{source}: layer_types {sorted(set(layer_types))} is not supported; only full_attention"
-            )
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act={act!r} is not supported; Qwen2 uses 'silu'")
-
-        rope_theta = hf.get("rope_theta")
-        for key in ("rope_scaling", "rope_parameters"):
-            rope = hf.get(key)
-            if rope is None:
-                continue
-            if not isinstance(rope, dict):
-                raise ValueError(f"{source}: {key} must be an object, got {rope!r}")
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
-                raise ValueError(
-                    f"{source}: {key} type {rope_type!r} is not supported; only the default rotary "
-                    "embedding (no scaling) is implemented"
-                )
-            if "rope_theta" in rope:
-                rope_theta = rope["rope_theta"]
-        if rope_theta is None:
-            rope_theta = 10000.0
-
+        _check_supported(hf, source)
+        rope_theta = _rope_theta(hf, source)
         head_dim = hf.get("head_dim")
         if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
             raise ValueError(
@@ -295,3 +258,51 @@ class ModelConfig:
         # Written for transformers 4.x readers too, which look for the top-level key.
         hf["rope_theta"] = self.rope_theta
         return hf
+
+
+def _check_supported(hf: dict[str, Any], source: str) -> None:
+    """Refuses, naming the key, a config.json of anything but a plain Qwen2 (architecture, sliding window,
+    layer types, activation)."""
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if model_type != "qwen2" or (archs and "Qwen2ForCausalLM" not in archs):
+        raise ValueError(
+            f"{source}: architecture {archs or None} (model_type {model_type!r}) is not supported; "
+            "expected Qwen2ForCausalLM (model_type 'qwen2')"
+        )
+    if hf.get("use_sliding_window"):
+        raise ValueError(
+            f"{source}: use_sliding_window=true is not supported (sliding-window attention is not "
+            "implemented); set it to false"
+        )
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            f"{source}: layer_types {sorted(set(layer_types))} is not supported; only full_attention"
+        )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act={act!r} is not supported; Qwen2 uses 'silu'")
+
+
+def _rope_theta(hf: dict[str, Any], source: str) -> float:
+    """The rotary base of a config.json (4.x `rope_theta`, or 5.x `rope_parameters`), refusing any scaled
+    rotary embedding."""
+    rope_theta = hf.get("rope_theta")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: {key} must be an object, got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"{source}: {key} type {rope_type!r} is not supported; only the default rotary "
+                "embedding (no scaling) is implemented"
+            )
+        if "rope_theta" in rope:
+            rope_theta = rope["rope_theta"]
+    if rope_theta is None:
+        rope_theta = 10000.0
+    return rope_theta

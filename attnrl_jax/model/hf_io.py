@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
-from attnrl_jax.model.transformer import param_axes, param_shapes
+from attnrl_jax.model.params import param_axes, param_shapes
 from attnrl_jax.typing import Params
 
 log = logging.getLogger(__name__)
@@ -336,17 +336,7 @@ def save_checkpoint(
         flush()
         if not writer:
             return
-        if len(files) == 1:
-            os.replace(os.path.join(tmp, "part-0"), os.path.join(tmp, SINGLE_FILE))
-        else:
-            weight_map = {}
-            for i, names in enumerate(files):
-                final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-                os.replace(os.path.join(tmp, f"part-{i}"), os.path.join(tmp, final))
-                weight_map.update({n: final for n in names})
-            index = {"metadata": {"total_size": _tensor_bytes(cfg)}, "weight_map": weight_map}
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump(index, f, indent=2)
+        _name_files(tmp, files, cfg)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_hf_dict(), f, indent=2)
         if tokenizer is not None:
@@ -358,6 +348,22 @@ def save_checkpoint(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _name_files(tmp: str, files: list[list[str]], cfg: ModelConfig) -> None:
+    """Gives the written parts (`part-i` in tmp, holding the tensors `files[i]`) their Hugging Face names:
+    one `model.safetensors`, or numbered shards with an index naming each tensor's file."""
+    if len(files) == 1:
+        os.replace(os.path.join(tmp, "part-0"), os.path.join(tmp, SINGLE_FILE))
+        return
+    weight_map = {}
+    for i, names in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(os.path.join(tmp, f"part-{i}"), os.path.join(tmp, final))
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": _tensor_bytes(cfg)}, "weight_map": weight_map}
+    with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def _tensor_bytes(cfg: ModelConfig) -> int:

@@ -1,4 +1,5 @@
-"""Qwen2 building blocks as pure functions: RMSNorm, rotary embeddings, SwiGLU MLP."""
+"""Qwen2 building blocks as pure functions: RMSNorm, rotary embeddings, SwiGLU MLP, and the log-prob and
+entropy of a token under float32 logits."""
 
 from __future__ import annotations
 
@@ -72,3 +73,16 @@ def swiglu(x: Array, gate: Array, up: Array, down: Array, chunk: int | None = No
         return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down.astype(x.dtype))
 
     return mlp(x) if chunk is None else over_token_chunks(mlp, chunk, x)
+
+
+def log_prob_and_entropy(logits: Array, targets: Array, with_entropy: bool = True):
+    """log softmax(logits)[targets] and the entropy of softmax(logits), from float32 logits [..., V] and
+    int targets [...]: the one implementation of both (the sampler's behaviour log-probs and entropies,
+    `sampling.sample_tokens`, and every recomputed log-prob, `forward.token_log_probs_from_hidden`).
+    Returns (log-probs [...], entropies [...] or None without `with_entropy`)."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+    if not with_entropy:
+        return logp, None
+    probs = jnp.exp(logits - lse[..., None])
+    return logp, lse - jnp.sum(probs * logits, axis=-1)

@@ -1,4 +1,4 @@
-"""Page bookkeeping of the sampler's paged KV cache (`model.transformer.KVCache`), as pure array functions.
+"""Page bookkeeping of the sampler's paged KV cache (`model.kv_cache.KVCache`), as pure array functions.
 
 Each shard of the pool has P pages; `refs` [D, P] counts the rows whose page table names each page, and a
 page with no reference is free. A prefix's pages are shared by every row that continues it (one reference

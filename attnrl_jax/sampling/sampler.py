@@ -193,92 +193,107 @@ def plan_call(
     if not rows:
         raise ValueError("a sampler call needs at least one row")
     m, page = settings.max_new_tokens, settings.page_size
-    fci = [bool(r[3]) if len(r) > 3 else True for r in rows]
-    rows = [tuple(r[:3]) for r in rows]
-    batch = _bucket(len(rows), min_batch)
-    longest_row = max(prefix + limit for _, prefix, limit in rows)
+    rows = _Rows(
+        list(source_lens),
+        [tuple(r[:3]) for r in rows],
+        [bool(r[3]) if len(r) > 3 else True for r in rows],
+        page,
+    )
+    batch = _bucket(len(rows.rows), min_batch)
+    longest_row = max(prefix + limit for _, prefix, limit in rows.rows)
     cache_size = -(-(_bucket(max(longest_row - m, 1), min_prefix) + m) // page) * page
     prefix = min(_bucket(max(source_lens), min_prefix), cache_size)  # sources end before their rows do
+    if cache_gib <= 0:
+        shards = parallelism if batch % parallelism == 0 else 1
+        count, _, _, tracked = rows.chunked(batch // shards)
+        fl = _fci_slots(tracked, shards, batch // shards, max(min_batch // shards, 1))
+        sources = _bucket(count, min_batch)
+        return CallShape(
+            batch, sources, prefix, cache_size, batch, None, None, None, shards, batch // shards, fl
+        )
+    per_page = page_bytes(cfg, settings)
+    per_slot = slot_bytes(cfg, settings, cache_size, segmentations, fci=False)
+    per_fci = slot_bytes(cfg, settings, cache_size, segmentations) - per_slot  # a slot's FCI state
+    sizes = (batch, prefix, cache_size, min_batch)
+    return _budgeted(rows, sizes, int(cache_gib * GiB), (per_page, per_slot, per_fci), parallelism, cache_gib)
 
-    def chunked(cap):
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """A call's prefixes (their lengths), rows (source, prefix length, token limit) and which rows track
+    FCI, with the page size."""
+
+    source_lens: list[int]
+    rows: list[tuple[int, int, int]]
+    fci: list[bool]
+    page: int
+
+    def chunked(self, cap: int):
         """(number of sources, rows per source at most, pages each source needs to enter: the full pages
-        of its longest prefix, once, plus each row's own; its rows that track FCI) after splitting by
-        `cap`."""
-        source_of, row_src = chunk_sources(len(source_lens), [s for s, *_ in rows], cap)
+        of its longest prefix, once, plus each row's own; its rows that track FCI) after splitting the
+        sources into chunks of `cap` rows (`chunk_sources`; 0: no split)."""
+        page = self.page
+        source_of, row_src = chunk_sources(len(self.source_lens), [s for s, *_ in self.rows], cap)
         shared = np.zeros(len(source_of), np.int64)
         need = np.zeros(len(source_of), np.int64)
         tracked = np.zeros(len(source_of), np.int64)
-        for s, (_, pre, limit), f in zip(row_src, rows, fci):
+        for s, (_, pre, limit), f in zip(row_src, self.rows, self.fci):
             shared[s] = max(shared[s], pre // page)
             need[s] += int(pages_spanned(pre, limit, page))
             tracked[s] += f
         return len(source_of), int(np.bincount(row_src).max()), need + shared, tracked
 
-    def fci_slots(tracked, shards, local, minimum=None):
-        """FCI slots: each shard's (prefix j decodes in shard j mod shards) rows that track FCI, all at
-        once if its slots allow; without a budget, bucketed to a power of two >= `minimum`, so that calls
-        of one batch bucket reuse their program (under a budget the slots follow the rows already)."""
-        most = max(int(tracked[d::shards].sum()) for d in range(shards))
-        return min(most if minimum is None else _bucket(most, minimum), local) * shards
 
-    if cache_gib <= 0:
-        shards = parallelism if batch % parallelism == 0 else 1
-        count, _, _, tracked = chunked(batch // shards)
-        return CallShape(
-            batch,
-            _bucket(count, min_batch),
-            prefix,
-            cache_size,
-            batch,
-            None,
-            None,
-            None,
-            shards,
-            batch // shards,
-            fci_slots(tracked, shards, batch // shards, max(min_batch // shards, 1)),
-        )
-    per_page = page_bytes(cfg, settings)
-    per_slot = slot_bytes(cfg, settings, cache_size, segmentations, fci=False)
-    per_fci = slot_bytes(cfg, settings, cache_size, segmentations) - per_slot  # a slot's FCI state
-    budget = int(cache_gib * GiB)
-    mean_row = chunked(0)[2].sum() / len(rows) * per_page + per_slot + per_fci * sum(fci) / len(rows)
-    local = min(-(-len(rows) // parallelism), int(budget // mean_row))  # slots per device
+def _fci_slots(tracked, shards: int, local: int, minimum: int | None = None) -> int:
+    """FCI slots: each shard's (prefix j decodes in shard j mod shards) rows that track FCI, all at once if
+    its slots allow; without a budget, bucketed to a power of two >= `minimum`, so that calls of one batch
+    bucket reuse their program (under a budget the slots follow the rows already)."""
+    most = max(int(tracked[d::shards].sum()) for d in range(shards))
+    return min(most if minimum is None else _bucket(most, minimum), local) * shards
+
+
+def _budgeted(rows: _Rows, sizes, budget: int, per, parallelism: int, cache_gib: float) -> CallShape:
+    """`plan_call` under a budget of `budget` bytes per device: as many slots as rows of the call's mean
+    need fit, the pages left beside them (fewer rows per source chunk while a chunk does not fit), then
+    static batching if everything fits at once, else continuous batching."""
+    (batch, prefix, cache_size, min_batch), (per_page, per_slot, per_fci) = sizes, per
+    n = len(rows.rows)
+    mean_row = rows.chunked(0)[2].sum() / n * per_page + per_slot + per_fci * sum(rows.fci) / n
+    local = min(-(-n // parallelism), int(budget // mean_row))  # slots per device
     slots = min(batch, local * parallelism)
     shards = parallelism if slots % parallelism == 0 else 1
     cap = max(slots // shards, 1)
 
-    def fci_and_pages(tracked):
-        """FCI slots per shard, and the pages the budget holds beside every slot and their FCI state."""
-        fl = fci_slots(tracked, shards, slots // shards) // shards
-        return fl, (budget - slots // shards * per_slot - fl * per_fci) // per_page
+    def fit(cap):  # the chunking, FCI slots per shard, and the pages beside every slot and its FCI state
+        count, per_source, need, tracked = rows.chunked(cap)
+        fl = _fci_slots(tracked, shards, slots // shards) // shards
+        return count, per_source, need, fl, (budget - slots // shards * per_slot - fl * per_fci) // per_page
 
-    count, per_source, need, tracked = chunked(cap)
-    fl, pages = fci_and_pages(tracked)
+    count, per_source, need, fl, pages = fit(cap)
     while cap > 1 and need.max() > pages:  # a prefix's rows that do not fit the pages: smaller chunks
         cap //= 2
-        count, per_source, need, tracked = chunked(cap)
-        fl, pages = fci_and_pages(tracked)
+        count, per_source, need, fl, pages = fit(cap)
     if local < 1 or need.max() > pages:
         raise ValueError(
             f"a sampler cache budget of {cache_gib} GiB per device (config.sampler.cache_gib; "
             f"config.eval.cache_gib in eval.py) holds {local} decode slots and {max(pages, 0)} KV pages of "
-            f"{page} positions ({per_page / GiB:.4f} GiB each) per device, and one row needs a slot and "
-            f"{int(chunked(1)[2].max())} pages; raise the budget"
+            f"{rows.page} positions ({per_page / GiB:.4f} GiB each) per device, and one row needs a slot and "
+            f"{int(rows.chunked(1)[2].max())} pages; raise the budget"
         )
     sources = _bucket(count, min_batch)
     # No shard needs more pages than all of its prefixes' rows at once (the loop gives prefix j to shard
     # j mod shards): a small model under a large budget gets the pool it uses, not the budget.
     most = int(max(need[d::shards].sum() for d in range(shards)))
-    if slots >= len(rows) and most <= pages:
+    if slots >= n and most <= pages:
         # Static: every prefix prefilled and every row set up in one insertion.
         return CallShape(
             batch, sources, prefix, cache_size, slots, None, None, most, shards, cap, fl * shards
         )
-    pages = min(pages, most)
     # Continuous: insertions of about an eighth of the slots, so slots wait little for a group to fit, in
     # groups of prefixes that the mesh splits (a smaller group's prefill is repeated on every device).
     group = max(1, slots // (8 * per_source))
     group = min(-(-group // shards) * shards, max(1, slots // per_source))
+    pages = min(pages, most)
     return CallShape(
         batch,
         sources,
@@ -408,30 +423,11 @@ class Sampler:
         shape, source_of, row_src_of, pos = self.plan(sources, rows)
         sources = [sources[i] for i in source_of]
         rows = [(s, *rest) for s, (_, *rest) in zip(row_src_of, rows)]
-        r_bucket, b_bucket, p_bucket = shape.sources, shape.batch, shape.prefix
-        pad = (
-            0
-            if self.tokenizer is None or self.tokenizer.pad_token_id is None
-            else self.tokenizer.pad_token_id
-        )
-        src = np.full((r_bucket, p_bucket), pad, np.int32)
-        src_lens = np.ones(r_bucket, np.int32)
-        for i, s in enumerate(sources):
-            src[i, : len(s)] = s
-            src_lens[i] = len(s)
-        row_src = np.full(b_bucket, -1, np.int32)  # padding rows are never sampled
-        row_len = np.ones(b_bucket, np.int32)
-        row_fci = np.zeros(b_bucket, bool)
-        row_max = np.ones(b_bucket, np.int32)
-        stream = np.arange(b_bucket)  # row i draws from fold_in(seed, i) wherever its block puts it
-        stream[pos] = np.arange(len(rows))
-        stream[np.setdiff1d(np.arange(b_bucket), pos)] = np.arange(len(rows), b_bucket)
-        for (s, length, fci, _, limit), b in zip(rows, pos):
-            row_src[b], row_len[b], row_fci[b], row_max[b] = s, length, fci, limit
+        put = self.sharder.put  # rows are split over the batch axes; each process feeds its own rows
+        src, src_lens, row_src, row_len, row_fci, row_max, stream = self._arrays(shape, sources, rows, pos)
         base = jax.random.key(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(stream))
-        stop = np.tile(np.asarray(self.stop_ids, np.int32), (b_bucket, 1))
-        put = self.sharder.put  # rows are split over the batch axes; each process feeds its own rows
+        stop = np.tile(np.asarray(self.stop_ids, np.int32), (shape.batch, 1))
         out = generate(
             self.params,
             put(src, (None, None)),
@@ -450,22 +446,44 @@ class Sampler:
             **shape.loop_args(),
         )
         out = fetch(out)
-        results = {}
-        for b, (_, _, fci, key, _) in zip(pos, rows):
-            n = int(out["lengths"][b])
-            tokens = out["tokens"][b, :n]
-            results[key] = Sample(
-                tokens=tokens,
-                logprobs=out["logprobs"][b, :n],
-                entropies=out["entropies"][b, :n],
-                finish_reason="eos" if out["finish_reason"][b] == EOS else "length",
-                text=None
-                if self.tokenizer is None
-                else self.tokenizer.decode(tokens, skip_special_tokens=True),
-                fci=out["fci"][b, : int(out["num_steps"][b]) + 1] if fci else None,
-                step_ids=out["step_ids"][b, :n] if fci else None,
-                think_step=int(out["think_step"][b]) if fci else -1,
-                needs_fallback=bool(out["needs_fallback"][b]),
-                step_overflow=int(out["step_overflow"][b]) if fci else 0,
-            )
-        return results
+        return {key: self._sample(out, b, fci) for b, (_, _, fci, key, _) in zip(pos, rows)}
+
+    def _arrays(self, shape: CallShape, sources, rows, pos):
+        """The host arrays of a call: prefixes [R, P] and their lengths, and per row of the block layout
+        (`pos`: each row's place) its source, prefix length, FCI flag, token limit and PRNG stream (row i
+        draws from fold_in(seed, i) wherever its block puts it); padding rows are never sampled."""
+        tok = self.tokenizer
+        pad = 0 if tok is None or tok.pad_token_id is None else tok.pad_token_id
+        b_bucket = shape.batch
+        src = np.full((shape.sources, shape.prefix), pad, np.int32)
+        src_lens = np.ones(shape.sources, np.int32)
+        for i, s in enumerate(sources):
+            src[i, : len(s)] = s
+            src_lens[i] = len(s)
+        row_src = np.full(b_bucket, -1, np.int32)
+        row_len = np.ones(b_bucket, np.int32)
+        row_fci = np.zeros(b_bucket, bool)
+        row_max = np.ones(b_bucket, np.int32)
+        stream = np.arange(b_bucket)
+        stream[pos] = np.arange(len(rows))
+        stream[np.setdiff1d(np.arange(b_bucket), pos)] = np.arange(len(rows), b_bucket)
+        for (s, length, fci, _, limit), b in zip(rows, pos):
+            row_src[b], row_len[b], row_fci[b], row_max[b] = s, length, fci, limit
+        return src, src_lens, row_src, row_len, row_fci, row_max, stream
+
+    def _sample(self, out: dict, b: int, fci: bool) -> Sample:
+        """Row b of a call's fetched outputs as a Sample (its FCI fields for rows that track FCI)."""
+        n = int(out["lengths"][b])
+        tokens = out["tokens"][b, :n]
+        return Sample(
+            tokens=tokens,
+            logprobs=out["logprobs"][b, :n],
+            entropies=out["entropies"][b, :n],
+            finish_reason="eos" if out["finish_reason"][b] == EOS else "length",
+            text=None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True),
+            fci=out["fci"][b, : int(out["num_steps"][b]) + 1] if fci else None,
+            step_ids=out["step_ids"][b, :n] if fci else None,
+            think_step=int(out["think_step"][b]) if fci else -1,
+            needs_fallback=bool(out["needs_fallback"][b]),
+            step_overflow=int(out["step_overflow"][b]) if fci else 0,
+        )

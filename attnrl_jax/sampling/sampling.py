@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from attnrl_jax.model.layers import log_prob_and_entropy
 from attnrl_jax.typing import Array
 
 
@@ -65,12 +66,10 @@ def sample_tokens(logits: Array, keys: Array, params: SamplingParams) -> tuple[A
     """
     logits = logits.astype(jnp.float32)
     scaled = logits if params.greedy else logits / params.temperature
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     if params.greedy:
         tokens = jnp.argmax(logits, axis=-1)
     else:
-        restricted = allowed_logits(scaled, params)
-        tokens = jax.vmap(jax.random.categorical)(keys, restricted)
+        tokens = jax.vmap(jax.random.categorical)(keys, allowed_logits(scaled, params))
     tokens = tokens.astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], entropy
+    logp, entropy = log_prob_and_entropy(scaled, tokens)
+    return tokens, logp, entropy

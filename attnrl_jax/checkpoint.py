@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from attnrl_jax.data import Problem
+from attnrl_jax.rollout import InitialBatch
+from attnrl_jax.sampling import Sample
 
 
 class Checkpointer:
@@ -107,3 +112,83 @@ class PreemptionGuard:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The off-policy pipeline's in-flight batch in a checkpoint
+
+
+def inflight_to_arrays(batch: InitialBatch) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The off-policy pipeline's in-flight batch as flat numpy arrays (for Orbax) and JSON-able
+    problems."""
+    flat = [s for group in batch.samples for s in group]
+    cat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs] + [np.zeros(0, dt)])  # noqa: E731
+    arrays = {
+        "accs": batch.accs().astype(np.float32),
+        "prompt_lengths": np.asarray([len(p) for p in batch.prompts], np.int32),
+        "prompts": cat(batch.prompts, np.int32),
+        "lengths": np.asarray([len(s.tokens) for s in flat], np.int32),
+        "tokens": cat([s.tokens for s in flat], np.int32),
+        "logprobs": cat([s.logprobs for s in flat], np.float32),
+        "entropies": cat([s.entropies for s in flat], np.float32),
+        "step_ids": cat([s.step_ids for s in flat], np.int32),
+        "fci_lengths": np.asarray([len(s.fci) for s in flat], np.int32),
+        "fci": cat([s.fci for s in flat], np.float32),
+        "think_step": np.asarray([s.think_step for s in flat], np.int32),
+        "eos": np.asarray([s.finish_reason == "eos" for s in flat], np.int32),
+        "needs_fallback": np.asarray([s.needs_fallback for s in flat], np.int32),
+        "step_overflow": np.asarray([s.step_overflow for s in flat], np.int32),
+        "verifier": np.asarray([batch.verifier[k] for k in ("timeouts", "errors", "restarts")], np.int32),
+    }
+    # Orbax refuses zero-size arrays: each array carries one trailing pad element.
+    arrays = {k: np.append(v, np.zeros(1, v.dtype)) for k, v in arrays.items()}
+    problems = [
+        {
+            "index": p.index,
+            "data_source": p.data_source,
+            "messages": [dict(m) for m in p.messages],
+            "ground_truth": p.ground_truth if isinstance(p.ground_truth, str) else list(p.ground_truth),
+        }
+        for p in batch.problems
+    ]
+    return arrays, problems
+
+
+def inflight_from_arrays(arrays: dict, problems: list[dict], decode: Callable) -> InitialBatch:
+    """Inverse of `inflight_to_arrays`; `decode(tokens) -> text` re-creates the response texts."""
+    a = {k: np.asarray(v)[:-1] for k, v in arrays.items()}  # drop the pad element
+    split = lambda x, lengths: np.split(x, np.cumsum(lengths)[:-1]) if len(lengths) else []  # noqa: E731
+    probs = [
+        Problem(
+            int(p["index"]),
+            p["data_source"],
+            tuple(p["messages"]),
+            p["ground_truth"] if isinstance(p["ground_truth"], str) else tuple(p["ground_truth"]),
+        )
+        for p in problems
+    ]
+    prompts = [list(map(int, x)) for x in split(a["prompts"], a["prompt_lengths"])]
+    fields = [split(a[k], a["lengths"]) for k in ("tokens", "logprobs", "entropies", "step_ids")]
+    fcis = split(a["fci"], a["fci_lengths"])
+    flat = [
+        Sample(
+            tokens=tok,
+            logprobs=lp,
+            entropies=ent,
+            finish_reason="eos" if a["eos"][i] else "length",
+            text=decode(tok),
+            fci=fcis[i],
+            step_ids=sid,
+            think_step=int(a["think_step"][i]),
+            needs_fallback=bool(a["needs_fallback"][i]),
+            step_overflow=int(a["step_overflow"][i]) if "step_overflow" in a else 0,
+        )
+        for i, (tok, lp, ent, sid) in enumerate(zip(*fields))
+    ]
+    g = len(flat) // max(len(probs), 1)
+    samples = [flat[q * g : (q + 1) * g] for q in range(len(probs))]
+    accs = a["accs"].astype(np.float64).reshape(len(probs), g)
+    counts = a.get("verifier", np.zeros(3, np.int32))  # (checkpoints before restarts were counted: 2)
+    keys = ("timeouts", "errors", "restarts")
+    counts = {k: int(counts[j]) if j < len(counts) else 0 for j, k in enumerate(keys)}
+    return InitialBatch(probs, prompts, samples, accs, counts)

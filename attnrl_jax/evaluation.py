@@ -12,10 +12,17 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
+from attnrl_jax.checkpoint import Checkpointer
 from attnrl_jax.data import Problem
+from attnrl_jax.mesh import Sharder
+from attnrl_jax.model import ModelConfig, param_axes
+from attnrl_jax.model.hf_io import load_checkpoint
+from attnrl_jax.settings import MODEL_OVERRIDES
 
 PAPER_K = {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 4, "minerva": 4, "olympiad": 4}
 
@@ -128,8 +135,6 @@ def load_policy(path: str, sharder=None, **overrides):
     """(cfg, params, tokenizer) from a Hugging Face directory (config.json + safetensors [+ tokenizer]) or
     from a training run's directory (its latest Orbax checkpoint, with the model and tokenizer named by the
     config saved in that checkpoint)."""
-    from attnrl_jax.model.hf_io import load_checkpoint
-
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_checkpoint(path, sharder, **overrides)
     ckpt_dir = os.path.join(path, "ckpt")
@@ -138,27 +143,17 @@ def load_policy(path: str, sharder=None, **overrides):
             f"{path}: not a checkpoint (expected a Hugging Face directory with config.json, or a training "
             f"run directory with ckpt/)"
         )
-    import jax
-    from transformers import AutoTokenizer
-
-    from attnrl_jax.checkpoint import Checkpointer
-
     ckpt = Checkpointer(ckpt_dir)
     params, meta, step = ckpt.restore_params()
     ckpt.close()
     run = meta["config"]
     model = run["model"]
-    from attnrl_jax.model import ModelConfig
-
-    settings = {k: overrides.get(k, model[k]) for k in ("param_dtype", "dtype", "remat", "attention_impl")}
+    settings = {k: overrides.get(k, model.get(k)) for k in MODEL_OVERRIDES if k in overrides or k in model}
     if model["hf_path"]:
         cfg = ModelConfig.from_hf_dir(model["hf_path"], **settings)
     else:
         cfg = ModelConfig.preset(model["preset"], **settings)
     tokenizer = AutoTokenizer.from_pretrained(run["tokenizer_path"] or model["hf_path"])
-    from attnrl_jax.mesh import Sharder
-    from attnrl_jax.model import param_axes
-
     sharder = sharder or Sharder()
     params = jax.tree.map(lambda x: np.asarray(x).astype(cfg.param_dtype), params)
     params = jax.device_put(params, sharder.tree_shardings(param_axes(cfg), params))

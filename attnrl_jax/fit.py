@@ -97,7 +97,7 @@ def run_config(c: ConfigDict, layers: int | None = None) -> ConfigDict:
 def _models(c: ConfigDict):
     """(the run's ModelConfig, the one compiled: of `config.model.num_layers` layers when `run_config` set
     it). Sampler calls are planned with the run's (its pages and slots), whatever depth compiles."""
-    from attnrl_jax.smoke import model_config
+    from attnrl_jax.settings import model_config
 
     cfg = model_config(c)
     return cfg, (cfg.replace(num_layers=c.model.num_layers) if "num_layers" in c.model else cfg)
@@ -210,7 +210,8 @@ def train_programs(c: ConfigDict, sharder, capacity: int) -> tuple[list[Program]
         make_optimizer,
         plan_microbatches,
     )
-    from attnrl_jax.trainer import jit_passes, settings_from_config
+    from attnrl_jax.settings import settings_from_config
+    from attnrl_jax.trainer import jit_passes
 
     s = settings_from_config(c, num_devices=sharder.mesh.size, check_paths=False)
     full, cfg = _models(c)

@@ -12,7 +12,7 @@ the algorithm core (sections 6-9, 14), in three phases:
 off-policy pipeline of section 10: a single `Sampler.sample_mixed` call samples the next prompt batch's
 initial responses together with the continuations of the current one, whose initial responses were
 sampled one step earlier. The `InitialBatch` carried between steps is the pipeline's in-flight batch;
-`InitialBatch.to_arrays` / `from_arrays` put it into checkpoints.
+`checkpoint.inflight_to_arrays` / `inflight_from_arrays` put it into checkpoints.
 
 `score` is the verifier: `(texts, ground_truths) -> list` of 0/1 accuracies or `Verdict`s, or a future of
 one (`VerifierPool.submit`), which is then collected only when the algorithm needs it.
@@ -97,80 +97,6 @@ class InitialBatch:
         if self.verifier is None:  # built from accuracies directly
             self.verifier = {"timeouts": 0, "errors": 0, "restarts": 0}
         return self.scored
-
-    # ---- checkpointing: flat numpy arrays (Orbax) plus JSON-able problems
-    def to_arrays(self) -> tuple[dict[str, np.ndarray], list[dict]]:
-        flat = [s for group in self.samples for s in group]
-        cat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs] + [np.zeros(0, dt)])  # noqa: E731
-        arrays = {
-            "accs": self.accs().astype(np.float32),
-            "prompt_lengths": np.asarray([len(p) for p in self.prompts], np.int32),
-            "prompts": cat(self.prompts, np.int32),
-            "lengths": np.asarray([len(s.tokens) for s in flat], np.int32),
-            "tokens": cat([s.tokens for s in flat], np.int32),
-            "logprobs": cat([s.logprobs for s in flat], np.float32),
-            "entropies": cat([s.entropies for s in flat], np.float32),
-            "step_ids": cat([s.step_ids for s in flat], np.int32),
-            "fci_lengths": np.asarray([len(s.fci) for s in flat], np.int32),
-            "fci": cat([s.fci for s in flat], np.float32),
-            "think_step": np.asarray([s.think_step for s in flat], np.int32),
-            "eos": np.asarray([s.finish_reason == "eos" for s in flat], np.int32),
-            "needs_fallback": np.asarray([s.needs_fallback for s in flat], np.int32),
-            "step_overflow": np.asarray([s.step_overflow for s in flat], np.int32),
-            "verifier": np.asarray([self.verifier[k] for k in ("timeouts", "errors", "restarts")], np.int32),
-        }
-        # Orbax refuses zero-size arrays: each array carries one trailing pad element.
-        arrays = {k: np.append(v, np.zeros(1, v.dtype)) for k, v in arrays.items()}
-        problems = [
-            {
-                "index": p.index,
-                "data_source": p.data_source,
-                "messages": [dict(m) for m in p.messages],
-                "ground_truth": p.ground_truth if isinstance(p.ground_truth, str) else list(p.ground_truth),
-            }
-            for p in self.problems
-        ]
-        return arrays, problems
-
-    @classmethod
-    def from_arrays(cls, arrays: dict, problems: list[dict], decode: Callable) -> InitialBatch:
-        """Inverse of `to_arrays`; `decode(tokens) -> text` re-creates the response texts."""
-        a = {k: np.asarray(v)[:-1] for k, v in arrays.items()}  # drop the pad element
-        split = lambda x, lengths: np.split(x, np.cumsum(lengths)[:-1]) if len(lengths) else []  # noqa: E731
-        probs = [
-            Problem(
-                int(p["index"]),
-                p["data_source"],
-                tuple(p["messages"]),
-                p["ground_truth"] if isinstance(p["ground_truth"], str) else tuple(p["ground_truth"]),
-            )
-            for p in problems
-        ]
-        prompts = [list(map(int, x)) for x in split(a["prompts"], a["prompt_lengths"])]
-        fields = [split(a[k], a["lengths"]) for k in ("tokens", "logprobs", "entropies", "step_ids")]
-        fcis = split(a["fci"], a["fci_lengths"])
-        flat = [
-            Sample(
-                tokens=tok,
-                logprobs=lp,
-                entropies=ent,
-                finish_reason="eos" if a["eos"][i] else "length",
-                text=decode(tok),
-                fci=fcis[i],
-                step_ids=sid,
-                think_step=int(a["think_step"][i]),
-                needs_fallback=bool(a["needs_fallback"][i]),
-                step_overflow=int(a["step_overflow"][i]) if "step_overflow" in a else 0,
-            )
-            for i, (tok, lp, ent, sid) in enumerate(zip(*fields))
-        ]
-        g = len(flat) // max(len(probs), 1)
-        samples = [flat[q * g : (q + 1) * g] for q in range(len(probs))]
-        accs = a["accs"].astype(np.float64).reshape(len(probs), g)
-        counts = a.get("verifier", np.zeros(3, np.int32))  # (checkpoints before restarts were counted: 2)
-        keys = ("timeouts", "errors", "restarts")
-        counts = {k: int(counts[j]) if j < len(counts) else 0 for j, k in enumerate(keys)}
-        return cls(probs, prompts, samples, accs, counts)
 
 
 def encode_problems(sampler: Sampler, problems: Sequence[Problem]) -> list[list[int]]:

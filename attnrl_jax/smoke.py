@@ -21,21 +21,7 @@ from tqdm import tqdm
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.model import ModelConfig, count_params, init_sharded_params, token_log_probs
 from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
-
-MODEL_OVERRIDES = ("param_dtype", "dtype", "remat", "attention_impl", "logits_chunk", "mlp_chunk")
-
-
-def model_overrides(c: ConfigDict) -> dict:
-    """The config.model fields that a ModelConfig takes beyond config.json (those a config sets)."""
-    return {k: c.model[k] for k in MODEL_OVERRIDES if k in c.model}
-
-
-def model_config(c: ConfigDict) -> ModelConfig:
-    """The ModelConfig named by config.model (a preset, or the config.json of hf_path)."""
-    overrides = model_overrides(c)
-    if c.model.hf_path:
-        return ModelConfig.from_hf_dir(c.model.hf_path, **overrides)
-    return ModelConfig.preset(c.model.preset, **overrides)
+from attnrl_jax.settings import model_config, model_overrides
 
 
 def validate(c: ConfigDict) -> tuple[ModelConfig, MeshConfig]:

@@ -43,24 +43,21 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from attnrl_jax.algo import (
-    AlgoConfig,
-    BatchSizeSettings,
     BatchSizeState,
     RunningMean,
     update_batch_size,
 )
-from attnrl_jax.checkpoint import Checkpointer, PreemptionGuard
+from attnrl_jax.checkpoint import Checkpointer, PreemptionGuard, inflight_from_arrays, inflight_to_arrays
 from attnrl_jax.data import IteratorState, PromptIterator, read_verl_parquet
 from attnrl_jax.distributed import ShardedScorer, any_process, is_main
 from attnrl_jax.memory import (
     cache_gib,
-    check_memory_settings,
     device_capacity,
     resident_bytes,
     to_device,
     to_host,
 )
-from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+from attnrl_jax.mesh import Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
 from attnrl_jax.model import ModelConfig, init_sharded_params
 from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
@@ -69,7 +66,6 @@ from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.rl import (
     LossConfig,
     Microbatching,
-    OptimConfig,
     TrainBatch,
     TrainState,
     batch_log_probs,
@@ -79,113 +75,8 @@ from attnrl_jax.rl import (
     plan_microbatches,
 )
 from attnrl_jax.rollout import InitialBatch, RolloutResult, offpolicy_step, rollout, sample_initial
-from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
-from attnrl_jax.sampling.loop import check_page_size
-from attnrl_jax.smoke import model_config, model_overrides
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    model: ModelConfig
-    algo: AlgoConfig
-    loop: LoopSettings
-    loss: LossConfig
-    optim: OptimConfig
-    mesh: MeshConfig
-
-
-def loop_settings(c: ConfigDict) -> LoopSettings:
-    """The sampler's loop settings of a config: length limit, sampling, FCI buckets and Delta."""
-    return LoopSettings(
-        max_new_tokens=c.sampler.max_new_tokens,
-        sampling=SamplingParams(c.sampler.temperature, c.sampler.top_k, c.sampler.top_p),
-        num_steps=c.algo.fci_buckets,
-        delta=c.algo.fci_delta,
-        page_size=c.sampler.page_size,
-    )
-
-
-def algo_config(c: ConfigDict) -> AlgoConfig:
-    """The method named by config.algo.preset with the config's algo fields applied. A preset's own ATB
-    token distance (the `paper` preset's 0) stands unless config.algo.token_distance is set explicitly."""
-    algo = AlgoConfig.preset(c.algo.preset)
-    atb = algo.atb
-    if c.algo.token_distance is not None:
-        atb = dataclasses.replace(atb, token_distance=c.algo.token_distance)
-    return algo.replace(
-        group_size=c.algo.group_size,
-        continuations=c.algo.continuations,
-        fci_delta=c.algo.fci_delta,
-        atb=atb,
-        batch_size=BatchSizeSettings(
-            initial=c.algo.initial_batch,
-            target_paths=c.algo.target_paths,
-            rule=algo.batch_size.rule,
-            max_size=max(c.algo.max_batch, c.algo.initial_batch),
-        ),
-    )
-
-
-def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_paths: bool = True) -> Settings:
-    """Typed settings from the ConfigDict for a mesh of `num_devices` (default: all devices); raises
-    ValueError/FileNotFoundError naming the key. `check_paths=False` skips the checkpoint and data files
-    (a compile-only measurement of the shipped config, `benchmarks/scale_memory.py`)."""
-    for key, path in (("model.hf_path", c.model.hf_path), ("data.train_path", c.data.train_path)):
-        if not check_paths or (key == "model.hf_path" and not path):
-            continue
-        if not path or not os.path.exists(path):
-            raise FileNotFoundError(f"config.{key}={path!r}: no such file or directory")
-    model = model_config(c)
-    algo = algo_config(c)
-    loop = loop_settings(c)
-    loss = LossConfig(
-        c.loss.clip_low,
-        c.loss.clip_high,
-        c.loss.dual_clip,
-        c.loss.kl_coef,
-        c.loss.entropy_coef,
-        c.loss.aggregation,
-        temperature=c.sampler.temperature,
-    )
-    optim = OptimConfig(
-        lr=c.optim.lr,
-        weight_decay=c.optim.weight_decay,
-        grad_clip=c.optim.grad_clip,
-        warmup_steps=c.optim.warmup_steps,
-        schedule=c.optim.schedule,
-        # The schedule counts optimizer steps: about target_paths / mini_batch_rows per training step.
-        total_steps=max(c.train.steps, 1)
-        * max(1, -(-c.algo.target_paths // (c.train.mini_batch_rows or c.algo.target_paths))),
-    )
-    mesh = MeshConfig(**c.mesh)
-    mesh.resolve(jax.device_count() if num_devices is None else num_devices)
-    if "micro_batches" in c.train:
-        raise ValueError(
-            "config.train.micro_batches is no longer a setting: set config.train.rows_per_device (rows per "
-            "device per micro-batch; the micro-batch count follows from the mesh)"
-        )
-    check_memory_settings(c.sampler, "sampler")
-    check_page_size("config.sampler.page_size", c.sampler.page_size)
-    for key in ("steps", "row_length"):
-        if c.train[key] < 1:
-            raise ValueError(f"config.train.{key} must be at least 1, got {c.train[key]}")
-    for key in ("mini_batch_rows", "rows_per_device"):
-        if c.train[key] < 0:
-            raise ValueError(f"config.train.{key} must be 0 or positive, got {c.train[key]}")
-    for key in ("every", "max_to_keep"):
-        if c.ckpt[key] < 1:
-            raise ValueError(f"config.ckpt.{key} must be at least 1, got {c.ckpt[key]}")
-    if c.algo.group_size < 2 or c.algo.initial_batch < 1:
-        raise ValueError(
-            f"config.algo.group_size must be >= 2 and initial_batch >= 1, got {c.algo.group_size}, "
-            f"{c.algo.initial_batch}"
-        )
-    if c.train.row_length <= c.data.max_prompt_len:
-        raise ValueError(
-            f"config.train.row_length={c.train.row_length} leaves no room after "
-            f"config.data.max_prompt_len={c.data.max_prompt_len}"
-        )
-    return Settings(model, algo, loop, loss, optim, mesh)
+from attnrl_jax.sampling import Sampler
+from attnrl_jax.settings import Settings, model_overrides, settings_from_config
 
 
 class _Clock:
@@ -261,7 +152,7 @@ class Progress:
         }
         arrays = None
         if self.inflight is not None:
-            arrays, meta["inflight_problems"] = self.inflight.to_arrays()
+            arrays, meta["inflight_problems"] = inflight_to_arrays(self.inflight)
         return meta, arrays
 
     def restore(self, meta: dict, arrays, decode) -> None:
@@ -270,7 +161,7 @@ class Progress:
         self.bsz = BatchSizeState(*meta["batch_size"])
         self.totals.update(meta.get("totals", {}))
         if arrays is not None:
-            self.inflight = InitialBatch.from_arrays(arrays, meta["inflight_problems"], decode)
+            self.inflight = inflight_from_arrays(arrays, meta["inflight_problems"], decode)
 
 
 @dataclasses.dataclass

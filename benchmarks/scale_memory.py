@@ -116,7 +116,7 @@ def measure(
         make_optimizer,
         plan_microbatches,
     )
-    from attnrl_jax.trainer import settings_from_config
+    from attnrl_jax.settings import settings_from_config
 
     c = shipped_config(preset, overrides)
     s = settings_from_config(c, num_devices=devices, check_paths=False)
@@ -200,7 +200,7 @@ def paper_call(c, call: str) -> tuple[list[int], list[tuple[int, int, int, bool]
     continuations, branched late in full-length responses (the rows of `attnrl_jax.fit`, which compiles
     the same calls at the config's largest batch for a real target)."""
     from attnrl_jax.fit import continuation_rows, initial_rows
-    from attnrl_jax.trainer import algo_config
+    from attnrl_jax.settings import algo_config
 
     m, prompt, g = c.sampler.max_new_tokens, c.data.max_prompt_len, c.algo.group_size
     sources, rows = initial_rows(c.algo.initial_batch, g, prompt, m)
@@ -230,7 +230,7 @@ def measure_sampler(
     from attnrl_jax.fit import abstract_params, sampler_call
     from attnrl_jax.memory import cache_gib
     from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
-    from attnrl_jax.trainer import settings_from_config
+    from attnrl_jax.settings import settings_from_config
 
     c = shipped_config(preset, overrides)
     s = settings_from_config(c, num_devices=devices, check_paths=False)

@@ -279,7 +279,7 @@ def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
     finished run is not repeated, an interrupted one resumes); a mark that a run had already passed when
     it was started with these marks (a run of an older version) is left out of its curve."""
     from attnrl_jax import trainer
-    from attnrl_jax.report import read_metrics
+    from attnrl_jax.task.report import read_metrics
     from attnrl_jax.task import pipeline
 
     preset, off_policy, overrides = ALL[method]
@@ -310,7 +310,7 @@ def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
 
 
 def _record(workdir: str, method: str, seed: int, before: float, marks=()) -> dict:
-    from attnrl_jax.report import read_metrics
+    from attnrl_jax.task.report import read_metrics
 
     with open(_final_eval(workdir, method, seed) + ".json") as f:
         after = json.load(f)["mean"]["avg@k"]

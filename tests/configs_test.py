@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from attnrl_jax import trainer
+from attnrl_jax import settings
 
 PAPER = ["attnrl_1p5b", "attnrl_7b", "grpo_1p5b", "treerl_1p5b", "treerl_atb_1p5b", "random_branching_1p5b"]
 
@@ -16,7 +16,7 @@ def test_paper_configs(name):
     assert c.job == "train" and c.sampler.max_new_tokens == 8192 and c.algo.group_size == 6
     assert c.optim.lr == 1e-6 and c.loss.kl_coef == 0.001 and c.train.mini_batch_rows == 192
     with pytest.raises(FileNotFoundError, match="config.model.hf_path|config.data.train_path"):
-        trainer.settings_from_config(c)  # no checkpoint or data here: a clear error, before any work
+        settings.settings_from_config(c)  # no checkpoint or data here: a clear error, before any work
     expected = name[: -len("_1p5b")] if name.endswith("_1p5b") else "attnrl"
     assert c.algo.preset == expected
     assert c.train.off_policy == (expected not in ("treerl", "treerl_atb"))
@@ -33,12 +33,12 @@ def test_a_preset_keeps_its_own_settings_unless_the_user_sets_them():
     c = base.get_config()
     assert c.algo.token_distance is None  # unset: the preset decides
     c.algo.preset = "paper"
-    assert trainer.algo_config(c).atb.token_distance == 0  # the paper's rule, not the code's 512
+    assert settings.algo_config(c).atb.token_distance == 0  # the paper's rule, not the code's 512
     c.algo.preset = "attnrl"
-    assert trainer.algo_config(c).atb.token_distance == 512
+    assert settings.algo_config(c).atb.token_distance == 512
     c.algo.token_distance = 64  # an explicit setting wins over any preset
     c.algo.preset = "paper"
-    assert trainer.algo_config(c).atb.token_distance == 64
+    assert settings.algo_config(c).atb.token_distance == 64
 
 
 def test_token_distance_from_the_command_line():

@@ -276,7 +276,7 @@ def test_call_shapes_follow_the_cache_budget():
     continuously with more rows at once than the 384 of the first batch, since a continuation shares its
     response's pages; a smaller budget splits a prompt's rows, and one below a row's need is refused naming
     the key."""
-    from attnrl_jax.trainer import loop_settings
+    from attnrl_jax.settings import loop_settings
     from benchmarks.scale_memory import paper_call, shipped_config
 
     c = shipped_config("1p5b")

@@ -10,7 +10,8 @@ import configs.base as base
 from attnrl_jax.mesh import Sharder, make_mesh
 from attnrl_jax.model import init_params, token_log_probs
 from attnrl_jax.rl import build_train_batch, make_optimizer
-from attnrl_jax.trainer import Job, reference_stage, rows_stage, settings_from_config
+from attnrl_jax.settings import settings_from_config
+from attnrl_jax.trainer import Job, reference_stage, rows_stage
 
 
 def _job():

@@ -16,13 +16,19 @@ aggregates them.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import os
 
 import numpy as np
 
 from attnrl_jax.algo import AlgoConfig, Steps, branch_points
-from attnrl_jax.task.program import NAMES, Structure
+from attnrl_jax.data import read_verl_parquet
+from attnrl_jax.model.hf_io import load_checkpoint
+from attnrl_jax.rollout import encode_problems, sample_steps
+from attnrl_jax.sampling import Sampler
+from attnrl_jax.settings import algo_config, loop_settings
+from attnrl_jax.task.program import NAMES, Structure, structure
 
 CRITERIA = ("fci", "entropy", "random")
 
@@ -138,8 +144,6 @@ def _mean_ci(values) -> tuple[float, float]:
 
 def measure(sampler, problems, algo: AlgoConfig, *, samples: int = 2, seed: int = 0) -> AnchorReport:
     """Samples `samples` responses per problem (FCI on) and scores every well-formed one."""
-    from attnrl_jax.rollout import encode_problems, sample_steps
-    from attnrl_jax.task.program import structure
 
     prompts = encode_problems(sampler, problems)
     groups = sampler.generate(prompts, n=samples, seed=seed)
@@ -167,12 +171,6 @@ def measure(sampler, problems, algo: AlgoConfig, *, samples: int = 2, seed: int 
 def measure_checkpoint(c, checkpoint: str, eval_dir: str, problems: int, samples: int, seed: int = 0):
     """`measure` on a Hugging Face checkpoint with config `c`'s sampler and branching settings, over the
     first `problems` held-out problems of every level file in `eval_dir` (taken in turn, level by level)."""
-    import glob
-
-    from attnrl_jax.data import read_verl_parquet
-    from attnrl_jax.model.hf_io import load_checkpoint
-    from attnrl_jax.sampling import Sampler
-    from attnrl_jax.trainer import algo_config, loop_settings
 
     files = sorted(glob.glob(os.path.join(eval_dir, "*.parquet")))
     if not files:

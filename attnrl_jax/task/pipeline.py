@@ -22,10 +22,16 @@ import time
 
 import numpy as np
 from ml_collections import ConfigDict
+from transformers import AutoTokenizer
 
-from attnrl_jax import JobError
+from attnrl_jax import JobError, eval_job, trainer
 from attnrl_jax.data import read_verl_parquet, write_verl_parquet
+from attnrl_jax.model.hf_io import save_checkpoint
+from attnrl_jax.settings import MODEL_OVERRIDES
 from attnrl_jax.task import family
+from attnrl_jax.task.report import write_report
+from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
+from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
 
 STAGES = ("data", "tokenizer", "warm start", "evaluate warm start", "AttnRL", "evaluate final", "report")
 
@@ -110,7 +116,6 @@ def _load_sft(data_dir: str, kind: str = "solutions"):
 
 def make_tokenizer(data_dir: str, tok_dir: str) -> None:
     """Trains the task's tokenizer on the warm-start questions and solutions (`make_data`'s) into tok_dir."""
-    from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
     sft, solutions = _load_sft(data_dir)
     tmp = tok_dir + ".tmp"
@@ -120,7 +125,6 @@ def make_tokenizer(data_dir: str, tok_dir: str) -> None:
 
 def run_warm_start(c: ConfigDict, data_dir: str, tokenizer, progress: bool = True):
     """The warm start of config `c` on `make_data`'s examples: (the model config, `WarmStartResult`)."""
-    from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
 
     sft, solutions = _load_sft(data_dir)
     _, references = _load_sft(data_dir, "references")
@@ -153,14 +157,12 @@ def run_warm_start(c: ConfigDict, data_dir: str, tokenizer, progress: bool = Tru
 
 
 def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) -> dict:
-    from attnrl_jax import eval_job
-    from configs import eval as eval_config
-
-    e = eval_config.get_config()
+    e = eval_job.default_config()
     e.checkpoint = checkpoint
     e.seed = c.seed
-    for key in ("param_dtype", "dtype", "remat", "attention_impl"):
-        e.model[key] = c.model[key]
+    for key in MODEL_OVERRIDES:
+        if key in c.model:
+            e.model[key] = c.model[key]
     e.mesh = c.mesh
     e.eval.data = data
     e.eval.k = c.task.eval_k
@@ -174,7 +176,6 @@ def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) 
 
 def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
     """Stages 1-4 (data, tokenizer, warm start, its evaluation); returns the paths of their outputs."""
-    from transformers import AutoTokenizer
 
     work = os.path.abspath(c.workdir)
     stages = stages or Stages(work)
@@ -196,8 +197,6 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
     done = os.path.isfile(os.path.join(warm_dir, "config.json"))
     _stage(2, done)
     if not done:
-        from attnrl_jax.model.hf_io import save_checkpoint
-
         cfg, result = run_warm_start(c, data_dir, tokenizer)
         losses = result.losses
         if result.reached_at is None:
@@ -262,7 +261,6 @@ def run(c: ConfigDict) -> dict:
     work, rl_dir, eval_dir, eval_data = paths["work"], paths["rl"], paths["eval"], paths["eval_data"]
     warm_prefix = paths["warm_eval"]
     rl = rl_config(c, paths)
-    from attnrl_jax import trainer
 
     done = trainer.latest_export(rl_dir) is not None
     _stage(4, done)
@@ -285,7 +283,6 @@ def run(c: ConfigDict) -> dict:
         evaluate_checkpoint(c, final_dir, eval_data, final_prefix)
 
     _stage(6, False)  # the report is cheap and always rewritten
-    from attnrl_jax.report import write_report
 
     path = write_report(work, rl, final_dir, samples=c.task.report_samples)
     stages.finish()

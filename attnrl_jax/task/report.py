@@ -14,9 +14,15 @@ import re
 
 import numpy as np
 
-from attnrl_jax.algo import AlgoConfig, build_prompt_trees
+from attnrl_jax.algo import AlgoConfig, RunningMean, build_prompt_trees
 from attnrl_jax.algo.config import branch_points
+from attnrl_jax.data import read_verl_parquet
+from attnrl_jax.model.hf_io import load_checkpoint
 from attnrl_jax.rewards import grade
+from attnrl_jax.rollout import plan_branches, prompt_responses, sample_initial, sample_steps
+from attnrl_jax.sampling import Sampler
+from attnrl_jax.settings import algo_config, loop_settings
+from attnrl_jax.task.anchors import measure_checkpoint
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -213,17 +219,6 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
 
     `config` is the RL run's config (algorithm and sampler settings); `policy_dir` the Hugging Face
     checkpoint whose responses are shown."""
-    from attnrl_jax.algo import RunningMean
-    from attnrl_jax.data import read_verl_parquet
-    from attnrl_jax.model.hf_io import load_checkpoint
-    from attnrl_jax.rollout import (
-        plan_branches,
-        prompt_responses,
-        sample_initial,
-        sample_steps,
-    )
-    from attnrl_jax.sampling import Sampler
-    from attnrl_jax.trainer import algo_config, loop_settings
 
     out_dir = os.path.join(workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
@@ -271,8 +266,6 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
     family = config.task.get("family", "arith") if "task" in config else "arith"
     anchors_html = ""
     if family == "program":
-        from attnrl_jax.task.anchors import measure_checkpoint
-
         eval_data = os.path.join(workdir, "data", "eval")
         n = config.task.get("anchor_problems", 60)
         found = {

@@ -279,8 +279,8 @@ def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
     finished run is not repeated, an interrupted one resumes); a mark that a run had already passed when
     it was started with these marks (a run of an older version) is left out of its curve."""
     from attnrl_jax import trainer
-    from attnrl_jax.task.report import read_metrics
     from attnrl_jax.task import pipeline
+    from attnrl_jax.task.report import read_metrics
 
     preset, off_policy, overrides = ALL[method]
     work = _run_dir(args.workdir, method, seed)

@@ -126,15 +126,15 @@ def zero_steps(y, think_step):
 
 
 def step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
-    """[B, N, T, R, C]: per segmentation r, the sum over the keys of each step of exp(s - lse), the XLA
+    """[B, N, T, Y, C]: per segmentation r, the sum over the keys of each step of exp(s - lse), the XLA
     path's attention mass (the decode kernel returns the same from its tiles).
 
-    key_steps [B, R, S] gives R step assignments of the cache; they share one segment sum by offsetting
+    key_steps [B, Y, S] gives Y step assignments of the cache; they share one segment sum by offsetting
     segmentation r into buckets [r C, (r + 1) C).
     """
     b, t, n, h = q.shape
     kv_heads = k_all.shape[2]
-    key_steps = jnp.swapaxes(key_steps, 1, 2)  # [B, S, R]
+    key_steps = jnp.swapaxes(key_steps, 1, 2)  # [B, S, Y]
     r = key_steps.shape[-1]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k_all, preferred_element_type=jnp.float32) * h**-0.5
@@ -142,10 +142,10 @@ def step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
     mask = attention_mask(q_seg, kv_seg, offsets)[:, None]  # [B, 1, T, S]
     p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
     ids = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), num_steps * r)  # none -> dropped
-    ids = jnp.where(key_steps >= 0, ids + num_steps * jnp.arange(r), ids)  # [B, S, R]
+    ids = jnp.where(key_steps >= 0, ids + num_steps * jnp.arange(r), ids)  # [B, S, Y]
 
-    def one_row(p_row, ids_row):  # [N, T, S], [S, R] -> [N, T, R * C]
-        values = jnp.repeat(jnp.moveaxis(p_row, -1, 0), r, axis=0)  # [S * R, N, T], key-major like ids
+    def one_row(p_row, ids_row):  # [N, T, S], [S, Y] -> [N, T, Y * C]
+        values = jnp.repeat(jnp.moveaxis(p_row, -1, 0), r, axis=0)  # [S * Y, N, T], key-major like ids
         summed = jax.ops.segment_sum(values, ids_row.reshape(-1), num_segments=num_steps * r + 1)
         return jnp.moveaxis(summed[: num_steps * r], 0, -1)
 
@@ -168,20 +168,20 @@ def step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
 )
 @dataclasses.dataclass(frozen=True)
 class FciState:
-    """FCI while decoding for F rows (the sampler's FCI slots), each tracking R segmentations at once.
+    """FCI while decoding for J rows (the sampler's FCI slots), each tracking Y segmentations at once.
 
-    The sums keep the layout in which the layer scan gives the decode kernel's mass ([L, F, N, R, C]):
+    The sums keep the layout in which the layer scan gives the decode kernel's mass ([L, J, N, Y, C]):
     adding a step's mass needs no transpose of this, the largest per-row state.
     """
 
-    key_steps: Array  # [F, R, S] step id of each cache position (-1: none)
-    cur_step: Array  # [F, R] 1-based step of the next response token
-    cur_len: Array  # [F, R] tokens of the current step so far
-    step_len: Array  # [F, R, C] tokens per step bucket
-    cur_mass: Array  # [L, F, N, R, C] attention mass of the current step to each key step
-    fci: Array  # [L, F, N, R, C] FCI sums of closed steps
-    think_step: Array  # [F, R] step of the last </think>, or -1
-    has_sep: Array  # [F, R] a separator of this segmentation occurred
+    key_steps: Array  # [J, Y, S] step id of each cache position (-1: none)
+    cur_step: Array  # [J, Y] 1-based step of the next response token
+    cur_len: Array  # [J, Y] tokens of the current step so far
+    step_len: Array  # [J, Y, C] tokens per step bucket
+    cur_mass: Array  # [L, J, N, Y, C] attention mass of the current step to each key step
+    fci: Array  # [L, J, N, Y, C] FCI sums of closed steps
+    think_step: Array  # [J, Y] step of the last </think>, or -1
+    has_sep: Array  # [J, Y] a separator of this segmentation occurred
 
     @classmethod
     def empty(cls, rows: int, segs: int, size: int, steps: int, layers: int, heads: int) -> FciState:
@@ -200,7 +200,7 @@ class FciState:
 
 
 def start_rows(f: FciState, dest: Array, prefix: Array) -> FciState:
-    """f with rows dest [W] (F: none) starting a response after their first prefix [W] cache positions,
+    """f with rows dest [W] (J: none) starting a response after their first prefix [W] cache positions,
     which form step 0 (the prompt) of every segmentation."""
     (nf, nseg, size), c = f.key_steps.shape, f.step_len.shape[2]
     w = dest.shape[0]
@@ -223,8 +223,8 @@ def start_rows(f: FciState, dest: Array, prefix: Array) -> FciState:
 
 
 def key_steps_after(f: FciState, pos: Array, track: Array) -> Array:
-    """The key steps [F, R, S] once the fed token (at cache position pos [F]) of each tracked row (track
-    [F]) joins its row's current step (the last bucket for steps past it)."""
+    """The key steps [J, Y, S] once the fed token (at cache position pos [J]) of each tracked row (track
+    [J]) joins its row's current step (the last bucket for steps past it)."""
     nf, c = f.key_steps.shape[0], f.step_len.shape[2]
     bucket = jnp.minimum(f.cur_step, c - 1)
     return f.key_steps.at[jnp.arange(nf), :, pos].set(jnp.where(track[:, None], bucket, -1), mode="drop")
@@ -233,22 +233,22 @@ def key_steps_after(f: FciState, pos: Array, track: Array) -> Array:
 def accumulate(
     f: FciState, key_steps, mass, track, token, done, separators, think_id, delta: int
 ) -> FciState:
-    """One decode step: the fed token's attention row (mass [L, F, N, R, C], over key_steps) joins its
-    step for the tracked rows (track [F]); a step that closes (token [F] is a separator of its
-    segmentation, separators [V, R], or the row's last, done [F]) is divided by |U_a| |U_c| and added to
+    """One decode step: the fed token's attention row (mass [L, J, N, Y, C], over key_steps) joins its
+    step for the tracked rows (track [J]); a step that closes (token [J] is a separator of its
+    segmentation, separators [V, Y], or the row's last, done [J]) is divided by |U_a| |U_c| and added to
     the sums of every key step c <= a - delta."""
     c = f.step_len.shape[2]
     cur_mass = f.cur_mass + jnp.where(track[None, :, None, None, None], mass, 0.0)
-    track = track[:, None]  # [F, 1]
-    bucket = jnp.minimum(f.cur_step, c - 1)  # [F, R]
+    track = track[:, None]  # [J, 1]
+    bucket = jnp.minimum(f.cur_step, c - 1)  # [J, Y]
     step_len = f.step_len + track[..., None] * jax.nn.one_hot(bucket, c, dtype=jnp.int32)
     cur_len = f.cur_len + track
-    sep = separators[token]  # [F, R]
+    sep = separators[token]  # [J, Y]
     close = track & (sep | done[:, None])
-    key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [F, R, C]
+    key_len = jnp.maximum(step_len, 1).astype(jnp.float32)  # [J, Y, C]
     earlier = jnp.arange(c) <= (f.cur_step - delta)[..., None]  # key steps c <= a - Delta
-    scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [F, R, C]
-    closing = close[None, :, None, :, None]  # [1, F, 1, R, 1] against the sums [L, F, N, R, C]
+    scale = jnp.where(earlier, 1.0 / (jnp.maximum(cur_len, 1)[..., None] * key_len), 0.0)  # [J, Y, C]
+    closing = close[None, :, None, :, None]  # [1, J, 1, Y, 1] against the sums [L, J, N, Y, C]
     return FciState(
         key_steps=key_steps,
         cur_step=f.cur_step + close,
@@ -262,10 +262,10 @@ def accumulate(
 
 
 def finish(f: FciState, prefix: Array, n_gen: Array, max_new: int) -> dict[str, Array]:
-    """Each row's results ([F, ...]) from its state (prefix [F] prompt positions, n_gen [F] sampled
+    """Each row's results ([J, ...]) from its state (prefix [J] prompt positions, n_gen [J] sampled
     tokens): the "\\n\\n" segmentation (R index 0) if the row has such a separator, else the "\\n"
-    fallback where it is tracked; its sums maximised over layers and heads and zeroed (fci [F, C]),
-    think_step, step_ids [F, M = max_new] (1-based step of each response token, -1 after the end),
+    fallback where it is tracked; its sums maximised over layers and heads and zeroed (fci [J, C]),
+    think_step, step_ids [J, M = max_new] (1-based step of each response token, -1 after the end),
     num_steps, step_overflow (steps merged into the last bucket) and needs_fallback (no separator of
     either segmentation)."""
     nf, nseg, size = f.key_steps.shape
@@ -277,12 +277,12 @@ def finish(f: FciState, prefix: Array, n_gen: Array, max_new: int) -> dict[str, 
 
     m = max_new
     offs = prefix[:, None] + jnp.arange(m)[None, :]
-    chosen_steps = jnp.take_along_axis(f.key_steps, use[:, None, None], axis=1)[:, 0]  # [F, S]
+    chosen_steps = jnp.take_along_axis(f.key_steps, use[:, None, None], axis=1)[:, 0]  # [J, S]
     step_ids = jnp.take_along_axis(chosen_steps, jnp.minimum(offs, size - 1), axis=1)
     step_ids = jnp.where(jnp.arange(m)[None, :] < n_gen[:, None], step_ids, -1)
     think_step, cur_step = pick(f.think_step), pick(f.cur_step)
-    # [L, F, N, R, C] -> the chosen segmentation's sums (a select, not a gather: the sums keep their one
-    # layout), maximised over layers and heads: [F, C]
+    # [L, J, N, Y, C] -> the chosen segmentation's sums (a select, not a gather: the sums keep their one
+    # layout), maximised over layers and heads: [J, C]
     which = (jnp.arange(nseg) == use[:, None])[None, :, None, :, None]
     chosen = jnp.where(which, f.fci, 0.0).sum(axis=3)
     return {

@@ -1,6 +1,6 @@
 """Array aliases and the one legend of dimension letters used across attnrl_jax.
 
-Einsum specs and shape comments use these letters:
+Einsum specs and shape comments use these letters, one meaning each:
 
   B  batch (rows: prompts, responses or packed sequences)
   T  query length (tokens of the current chunk)
@@ -13,6 +13,20 @@ Einsum specs and shape comments use these letters:
   H  head dimension
   F  MLP width (intermediate size)
   V  vocabulary
+
+The sampler and FCI add:
+
+  R  sources: prefixes prefilled once for all of their rows (a prompt, or a response to branch from)
+  P  prefix length (tokens of a source)
+  M  tokens sampled per row at most (max_new_tokens)
+  C  FCI step buckets (step 0 is the prompt; later steps past C - 1 share the last)
+  Y  segmentations tracked at once ("\\n\\n" and its "\\n" fallback)
+  J  FCI slots: the decode slots that carry FCI state
+  X  shards of the batch axes (each holds its slots' rows and KV pages)
+  A  KV pages per shard in the pool
+  MB pages a row's page table names (its positions / page)
+  Q  sources entering per shard in one insertion
+  W  rows entering per shard in one insertion
 """
 
 from typing import Any

@@ -2,7 +2,7 @@
 that a page table names, returning the output, the log-sum-exp and (optionally) the attention mass that the
 token pays to each key step.
 
-The cache is the sampler's page pool, `[L, P, page, K H]` per layer, page, position in the page and the KV
+The cache is the sampler's page pool, `[L, A, page, K H]` per layer, page, position in the page and the KV
 heads' values side by side (KV head k in columns [k H, (k + 1) H)), stacked over layers so that one layer's
 kernel reads the pool the layer scan carries (no per-layer slice of it is copied); `layer` picks the layer.
 Row b's position s lives in page `table[b, s // page]` at offset `s % page`; rows that share a prefix share
@@ -16,8 +16,8 @@ Each program serves the G query heads of one KV head (no K/V copies) and visits 
 row's length, so neither the unused tail of a row nor other rows' pages are read. With key step ids it
 also accumulates the per-step mass (the attention the query pays to the keys of each step) with the same
 online-softmax rescaling, so one pass over the cache yields the output and the per-token rows that FCI
-accumulates while decoding, for R segmentations at once (`key_steps` [B, R, S], the sampler's default
-R = 2). Key steps follow the sampler's contract: along a row's positions each segmentation's step ids never
+accumulates while decoding, for Y segmentations at once (`key_steps` [B, Y, S], the sampler's default
+Y = 2). Key steps follow the sampler's contract: along a row's positions each segmentation's step ids never
 decrease and rise by at most one per position (positions of -1, no step, may sit anywhere: between two
 positions with steps, i < j, the id rises by at most j - i).
 
@@ -29,16 +29,16 @@ Two forms (`kernels/target.py`):
   that follows the tile's steps (the contract above keeps a tile's steps inside it), held in registers and
   added to the row's raw sums in global memory, with the running maximum it was scaled by, only when the
   steps leave the window; the wrapper rescales the raw sums by the final log-sum-exp. A dense one-hot of
-  every bucket ([tile, R C] float32, 256 KiB at R = 2, C = 512) does not fit an H100's 227 KiB of shared
+  every bucket ([tile, Y C] float32, 256 KiB at Y = 2, C = 512) does not fit an H100's 227 KiB of shared
   memory per block (XLA:GPU refused it); the window's is [tile, 2 tile] whatever R and C are: the kernel
-  compiles for an H100 in 23 KiB of shared memory and 168 registers without spills at R = 2, C = 512 and
+  compiles for an H100 in 23 KiB of shared memory and 168 registers without spills at Y = 2, C = 512 and
   C = 2048 alike (`benchmarks/kernel_compile.py`).
 * "tpu" makes the pages a grid axis, with the layer, the rows' lengths and the page table prefetched into
   SMEM, so that the index map fetches page `table[b, j]` (its KV head's columns) and pages past a row's
-  length repeat its last one (no fetch). The mass is p @ onehot(steps) ([G, page] x [page, R C]) in VMEM.
-Key steps come as [B, R, S], positions last: the lanes of a TPU tile, where [B, S, R] would pad R to 128
-lanes (64 times the array at R = 2); pages of fewer than 128 positions are not a lane block, and the TPU form
-reads their steps as [B, S, R] (the built-in tasks' pages of 16: small caches).
+  length repeat its last one (no fetch). The mass is p @ onehot(steps) ([G, page] x [page, Y C]) in VMEM.
+Key steps come as [B, Y, S], positions last: the lanes of a TPU tile, where [B, S, Y] would pad Y to 128
+lanes (64 times the array at Y = 2); pages of fewer than 128 positions are not a lane block, and the TPU form
+reads their steps as [B, S, Y] (the built-in tasks' pages of 16: small caches).
 A page is the TPU form's tile: a multiple of 16 positions for its bfloat16 tiles; the GPU form's pieces need a
 power of two of at least 16 (Triton's dots), so a power of two of at least 16 serves both.
 `decode_attention_reference` is the dense float32 version of the same contract.
@@ -73,8 +73,8 @@ def _onehot_t(steps_row, width):
 
 
 def _step_mass(p, steps_ref, r, width, lanes):
-    """p [G, page] @ the one-hot of a page's key steps over all R segmentations (their buckets are
-    disjoint): [G, width]. steps_ref is the page's [R, page] (`lanes`) or [page, R]."""
+    """p [G, page] @ the one-hot of a page's key steps over all Y segmentations (their buckets are
+    disjoint): [G, width]. steps_ref is the page's [Y, page] (`lanes`) or [page, Y]."""
     if lanes:
         onehot = sum(_onehot_t(steps_ref[pl.ds(i, 1), :], width) for i in range(r))  # [width, page]
         return _dot_t(p, onehot)
@@ -201,7 +201,7 @@ def _decode_kernel_tpu(layer_ref, len_ref, table_ref, q_ref, k_ref, v_ref, *rest
 
 
 def _decode_tpu(qg, k_pages, v_pages, table, lengths, layer, steps, *, interpret, r, width):
-    """The TPU form: qg [B, K, G, H], pools [L, P, page, K H]. Returns (out, lse [B, K, G, 1], mass
+    """The TPU form: qg [B, K, G, H], pools [L, A, page, K H]. Returns (out, lse [B, K, G, 1], mass
     [B, K, G, width] or None)."""
     from jax.experimental.pallas import tpu as pltpu
 
@@ -227,8 +227,8 @@ def _decode_tpu(qg, k_pages, v_pages, table, lengths, layer, steps, *, interpret
         pltpu.VMEM((g, 1), jnp.float32),
         pltpu.VMEM((g, h), jnp.float32),
     ]
-    # A page's key steps with its positions in lanes ([R, page]) where a page fills whole lanes; smaller
-    # pages (the built-in tasks' 16) cannot be a lane block, and take them as [page, R] instead.
+    # A page's key steps with its positions in lanes ([Y, page]) where a page fills whole lanes; smaller
+    # pages (the built-in tasks' 16) cannot be a lane block, and take them as [page, Y] instead.
     lanes = page % 128 == 0
     if r and lanes:
         in_specs.append(
@@ -261,7 +261,7 @@ def _decode_tpu(qg, k_pages, v_pages, table, lengths, layer, steps, *, interpret
 
 
 def _decode_triton(qg, k_pages, v_pages, table, lengths, layer, steps, *, interpret, r, width):
-    """The GPU form: qg [B, K, Gp, H], pools [L, P, page, K H]. Returns (out, lse [B, K, Gp, 1], mass
+    """The GPU form: qg [B, K, Gp, H], pools [L, A, page, K H]. Returns (out, lse [B, K, Gp, 1], mass
     [B, K, Gp, width] or None): the raw windowed sums rescaled here by the final log-sum-exp."""
     b, kv_heads, g, h = qg.shape
     page, mb = k_pages.shape[2], table.shape[1]
@@ -314,7 +314,7 @@ def _check(q, k_pages, v_pages, table, lengths, key_steps, num_steps):
         or n % (k_pages.shape[3] // h or 1)
     ):
         raise ValueError(
-            "decode attention needs q [B, N, H] and page pools [L, P, page, K H] with N a multiple of K; "
+            "decode attention needs q [B, N, H] and page pools [L, A, page, K H] with N a multiple of K; "
             f"got {q.shape}, {k_pages.shape}, {v_pages.shape}"
         )
     if table.ndim != 2 or table.shape[0] != b or lengths.shape != (b,):
@@ -326,7 +326,7 @@ def _check(q, k_pages, v_pages, table, lengths, key_steps, num_steps):
         or (key_steps.shape[0], key_steps.shape[-1]) != (b, s)
     ):
         shape = None if key_steps is None else key_steps.shape
-        raise ValueError(f"key_steps must be [B, S] or [B, R, S] with [B, S]={b, s}; got {shape}")
+        raise ValueError(f"key_steps must be [B, S] or [B, Y, S] with [B, S]={b, s}; got {shape}")
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "target", "interpret"))
@@ -347,12 +347,12 @@ def decode_attention(
 
     Args:
       q: [B, N, H] (the new token's queries; it has already been written into the cache).
-      k_pages, v_pages: [L, P, page, K H] page pools (the compute dtype, or its raw 16-bit words).
+      k_pages, v_pages: [L, A, page, K H] page pools (the compute dtype, or its raw 16-bit words).
       table: [B, MB] int32, the page of each row's positions [m page, (m + 1) page); entries at or past
         the row's length are never read (any value).
       lengths: [B] int32 valid length per row (the new token included): positions < lengths[b].
       key_steps: [B, MB page] step id of each position (-1: none; >= num_steps: merged into the last
-        step), or [B, R, MB page] for R segmentations at once. Along a row's positions below its length
+        step), or [B, Y, MB page] for Y segmentations at once. Along a row's positions below its length
         each segmentation's ids never decrease and rise by at most one per position (module docstring);
         the GPU form drops mass that breaks this, the TPU form and the reference take any ids.
       layer: which layer of the pools (a scalar).
@@ -360,14 +360,14 @@ def decode_attention(
       target, interpret: as in `flash_attention`.
 
     Returns:
-      (out [B, N, H], lse [B, N] float32, mass [B, N, C] (or [B, N, R, C]) float32 or None)
+      (out [B, N, H], lse [B, N] float32, mass [B, N, C] (or [B, N, Y, C]) float32 or None)
     """
     _check(q, k_pages, v_pages, table, lengths, key_steps, num_steps)
     b, n, h = q.shape
     kv_heads = k_pages.shape[3] // h
     squeeze = bool(num_steps) and key_steps.ndim == 2
     if num_steps:
-        steps = key_steps[:, None] if squeeze else key_steps  # [B, R, S]
+        steps = key_steps[:, None] if squeeze else key_steps  # [B, Y, S]
         r = steps.shape[1]
         # Segmentation i's steps go to buckets [i C, (i + 1) C); no step (-1) matches no bucket.
         offset = num_steps * jnp.arange(r)[:, None]
@@ -417,7 +417,7 @@ def decode_attention(
 
 
 def gather_pages(pages, table, layer=0, heads=None):
-    """[B, MB page, K, H]: each row's positions read through its page table from pools [L, P, page, K H]
+    """[B, MB page, K, H]: each row's positions read through its page table from pools [L, A, page, K H]
     (raw words as stored); `heads` K (default: the pool's last axis is one head's values)."""
     g = pages[layer][jnp.clip(table, 0, pages.shape[1] - 1)]  # [B, MB, page, K H]
     b, mb, page, kh = g.shape
@@ -445,7 +445,7 @@ def decode_attention_reference(
     if not num_steps:
         return out, lse, None
     steps = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), -1)
-    onehot = jax.nn.one_hot(steps, num_steps, dtype=jnp.float32)  # -1 -> all zeros; [B, (R,) S, C]
+    onehot = jax.nn.one_hot(steps, num_steps, dtype=jnp.float32)  # -1 -> all zeros; [B, (Y,) S, C]
     if key_steps.ndim == 2:
         return out, lse, jnp.einsum("bns,bsc->bnc", p, onehot)
     return out, lse, jnp.einsum("bns,brsc->bnrc", p, onehot)

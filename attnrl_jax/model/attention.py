@@ -155,7 +155,7 @@ def paged_decode_attention(
     sharder, q, k_pool, v_pool, layer, table, lengths, key_steps, num_steps, tracked=0
 ):
     """The paged Pallas decode kernel on each device's rows and heads over its shard of the pools
-    [D, L, P, page, K H]: (out [B, N, H], mass [D tracked, N, R, C] or None without key steps). With key
+    [X, L, A, page, K H]: (out [B, N, H], mass [X tracked, N, Y, C] or None without key steps). With key
     steps for the first `tracked` rows of each shard only, the kernel runs twice per device: with the mass
     over those rows, without it over the rest (the mass is most of the kernel's arithmetic)."""
     track = key_steps is not None

@@ -47,14 +47,14 @@ def forward_cached(
     the attention seam with per-row query offsets over the pages read through the table, or, for
     single-token decoding with attention_impl "pallas", the paged Pallas decode kernel.
 
-    With `key_steps` [B, S] (the step id of every cache position, -1 for none; or [B, R, S] for R
+    With `key_steps` [B, S] (the step id of every cache position, -1 for none; or [B, Y, S] for Y
     segmentations at once; S = cache.size; along a row's positions the ids never decrease and rise by at
     most one per position, as `kernels/decode_attention.py` needs) and `num_steps` C, also returns the
-    attention mass that each new token pays to each key step, [L, B, N, T, C] (or [L, B, N, T, R, C])
+    attention mass that each new token pays to each key step, [L, B, N, T, C] (or [L, B, N, T, Y, C])
     summed over the tokens of the step: the per-token rows of the attention matrix that FCI accumulates
-    while decoding. key_steps may cover only the first F rows of each of the cache's D shards ([D F, (R,)
+    while decoding. key_steps may cover only the first J rows of each of the cache's X shards ([X J, (Y,)
     S], in that order): the mass
-    is then computed for those rows alone ([L, D F, ...]), the sampler's rows that track FCI.
+    is then computed for those rows alone ([L, X J, ...]), the sampler's rows that track FCI.
 
     Returns:
       (final hidden states [B, T, D], the updated cache, the attention mass or None)
@@ -153,9 +153,9 @@ def prefill_into_pages(
     chunk: int = 512,
 ) -> tuple[Array, KVCache]:
     """Prefills the prefixes `tokens` [R, P] (`valid` [R, P] marks their left-aligned tokens; the R
-    prefixes are split over the cache's D shards in order) from position 0, and writes each layer's keys
+    prefixes are split over the cache's X shards in order) from position 0, and writes each layer's keys
     and values into whole pages: page page_ids[d, m] of shard d gets positions page_start[d, m] ..
-    + page - 1 of the shard's prefix page_src[d, m] (an id of P writes nothing). A prefix's own pages and
+    + page - 1 of the shard's prefix page_src[d, m] (an id of A writes nothing). A prefix's own pages and
     a row's private copy of the page its prefix ends in are both such pages.
 
     The prefixes attend only to themselves (`attention.prefill_attention`: the flash kernel, or XLA in
@@ -170,9 +170,9 @@ def prefill_into_pages(
     dtype = jnp.dtype(cfg.dtype)
     seg = valid.astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (r, p))
-    cols = jnp.clip(page_start[..., None] + jnp.arange(page), 0, p - 1)  # [D, M, page]
+    cols = jnp.clip(page_start[..., None] + jnp.arange(page), 0, p - 1)  # [X, M, page]
 
-    def pages_of(kv):  # [R, P, K, H] -> [D, M, page, K, H]
+    def pages_of(kv):  # [R, P, K, H] -> [X, M, page, K, H]
         return jax.vmap(lambda x, s, c: x[s[:, None], c])(by_shard(kv, d), page_src, cols)
 
     def layer(x, pools, lp, li, cos, sin):

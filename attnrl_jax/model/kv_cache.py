@@ -23,14 +23,14 @@ from attnrl_jax.typing import Array
 class KVCache:
     """A paged KV cache: keys and values in pages of a pool, and a page table per row.
 
-    k, v: [D, L, P, page, K H] pools: D shards (the mesh's batch split; each shard's rows use its own P
+    k, v: [X, L, A, page, K H] pools: X shards (the mesh's batch split; each shard's rows use its own A
       pages, so every page a row reads is on the row's device), then per layer, pages, positions in a page,
       and the KV heads' values side by side (head k in [k H, (k + 1) H)): one position's keys are one
       contiguous row, so a token's write is a scatter of whole rows in the pool's own layout (on TPU, with
       the KV heads as an axis of their own, the write wanted another tiled layout and XLA copied the whole
       pool between the two around every write, `kernels/decode_attention.py`).
-    table: [B, MB] the page (within the row's shard; rows are split over the shards in order, B / D each)
-      that holds row b's positions [m page, (m + 1) page); P marks no page. Rows may share pages: tree
+    table: [B, MB] the page (within the row's shard; rows are split over the shards in order, B / X each)
+      that holds row b's positions [m page, (m + 1) page); A marks no page. Rows may share pages: tree
       continuations read the pages of their response's prefix instead of copying them.
     lengths: [B] valid positions of each row.
 
@@ -52,7 +52,7 @@ class KVCache:
 
     @property
     def pages(self) -> int:
-        """Pages per shard (P); a table entry of P names no page."""
+        """Pages per shard (A); a table entry of A names no page."""
         return self.k.shape[2]
 
     @property
@@ -66,7 +66,7 @@ class KVCache:
 
 
 def pool_spec(sharder: Sharder, shape: tuple[int, ...], kv_heads: int, q_heads: int):
-    """The PartitionSpec of a pool [D, L, P, page, K H]: shards over the batch axes, the KV heads' columns
+    """The PartitionSpec of a pool [X, L, A, page, K H]: shards over the batch axes, the KV heads' columns
     over their axis only where it splits whole query-head groups with their KV head (`kernel_axes`)."""
     b = sharder.spec(("batch",), shape[:1])[0]
     _, h = sharder.kernel_axes(shape[0], q_heads, kv_heads)
@@ -141,13 +141,13 @@ def init_cache(
 
 
 def by_shard(x: Array, d: int) -> Array:
-    """[B, ...] -> [D, B / D, ...]: the rows of each shard (rows are split over the shards in order)."""
+    """[B, ...] -> [X, B / X, ...]: the rows of each shard (rows are split over the shards in order)."""
     return x.reshape((d, x.shape[0] // d) + x.shape[1:])
 
 
 def write_positions(buf: Array, layer, table: Array, positions: Array, values: Array) -> Array:
     """Writes values [B, T, K, H] (storage type) at positions [B, T] of each row into layer `layer` of a
-    pool [D, L, P, page, K H] through the page table [B, MB]; a negative position, one past the table or
+    pool [X, L, A, page, K H] through the page table [B, MB]; a negative position, one past the table or
     one whose page is P writes nothing."""
     d, pages, page = buf.shape[0], buf.shape[2], buf.shape[3]
     mb = table.shape[1]
@@ -155,7 +155,7 @@ def write_positions(buf: Array, layer, table: Array, positions: Array, values: A
     blk = jnp.take_along_axis(table, jnp.clip(positions // page, 0, mb - 1), axis=1)
     blk = jnp.where(ok, blk, pages)
 
-    def one(b, blk, off, val):  # b [L, P, page, K H]; blk, off [B/D, T]; val [B/D, T, K H]
+    def one(b, blk, off, val):  # b [L, A, page, K H]; blk, off [B/X, T]; val [B/X, T, K H]
         return b.at[layer, blk, off].set(val, mode="drop")
 
     rows = values.reshape(values.shape[:2] + (-1,))  # [B, T, K H]: a position's keys, one row
@@ -163,19 +163,19 @@ def write_positions(buf: Array, layer, table: Array, positions: Array, values: A
 
 
 def write_pages(buf: Array, layer, ids: Array, values: Array) -> Array:
-    """Writes whole pages values [D, M, page, K, H] (storage type) into pages ids [D, M] of each shard of
-    layer `layer` of a pool [D, L, P, page, K H]; an id of P writes nothing."""
+    """Writes whole pages values [X, M, page, K, H] (storage type) into pages ids [X, M] of each shard of
+    layer `layer` of a pool [X, L, A, page, K H]; an id of A writes nothing."""
 
-    def one(b, ids, val):  # b [L, P, page, K H]; ids [M]; val [M, page, K H]
+    def one(b, ids, val):  # b [L, A, page, K H]; ids [M]; val [M, page, K H]
         return b.at[layer, ids].set(val, mode="drop")
 
     return jax.vmap(one)(buf, ids, values.reshape(values.shape[:3] + (-1,)))
 
 
 def read_positions(buf: Array, layer, table: Array, kv_heads: int) -> Array:
-    """[B, MB page, K, H]: layer `layer` of a pool [D, L, P, page, K H] read through each row's page
+    """[B, MB page, K, H]: layer `layer` of a pool [X, L, A, page, K H] read through each row's page
     table [B, MB] (storage type; positions without a page hold some page's values, which callers mask)."""
     d, pages, page, kh = buf.shape[0], buf.shape[2], buf.shape[3], buf.shape[4]
     g = jax.vmap(lambda b, t: b[layer][jnp.clip(t, 0, pages - 1)])(buf, by_shard(table, d))
-    # [D, B/D, MB, page, K H] -> [B, S, K, H]: one copy (the gather's) per layer.
+    # [X, B/X, MB, page, K H] -> [B, S, K, H]: one copy (the gather's) per layer.
     return g.reshape(table.shape[0], table.shape[1] * page, kv_heads, kh // kv_heads)

@@ -16,7 +16,7 @@ gets its own copy of the page its prefix ends in, and a fresh page whenever it c
 while decoding, so a row holds the pages it has written. Pages are counted by reference and freed when
 their last row ends; a row enters only if the pages it may still need are free (`sampling.pages`), so
 decoding never waits for a page. Under a mesh the pool is split over the batch axes: shard d takes the
-sources j with j mod D = d and decodes their rows in its own slots over its own pages, so every page a row
+sources j with j mod X = d and decodes their rows in its own slots over its own pages, so every page a row
 reads is on its device.
 
 Slots. The rows decode in `slots` slots (split over the shards). Two nested `jax.lax.while_loop`s
@@ -34,11 +34,11 @@ FCI while decoding (section 5.2, for rows with `row_fci`): feeding response toke
 row over the cache, which the model reduces to the mass paid to each key step. The mass of the current
 query step a is summed; when the step closes (right after a separator token, or at the row's last token)
 it is divided by |U_a| |U_c| and added to the FCI sums of every key step c <= a - Delta. The state is
-[R, layers, heads, C] (plus the key step of every cache position) per FCI slot: only the first
+[Y, layers, heads, C] (plus the key step of every cache position) per FCI slot: only the first
 `fci_slots` slots of each shard carry it, rows with `row_fci` decode in those, and the attention mass is
 computed for them alone (tree continuations, which need no FCI, take the other slots). Steps numbered
 C - 1 or more share the last bucket (counted in `step_overflow`).
-R = 2 segmentations are tracked side by side when `separators` is [V, 2] ("\\n\\n" and the "\\n"
+Y = 2 segmentations are tracked side by side when `separators` is [V, 2] ("\\n\\n" and the "\\n"
 fallback of section 4): a row uses the "\\n\\n" one if it has such a separator, else the "\\n" one.
 A response with neither (every token its own step in section 4) is flagged `needs_fallback`.
 At the end the sums are maximised over layers and heads and the zeroing rules applied.
@@ -127,7 +127,7 @@ class LoopState:
     """Decode state of the n slots."""
 
     cache: KVCache  # the page pool, each slot's page table and length
-    refs: Array  # [D, P] slots whose page table names each page (0: free)
+    refs: Array  # [X, A] slots whose page table names each page (0: free)
     reserve: Array  # [n] pages each slot's row may still take (its worst case less what it took)
     cur_token: Array  # [n] the last sampled token, fed next
     n_gen: Array  # [n] tokens sampled so far
@@ -166,7 +166,7 @@ def default_pages(slots: int, cache_size: int, page: int, shards: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """The static sizes of one compiled call (hashable; `Layout.of` derives them from `generate`'s
-    arguments). Per shard d of the D shards: `per_shard` slots (d nl .. (d + 1) nl - 1), the first
+    arguments). Per shard d of the X shards: `per_shard` slots (d nl .. (d + 1) nl - 1), the first
     `fci_per_shard` of them FCI slots, `pages` pages, up to `group` sources and `rows_in` rows entering per
     insertion. From `generate`'s static arguments:
 
@@ -184,8 +184,8 @@ class Layout:
     fci_slots: slots that carry FCI state, over all shards (the first of each shard's; None: all). Rows
       with row_fci decode only in them, the other rows in the others first; the attention mass is
       computed for these slots alone. A shard must have as many as one of its sources has FCI rows.
-    rows_per_shard: the rows come in D blocks of this many (B = D rows_per_shard), block d holding, in
-      queue order, the rows of the sources shard d decodes (source j with j mod D = d, in increasing j;
+    rows_per_shard: the rows come in X blocks of this many (B = X rows_per_shard), block d holding, in
+      queue order, the rows of the sources shard d decodes (source j with j mod X = d, in increasing j;
       a source's rows contiguous) and padding rows (row_src < 0) after them (`sampler.block_layout`
       arranges them so). The outputs then come back in that layout with their rows split over the
       batch axes: each device writes and holds only its own rows, where the default (None: rows in
@@ -268,16 +268,16 @@ class Layout:
 
     @property
     def fci_rows(self) -> int:
-        """F: the FCI slots over all shards."""
+        """J: the FCI slots over all shards."""
         return self.shards * self.fci_per_shard
 
     def fci_slot(self) -> Array:
-        """[F] the slot of each FCI slot (the first `fci_per_shard` of each shard's)."""
+        """[J] the slot of each FCI slot (the first `fci_per_shard` of each shard's)."""
         nl, fl = self.per_shard, self.fci_per_shard
         return (jnp.arange(self.shards)[:, None] * nl + jnp.arange(fl)[None, :]).reshape(-1)
 
     def fci_of(self) -> Array:
-        """[n] each slot's index among the FCI slots (F: none), the inverse of `fci_slot`, by arithmetic:
+        """[n] each slot's index among the FCI slots (J: none), the inverse of `fci_slot`, by arithmetic:
         as a scatter of arange into fci_slot it is one whose indices and updates are the same iota on a
         single shard, which libtpu's scatter fusion aborts on ("Check failed: operand_indices.size() ==
         1")."""
@@ -296,7 +296,7 @@ class Layout:
 
     def pin(self, s: LoopState) -> LoopState:
         """The per-slot state that grows with the slots, split like them (tokens and log-probs [n, M], the
-        FCI sums [L, F, N, R, C] and key steps [F, R, S])."""
+        FCI sums [L, J, N, Y, C] and key steps [J, Y, S])."""
         split = self.split
         f = dataclasses.replace(
             s.f, key_steps=split(s.f.key_steps), cur_mass=split(s.f.cur_mass, 1), fci=split(s.f.fci, 1)
@@ -333,14 +333,14 @@ class Layout:
 )
 @dataclasses.dataclass(frozen=True)
 class Queue:
-    """What enters when, computed once per call. Sources in queue order: shard d's are j = d, d + D, ...
+    """What enters when, computed once per call. Sources in queue order: shard d's are j = d, d + X, ...
     (the used ones; later ones are bucket padding), at queue positions [q_beg[d], q_end[d]). Rows ("ordered
     rows") in queue order of their sources, a source's rows contiguous: [row_beg[q], row_beg[q] +
     src_rows[q]) for queue position q."""
 
     queue: Array  # [R] queue position -> source
-    q_beg: Array  # [D]
-    q_end: Array  # [D]
+    q_beg: Array  # [X]
+    q_end: Array  # [X]
     order: Array  # [B] ordered row -> the caller's row
     row_beg: Array  # [R] per queue position: its first ordered row,
     src_rows: Array  # [R] ... its rows,
@@ -493,7 +493,7 @@ def empty_outputs(lay: Layout, s: LoopState, sl: Slots) -> dict[str, Array]:
 
 
 def plan(lay: Layout, q: Queue, s: LoopState, nxt: Array):
-    """Per shard ([D] each, nxt: its next queue position): whether its next group enters now, how many
+    """Per shard ([X] each, nxt: its next queue position): whether its next group enters now, how many
     sources and rows it brings. The group is the longest run of sources from nxt (up to `group`) whose rows
     fit the shard's idle slots (FCI rows its idle FCI slots) and `rows_in`, and whose pages fit its
     available pages; it enters when it is whole, or when every slot of the shard is idle."""
@@ -501,7 +501,7 @@ def plan(lay: Layout, q: Queue, s: LoopState, nxt: Array):
     idle = s.fed_final.reshape(d, nl)  # free or finished (harvested first)
     idle_fci = jnp.sum(idle[:, : lay.fci_per_shard], axis=1)
     avail = available(s.refs, jnp.where(s.fed_final, 0, s.reserve))
-    qs = nxt[:, None] + jnp.arange(g)  # [D, G]
+    qs = nxt[:, None] + jnp.arange(g)  # [X, Q]
     inside = qs < q.q_end[:, None]
     qc = jnp.minimum(qs, r - 1)
 
@@ -540,13 +540,13 @@ def harvest(lay: Layout, s: LoopState, sl: Slots, out: dict) -> tuple[Slots, dic
 
 
 def _take(x: Array, idx: Array) -> Array:
-    """x[d, idx[d, ...]] per shard (x [D, G, ...], idx [D, ...] int)."""
+    """x[d, idx[d, ...]] per shard (x [X, Q, ...], idx [X, ...] int)."""
     return jax.vmap(lambda a, i: a[i])(x, idx)
 
 
 class Entry(NamedTuple):
-    """One insertion's entering sources and rows, per shard: queue positions qs [D, G] (src_in: entering),
-    and rows [D, W] (row_ok: entering; cand: the ordered row; gi: its source's index in the group; prefix,
+    """One insertion's entering sources and rows, per shard: queue positions qs [X, Q] (src_in: entering),
+    and rows [X, W] (row_ok: entering; cand: the ordered row; gi: its source's index in the group; prefix,
     and full / own: its prefix's whole pages and whether it takes a copy of the page its prefix ends in)."""
 
     qs: Array
@@ -563,23 +563,23 @@ def entering(lay: Layout, q: Queue, nxt: Array, count: Array, rows_in: Array) ->
     """Queue positions nxt .. nxt + count - 1 of each shard enter; the i-th row entering shard d is row
     i - first of source gi of its group."""
     g, w, b, page = lay.group, lay.rows_in, lay.rows, lay.settings.page_size
-    qs = jnp.minimum(nxt[:, None] + jnp.arange(g), lay.sources - 1)  # [D, G]
+    qs = jnp.minimum(nxt[:, None] + jnp.arange(g), lay.sources - 1)  # [X, Q]
     src_in = jnp.arange(g)[None, :] < count[:, None]
     rr = jnp.arange(w)
-    row_ok = rr[None, :] < rows_in[:, None]  # [D, W]
+    row_ok = rr[None, :] < rows_in[:, None]  # [X, W]
     counts = jnp.where(src_in, q.src_rows[qs], 0)
     ends = jnp.cumsum(counts, axis=1)
     gi = jnp.minimum(jax.vmap(lambda e: jnp.searchsorted(e, rr, side="right"))(ends), g - 1)
     cand = _take(q.row_beg[qs], gi) + rr - _take(ends - counts, gi)
-    cand = jnp.where(row_ok, jnp.minimum(cand, b - 1), 0)  # [D, W] ordered rows
+    cand = jnp.where(row_ok, jnp.minimum(cand, b - 1), 0)  # [X, W] ordered rows
     prefix = q.prefix[cand]
     return Entry(qs, src_in, row_ok, cand, gi, prefix, prefix // page, row_ok & (prefix % page != 0))
 
 
 def take_pages(lay: Layout, q: Queue, refs: Array, e: Entry):
     """The entering rows' pages: each source's shared ones first, then each row's copy of the page its
-    prefix ends in. Returns (page ids [D, G mpg + W] with the source and start position each is written
-    from, the rows' page tables [D, W, MB], the reference counts with them)."""
+    prefix ends in. Returns (page ids [X, Q mpg + W] with the source and start position each is written
+    from, the rows' page tables [X, W, MB], the reference counts with them)."""
     d, g, mpg, page, mb = lay.shards, lay.group, lay.prefix_pages, lay.settings.page_size, lay.table_width
     n_shared = jnp.where(e.src_in, q.shared[e.qs], 0)
     blk = jnp.arange(mpg)
@@ -591,10 +591,10 @@ def take_pages(lay: Layout, q: Queue, refs: Array, e: Entry):
         axis=1,
     )
     want = jnp.concatenate([(blk < n_shared[..., None]).reshape(d, g * mpg), e.own], axis=1)
-    ids = take_free(refs, ranks, want)  # [D, G mpg + W]
+    ids = take_free(refs, ranks, want)  # [X, Q mpg + W]
     src_pages, own_page = ids[:, : g * mpg].reshape(d, g, mpg), ids[:, g * mpg :]
     col = jnp.arange(mb)
-    table = _take(src_pages, e.gi)[..., jnp.minimum(col, mpg - 1)]  # [D, W, MB]
+    table = _take(src_pages, e.gi)[..., jnp.minimum(col, mpg - 1)]  # [X, W, MB]
     full = e.full[..., None]
     table = jnp.where(col < full, table, jnp.where(col == full, own_page[..., None], lay.pages))
     table = jnp.where(e.row_ok[..., None], table, lay.pages)
@@ -604,7 +604,7 @@ def take_pages(lay: Layout, q: Queue, refs: Array, e: Entry):
 
 
 def free_slots_for(lay: Layout, q: Queue, sl: Slots, e: Entry) -> Array:
-    """The slot [D W] (n: none) of each entering row: FCI rows take the shard's free FCI slots in index
+    """The slot [X W] (n: none) of each entering row: FCI rows take the shard's free FCI slots in index
     order; the other rows its other free slots first, then the FCI slots the FCI rows leave."""
     d, nl, n = lay.shards, lay.per_shard, lay.slots
     free = sl.row.reshape(d, nl) < 0
@@ -691,7 +691,7 @@ def start_rows(lay: Layout, q: Queue, s: LoopState, dest, cand, prefix, own, tok
     m, nw = lay.settings.max_new_tokens, cand.shape[0]
     stop, lim = _is_stop(tok, q.stop[cand]), q.limit[cand]
     fci_of = lay.fci_of()
-    fdest = jnp.where(dest < lay.slots, fci_of[jnp.minimum(dest, lay.slots - 1)], lay.fci_rows)  # F: none
+    fdest = jnp.where(dest < lay.slots, fci_of[jnp.minimum(dest, lay.slots - 1)], lay.fci_rows)  # J: none
 
     def put(x, v):
         return _put(x, dest, v)
@@ -713,11 +713,11 @@ def start_rows(lay: Layout, q: Queue, s: LoopState, dest, cand, prefix, own, tok
 
 def open_pages(lay: Layout, s: LoopState):
     """A row about to write the first position of a page takes a free page of its shard. Returns (the
-    cache with them in the tables, the pages taken [D, nl] (P: none), which rows took one [n])."""
+    cache with them in the tables, the pages taken [X, nl] (A: none), which rows took one [n])."""
     d, nl, page, mb = lay.shards, lay.per_shard, lay.settings.page_size, lay.table_width
     pos = s.cache.lengths
     opening = (~s.fed_final & (pos % page == 0)).reshape(d, nl)
-    new_page = take_free(s.refs, jnp.cumsum(opening, axis=1) - opening, opening)  # [D, nl]
+    new_page = take_free(s.refs, jnp.cumsum(opening, axis=1) - opening, opening)  # [X, nl]
     blk = jnp.minimum(pos // page, mb - 1)
     opened = opening.reshape(-1)
     # (a select over the table, rather than a scatter of what a gather of it read)
@@ -732,7 +732,7 @@ def fci_decode_step(lay: Layout, params: Params, q: Queue, s: LoopState, sl: Slo
     step joins that step's sums (`fci.accumulate`). Returns (hidden states [n, 1, D], cache, FCI state)."""
     nf, active = lay.fci_rows, ~s.fed_final
     fci_slot = lay.fci_slot()
-    track = (active & sl.fci)[fci_slot]  # [F]
+    track = (active & sl.fci)[fci_slot]  # [J]
     key_steps = key_steps_after(s.f, s.cache.lengths[fci_slot], track)
     h, cache, mass = forward_cached(
         params,
@@ -746,7 +746,7 @@ def fci_decode_step(lay: Layout, params: Params, q: Queue, s: LoopState, sl: Slo
     )
     if not nf:
         return h, cache, s.f
-    mass = mass[:, :, :, 0]  # [L, F, N, T = 1, R, C] -> [L, F, N, R, C]: the sums' layout
+    mass = mass[:, :, :, 0]  # [L, J, N, T = 1, Y, C] -> [L, J, N, Y, C]: the sums' layout
     f = accumulate(
         s.f,
         key_steps,

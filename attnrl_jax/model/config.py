@@ -18,6 +18,23 @@ ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
+# The published config.json of DeepSeek-R1-Distill-Qwen: what the 1.5B and 7B share, then their sizes
+# (vocab, width, MLP width, query and key/value heads).
+_R1_DISTILL = dict(
+    num_layers=28,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+    bos_token_id=151646,
+    eos_token_id=151643,
+)
+_R1_DISTILL_SIZES = {
+    "1p5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2),
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_heads=28, num_kv_heads=4),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Qwen2 decoder.
@@ -129,40 +146,12 @@ class ModelConfig:
     @classmethod
     def r1_distill_qwen_1p5b(cls, **overrides) -> ModelConfig:
         """DeepSeek-R1-Distill-Qwen-1.5B (its published config.json)."""
-        base = dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_layers=28,
-            num_heads=12,
-            num_kv_heads=2,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-            tie_word_embeddings=False,
-            max_position_embeddings=131072,
-            bos_token_id=151646,
-            eos_token_id=151643,
-        )
-        return cls(**{**base, **overrides})
+        return cls(**{**_R1_DISTILL, **_R1_DISTILL_SIZES["1p5b"], **overrides})
 
     @classmethod
     def r1_distill_qwen_7b(cls, **overrides) -> ModelConfig:
         """DeepSeek-R1-Distill-Qwen-7B (its published config.json)."""
-        base = dict(
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_layers=28,
-            num_heads=28,
-            num_kv_heads=4,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-            tie_word_embeddings=False,
-            max_position_embeddings=131072,
-            bos_token_id=151646,
-            eos_token_id=151643,
-        )
-        return cls(**{**base, **overrides})
+        return cls(**{**_R1_DISTILL, **_R1_DISTILL_SIZES["7b"], **overrides})
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:

@@ -214,16 +214,11 @@ def logits_from_hidden(
 
 
 def forward(
-    params: Params,
-    tokens: Array,
-    *,
-    cfg: ModelConfig,
-    segment_ids: Array | None = None,
-    positions: Array | None = None,
-    sharder: Sharder | None = None,
+    params: Params, tokens: Array, *, cfg: ModelConfig, sharder: Sharder | None = None, **inputs
 ) -> Array:
-    """Float32 logits [B, T, V] of a Qwen2 decoder (arguments as `hidden_states`)."""
-    h = hidden_states(params, tokens, cfg=cfg, segment_ids=segment_ids, positions=positions, sharder=sharder)
+    """Float32 logits [B, T, V] of a Qwen2 decoder (`inputs`: segment_ids and positions, as
+    `hidden_states`)."""
+    h = hidden_states(params, tokens, cfg=cfg, sharder=sharder, **inputs)
     return logits_from_hidden(params, h, cfg=cfg, sharder=sharder)
 
 

@@ -898,37 +898,11 @@ def generate(
       num_steps [B], step_overflow [B] (steps merged into the last bucket), needs_fallback [B]; the last
       five for rows with row_fci (-1, 0 or False for the others).
     """
-    nseg = 1 if separators.ndim == 1 else separators.shape[1]
-    lay = Layout.of(
-        cfg,
-        settings,
-        sharder or Sharder(),
-        jax.random.key_impl(row_keys),
-        row_src.shape[0],
-        *src_tokens.shape,
-        nseg,
-        slots,
-        cache_size,
-        insert_sources,
-        insert_rows,
-        pages,
-        shards,
-        fci_slots,
-        rows_per_shard,
-    )
-    q = make_queue(
-        lay,
-        src_tokens,
-        src_lens,
-        row_src,
-        row_prefix_len,
-        row_keys,
-        row_fci,
-        stop_ids,
-        row_max_new,
-        separators,
-        think_id,
-    )
+    sizes = (row_src.shape[0], *src_tokens.shape, 1 if separators.ndim == 1 else separators.shape[1])
+    knobs = (slots, cache_size, insert_sources, insert_rows, pages, shards, fci_slots, rows_per_shard)
+    lay = Layout.of(cfg, settings, sharder or Sharder(), jax.random.key_impl(row_keys), *sizes, *knobs)
+    arrays = (src_tokens, src_lens, row_src, row_prefix_len, row_keys, row_fci, stop_ids, row_max_new)
+    q = make_queue(lay, *arrays, separators, think_id)
     out = run_loop(lay, params, q)
     if rows_per_shard is not None:
         return out  # the callers' block layout, each device's rows on it

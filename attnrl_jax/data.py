@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from attnrl_jax.rewards.math_grader import ground_truths
 
@@ -33,7 +35,6 @@ class Problem:
 
 def read_verl_parquet(path: str) -> list[Problem]:
     """Reads a verl-format parquet file; raises an error naming the file and the missing or bad field."""
-    import pyarrow.parquet as pq
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such parquet file")
@@ -68,8 +69,6 @@ def read_verl_parquet(path: str) -> list[Problem]:
 
 def write_verl_parquet(path: str, problems: Sequence[Problem]) -> None:
     """Writes problems in the verl format (tests and the built-in task make their own files)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = [
         {

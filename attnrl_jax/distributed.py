@@ -31,6 +31,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
+
+from attnrl_jax.rewards.math_grader import Verdict
 
 _watchdog: _Watchdog | None = None
 
@@ -141,7 +145,6 @@ class _Watchdog(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
-        from jax._src import distributed as jax_distributed
 
         client = jax_distributed.global_state.client
         everyone = list(range(self.num_processes))
@@ -181,7 +184,6 @@ def fetch(tree):
             return x
         if x.is_fully_addressable or x.is_fully_replicated:
             return np.asarray(x)
-        from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -193,7 +195,6 @@ def any_process(flag: bool) -> bool:
     the processes then take the same branch around the next collectives."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
@@ -230,10 +231,6 @@ class _Gathered:
 
     def result(self):
         if self._value is None:
-            from jax.experimental import multihost_utils
-
-            from attnrl_jax.rewards.math_grader import Verdict
-
             local = self._local.result()
             width = -(-self._total // jax.process_count())  # every process sends the same shape
             acc = np.full(width, -1, np.int32)

@@ -8,14 +8,16 @@ import os
 
 import jax
 from ml_collections import ConfigDict, config_dict
+from transformers import AutoTokenizer
 
 from attnrl_jax.data import read_verl_parquet
 from attnrl_jax.evaluation import evaluate, load_policy, markdown_table, paper_k, write_results
 from attnrl_jax.memory import cache_gib, check_memory_settings, device_capacity, resident_bytes
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.rewards import VerifierPool
-from attnrl_jax.sampling import LoopSettings, Sampler, SamplingParams
+from attnrl_jax.sampling import Sampler
 from attnrl_jax.sampling.loop import check_page_size
+from attnrl_jax.settings import eval_loop_settings
 
 
 def default_config() -> ConfigDict:
@@ -77,16 +79,6 @@ def benchmark_files(spec: str) -> dict[str, str]:
     return {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
 
 
-def loop_settings(c: ConfigDict) -> LoopSettings:
-    """The sampler's loop settings of an eval config (no FCI: two step buckets)."""
-    return LoopSettings(
-        max_new_tokens=c.eval.max_new_tokens,
-        sampling=SamplingParams(c.eval.temperature, c.eval.top_k, c.eval.top_p),
-        num_steps=2,  # FCI is not needed here
-        page_size=c.eval.page_size,
-    )
-
-
 def run(c: ConfigDict) -> dict:
     if not c.checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint=DIR (a Hugging Face directory or a training run)")
@@ -97,7 +89,7 @@ def run(c: ConfigDict) -> dict:
             raise ValueError(f"config.eval.{key} must be positive, got {c.eval[key]}")
     check_memory_settings(c.eval, "eval")
     check_page_size("config.eval.page_size", c.eval.page_size)
-    settings = loop_settings(c)
+    settings = eval_loop_settings(c)
     files = benchmark_files(c.eval.data)
     benchmarks = {name: read_verl_parquet(path) for name, path in files.items()}
     mesh_cfg = MeshConfig(**c.mesh)
@@ -106,8 +98,6 @@ def run(c: ConfigDict) -> dict:
     overrides = {k: v for k, v in c.model.items() if k != "preset"}  # preset: for --compile_only only
     cfg, params, tokenizer = load_policy(c.checkpoint, sharder, **overrides)
     if c.tokenizer_path or tokenizer is None:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_path or c.checkpoint)
     budget = cache_gib(c.eval.cache_gib, device_capacity(), resident_bytes(params), c.eval.memory_fraction)
     sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder, cache_gib=budget)

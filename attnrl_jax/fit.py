@@ -34,14 +34,36 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from ml_collections import ConfigDict
 
 from attnrl_jax import targets as tg
 from attnrl_jax.memory import GiB, cache_gib, resident_bytes
+from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+from attnrl_jax.model.config import ModelConfig
+from attnrl_jax.model.forward import forward_with_fci
+from attnrl_jax.model.params import init_params, param_axes, param_shapes
+from attnrl_jax.rl.loss import LossConfig
+from attnrl_jax.rl.train_step import (
+    TrainBatch,
+    TrainState,
+    abstract_train_state,
+    jit_train_step,
+    make_optimizer,
+    plan_microbatches,
+    train_step,
+)
+from attnrl_jax.sampling.loop import LoopSettings, default_pages, generate
+from attnrl_jax.sampling.sampler import page_bytes, plan_rows, slot_bytes
+from attnrl_jax.settings import eval_loop_settings, model_config, settings_from_config
+from attnrl_jax.trainer import jit_passes
 
 MAX_EVAL_K = 32  # section 13's largest k (AIME24/25, AMC23)
 
@@ -97,7 +119,6 @@ def run_config(c: ConfigDict, layers: int | None = None) -> ConfigDict:
 def _models(c: ConfigDict):
     """(the run's ModelConfig, the one compiled: of `config.model.num_layers` layers when `run_config` set
     it). Sampler calls are planned with the run's (its pages and slots), whatever depth compiles."""
-    from attnrl_jax.settings import model_config
 
     cfg = model_config(c)
     return cfg, (cfg.replace(num_layers=c.model.num_layers) if "num_layers" in c.model else cfg)
@@ -105,9 +126,6 @@ def _models(c: ConfigDict):
 
 def abstract_params(cfg, sharder, dtype):
     """Abstract parameters in `dtype` with the parameter shardings."""
-    import jax
-
-    from attnrl_jax.model.params import param_axes, param_shapes
 
     return jax.tree.map(
         lambda sh, ax: jax.ShapeDtypeStruct(sh, dtype, sharding=sharder.sharding(ax, sh)),
@@ -141,11 +159,6 @@ def sampler_call(cfg, loop, sharder, params, sources, rows, budget_gib, plan_cfg
     """The `sampling.loop.generate` call that `Sampler` compiles for `rows` over `sources` under a cache
     budget of `budget_gib` per chip (`sampling.sampler.plan_rows`, with `plan_cfg`'s pages: default `cfg`):
     (its CallShape, generate.lower with the static arguments bound, the abstract arguments)."""
-    import jax
-    import jax.numpy as jnp
-
-    from attnrl_jax.sampling.loop import generate
-    from attnrl_jax.sampling.sampler import plan_rows
 
     shape, *_ = plan_rows(
         sources,
@@ -182,8 +195,6 @@ def sampler_program(
     name, cfg, loop, sharder, params, sources, rows, budget_gib, resident, plan_cfg=None
 ) -> Program:
     """`sampler_call` as a Program, with its floor: the KV page pool, the weights and the FCI state."""
-    from attnrl_jax.sampling.loop import default_pages
-    from attnrl_jax.sampling.sampler import page_bytes, slot_bytes
 
     shape, fn, args = sampler_call(cfg, loop, sharder, params, sources, rows, budget_gib, plan_cfg)
     fci = shape.slots if shape.fci_slots is None else shape.fci_slots
@@ -200,18 +211,6 @@ def sampler_program(
 
 def train_programs(c: ConfigDict, sharder, capacity: int) -> tuple[list[Program], str]:
     """The programs of a training run on `sharder`'s mesh (module docstring), and a line of facts."""
-    import jax
-    import jax.numpy as jnp
-
-    from attnrl_jax.rl.train_step import (
-        TrainBatch,
-        abstract_train_state,
-        jit_train_step,
-        make_optimizer,
-        plan_microbatches,
-    )
-    from attnrl_jax.settings import settings_from_config
-    from attnrl_jax.trainer import jit_passes
 
     s = settings_from_config(c, num_devices=sharder.mesh.size, check_paths=False)
     full, cfg = _models(c)
@@ -298,12 +297,9 @@ def train_programs(c: ConfigDict, sharder, capacity: int) -> tuple[list[Program]
 
 def eval_programs(c: ConfigDict, sharder, capacity: int) -> tuple[list[Program], str]:
     """The evaluation call of an eval config (module docstring), and a line of facts."""
-    import jax.numpy as jnp
-
-    from attnrl_jax.eval_job import loop_settings
 
     full, cfg = _models(c)
-    loop = loop_settings(c)
+    loop = eval_loop_settings(c)
     params = abstract_params(cfg, sharder, jnp.dtype(cfg.param_dtype))
     budget = cache_gib(c.eval.cache_gib, capacity, resident_bytes(params), c.eval.memory_fraction)
     k = c.eval.k or MAX_EVAL_K
@@ -319,7 +315,6 @@ def _budget(gib: float) -> str:
 
 def compile_program(p: Program, mesh, capacity: int) -> Result:
     """Compiles one program under `mesh`; the compiler's refusal is the result, not an exception."""
-    import jax
 
     t0 = time.perf_counter()
     try:
@@ -358,9 +353,6 @@ def check(c: ConfigDict, target_name: str, job: str, layers: int | None = None, 
     """Compiles every program of the run `c` (`job` "train" or "eval") for `target_name`, prints the table
     and the verdict, and returns 0 when every program compiles and fits, else 1. `layers` compiles a
     shallower model: a quicker check of the programs' structure whose memory is not the run's."""
-    import jax
-
-    from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 
     target = tg.parse(target_name)
     devices = tg.devices(target)
@@ -399,7 +391,6 @@ def check(c: ConfigDict, target_name: str, job: str, layers: int | None = None, 
 def cli(c: ConfigDict, target: str, job: str, layers: int = 0) -> int:
     """`train.py` / `eval.py --compile_only=TARGET`: `check`, with a missing compiler or a bad target or
     config reported as one error line (exit status 2)."""
-    import sys
 
     try:
         return check(c, target, job, layers or None)
@@ -414,16 +405,6 @@ def entry_points(length: int, layers: int = 2) -> dict[str, tuple[Callable, tupl
     `length` tokens), the loss gradient (a train step on that row) and one sampler call (2 rows of a prompt
     of length / 8 tokens, both segmentations, the rest of `length` to generate). The kernels and their
     shapes do not depend on the depth."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from attnrl_jax.model.config import ModelConfig
-    from attnrl_jax.model.forward import forward_with_fci
-    from attnrl_jax.model.params import init_params
-    from attnrl_jax.rl.loss import LossConfig
-    from attnrl_jax.rl.train_step import TrainBatch, TrainState, train_step
-    from attnrl_jax.sampling.loop import LoopSettings, generate
 
     cfg = ModelConfig.preset(
         "r1_distill_qwen_1p5b",

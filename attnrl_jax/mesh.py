@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -87,8 +88,6 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     devices = list(jax.devices() if devices is None else devices)
     shape = config.resolve(len(devices))
     try:
-        from jax.experimental import mesh_utils
-
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         # Topology-aware placement is unavailable for this device kind or count: use the plain order.

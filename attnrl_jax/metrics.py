@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from attnrl_jax.distributed import fetch
 
@@ -69,8 +70,6 @@ class MetricWriter:
         os.replace(tmp, path)
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             tb_dir = os.path.join(workdir, "tb")
             if os.path.isdir(tb_dir):
                 shutil.rmtree(tb_dir)

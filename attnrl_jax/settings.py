@@ -60,6 +60,16 @@ def loop_settings(c: ConfigDict) -> LoopSettings:
     )
 
 
+def eval_loop_settings(c: ConfigDict) -> LoopSettings:
+    """The sampler's loop settings of an eval config (no FCI: two step buckets)."""
+    return LoopSettings(
+        max_new_tokens=c.eval.max_new_tokens,
+        sampling=SamplingParams(c.eval.temperature, c.eval.top_k, c.eval.top_p),
+        num_steps=2,  # FCI is not needed here
+        page_size=c.eval.page_size,
+    )
+
+
 def algo_config(c: ConfigDict) -> AlgoConfig:
     """The method named by config.algo.preset with the config's algo fields applied. A preset's own ATB
     token distance (the `paper` preset's 0) stands unless config.algo.token_distance is set explicitly."""

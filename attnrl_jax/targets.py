@@ -27,6 +27,10 @@ import importlib.util
 import os
 import re
 
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
 GPU_MEMORY_FRACTION = 0.95  # of a GPU's memory, JAX's client preallocates this (its default is 0.75)
 GPU_CONFIGS = {"h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
 
@@ -120,8 +124,6 @@ def gpu_config_text(target: Target) -> str:
 @functools.cache
 def devices(target: Target) -> tuple:
     """The target's compile-only devices (needs its compiler: `require`)."""
-    import jax
-    from jax.experimental import topologies
 
     require(target.platform)
     if jax.config.jax_platforms != "cpu":
@@ -165,8 +167,6 @@ def capacity(target: Target) -> int:
     if target.platform == "cuda":
         m = re.search(r"device_memory_size:\s*(\d+)", gpu_config_text(target))
         return int(int(m.group(1)) * GPU_MEMORY_FRACTION)
-    import jax
-    import jax.numpy as jnp
 
     mesh = jax.sharding.Mesh(devices(target)[:1], ("x",))
     one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -39,8 +39,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from attnrl_jax.algo import (
     BatchSizeState,
@@ -113,7 +115,6 @@ def _exists_on_main(path: str) -> bool:
     exists = os.path.exists(path)
     if jax.process_count() == 1:
         return exists
-    from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
 
@@ -366,7 +367,6 @@ def _setup(c: ConfigDict):
         )
     if not os.path.isdir(tokenizer_path):
         raise FileNotFoundError(f"config.tokenizer_path={tokenizer_path!r}: no such directory")
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     sharder = Sharder(make_mesh(s.mesh))  # every process's devices: one global mesh

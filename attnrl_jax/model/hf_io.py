@@ -21,8 +21,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from transformers import AutoTokenizer
 
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
@@ -270,8 +272,6 @@ def load_checkpoint(path: str, sharder: Sharder | None = None, **config_override
     cfg = ModelConfig.from_hf_dir(path, **config_overrides)
     tokenizer = None
     if has_tokenizer(path):
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer_vocab(cfg, tokenizer, source=path)
     return cfg, load_params(path, cfg, sharder), tokenizer
@@ -279,8 +279,6 @@ def load_checkpoint(path: str, sharder: Sharder | None = None, **config_override
 
 def _host(x: jax.Array) -> np.ndarray:
     if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
 

@@ -36,11 +36,13 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
 import os
+import resource
 import signal
 import threading
 import time
@@ -63,8 +65,6 @@ MAX_DEATHS_IN_A_ROW = 12
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except OSError:
@@ -81,8 +81,6 @@ def _worker_main(conn, memory_bytes: int) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if memory_bytes > 0:
-        import resource
-
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     while True:

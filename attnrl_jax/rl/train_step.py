@@ -26,7 +26,7 @@ import optax
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
 from attnrl_jax.model.forward import hidden_states, token_log_probs_from_hidden
-from attnrl_jax.model.params import param_axes
+from attnrl_jax.model.params import init_params, param_axes
 from attnrl_jax.rl.loss import LossConfig, policy_loss
 from attnrl_jax.typing import Array, Params
 
@@ -309,7 +309,6 @@ def abstract_train_state(
 ) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their shardings: what `jit_train_step(...).lower`
     needs to compile (and measure) the update at full scale without allocating it."""
-    from attnrl_jax.model.params import init_params
 
     params = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
     param_shardings = sharder.tree_shardings(param_axes(model_cfg), params)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 # "<|endoftext|>" is the pad token, as in Qwen: a Qwen2 config.json makes transformers expect it.
 SPECIAL = ["<|endoftext|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 # Plain (not special) tokens: decoding keeps them, as Qwen's does. "\n\n", the step separator, is one token
@@ -28,8 +31,6 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 384):
     """Trains the tokenizer on `texts`, saves it to `path` and returns the transformers tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(

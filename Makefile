@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run smoke test lint bench
+.PHONY: run smoke test test-fast lint bench
 
 $(VENV)/.installed-main: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ lint: $(VENV)/.installed-test
 TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0)
+
+# The unit tests alone (not the integration tests marked `slow`: whole jobs, subprocesses, the real-compiler
+# builds, the sampler's end-to-end invariants): 522 tests in 1.9 min on this 2-core machine (2026-12-07), for
+# the loop of a change; `make test` (and CI) runs everything.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not benchmark and not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0)
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.model_forward

@@ -33,7 +33,12 @@ def main(argv):
         with config.unlocked():
             config.checkpoint = _CHECKPOINT.value
     if _COMPILE_ONLY.value:
-        os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts: the target's devices are compile-only
+        # Before JAX starts: the target's devices are compile-only. (The config file may have imported JAX
+        # already, which read the environment then: set its option too; no backend has started yet.)
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
         from attnrl_jax import fit
 
         if config.checkpoint and os.path.isfile(os.path.join(config.checkpoint, "config.json")):

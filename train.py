@@ -35,7 +35,12 @@ def main(argv):
     if _COMPILE_ONLY.value:
         if kind != "train":
             sys.exit(f"error: --compile_only checks training configs (config.job=train), not job={kind!r}")
-        os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts: the target's devices are compile-only
+        # Before JAX starts: the target's devices are compile-only. (The config file may have imported JAX
+        # already, which read the environment then: set its option too; no backend has started yet.)
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
         from attnrl_jax import fit
 
         sys.exit(fit.cli(config, _COMPILE_ONLY.value, "train", _COMPILE_LAYERS.value))

@@ -12,6 +12,9 @@ import pytest
 from attnrl_jax.data import Problem, write_verl_parquet
 from attnrl_jax.evaluation import evaluate, markdown_table, paper_k, pass_at_k, summarize
 
+# Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

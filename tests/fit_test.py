@@ -17,6 +17,9 @@ import pytest
 from attnrl_jax import fit
 from benchmarks import kernel_compile as cc
 
+# Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 compilers = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None or importlib.util.find_spec("jax_cuda12_plugin") is None,

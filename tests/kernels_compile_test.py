@@ -14,10 +14,14 @@ from jax.experimental import pallas as pl
 from attnrl_jax.kernels import target as tg
 from benchmarks import kernel_compile as cc
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None or importlib.util.find_spec("jax_cuda12_plugin") is None,
-    reason='the real compilers: pip install -e ".[compilers]" (make test installs them)',
-)
+# Real-compiler builds (make test-fast leaves them out), with the compilers only.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("libtpu") is None or importlib.util.find_spec("jax_cuda12_plugin") is None,
+        reason='the real compilers: pip install -e ".[compilers]" (make test installs them)',
+    ),
+]
 
 
 @pytest.mark.parametrize("length", cc.LENGTHS)

@@ -21,7 +21,7 @@ FORMS = {
 
 
 def _paged(rng, b, lengths, k, h, page, layers=2, pages=None, dtype=jnp.float32):
-    """Pools [L, P, page, K H] and a table where rows 0 and 1 share their first page and every other
+    """Pools [L, A, page, K H] and a table where rows 0 and 1 share their first page and every other
     page sits at a random place in the pool; entries past a row's length point anywhere."""
     mb = -(-max(lengths) // page)
     pages = pages or b * mb + 3
@@ -137,8 +137,8 @@ def test_without_steps_and_bad_shapes(form):
     np.testing.assert_allclose(out, ref_out, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
     with pytest.raises(
-        ValueError, match=r"key_steps must be \[B, S\] or \[B, R, S\] with \[B, S\]=\(2, 20\)"
+        ValueError, match=r"key_steps must be \[B, S\] or \[B, Y, S\] with \[B, S\]=\(2, 20\)"
     ):
         decode_attention(q, kp, vp, table, lens, jnp.zeros((2, 19), jnp.int32), num_steps=4)
-    with pytest.raises(ValueError, match=r"page pools \[L, P, page, K H\]"):
+    with pytest.raises(ValueError, match=r"page pools \[L, A, page, K H\]"):
         decode_attention(q, kp[0], vp[0], table, lens)

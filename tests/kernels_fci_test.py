@@ -39,6 +39,7 @@ def _dense_attention(q, k, n_valid):
     return (a / a.sum(-1, keepdims=True))[None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("impl,target", [("pallas", "triton"), ("pallas", "tpu"), ("xla", None)])
 def test_fci_matches_dense_reference(layout, impl, target):
@@ -79,6 +80,7 @@ def test_fci_matches_dense_reference(layout, impl, target):
         assert float(jnp.abs(zero_steps(y.max(axis=1), -1)).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_fci_kernel_under_tpu_interpret_mode():
     prompt, lens = LAYOUTS["mixed"]()
     total = prompt + sum(lens)

@@ -84,6 +84,7 @@ CASES = {
 
 # Every case for the GPU form; for the TPU form (slower to compile in interpret mode) the ragged, packed
 # and group-of-6 ones.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case,target",
     [(c, "triton") for c in CASES] + [(c, "tpu") for c in ("ragged", "packed", "group6")],
@@ -95,6 +96,7 @@ def test_float32_matches_reference(case, target):
     _check(q, kk, v, do, seg, seg, blocks, target, True)
 
 
+@pytest.mark.slow
 def test_per_platform_default_on_cpu():
     """No target: the program picks its form where it is lowered (on the CPU: the interpreted GPU form),
     with a padding that both forms' default tiles divide."""
@@ -103,6 +105,7 @@ def test_per_platform_default_on_cpu():
     _check(q, kk, v, do, seg, seg, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,interpret", FORMS, ids=["triton", "tpu"])
 def test_queries_aligned_to_the_end_of_the_keys(target, interpret):
     """T < S: the T queries are the last T positions (a cached prefill); forward and gradients."""
@@ -111,6 +114,7 @@ def test_queries_aligned_to_the_end_of_the_keys(target, interpret):
     _check(q, k, v, do, kseg[:, -9:], kseg, BlockSizes(8, 8, 8, 8), target, interpret)
 
 
+@pytest.mark.slow
 def test_bfloat16_within_stated_tolerance():
     """bf16 q/k/v (f32 statistics inside): output within 2e-2 and gradients within 6e-2 of the f32
     reference on the same bf16 inputs."""
@@ -119,6 +123,7 @@ def test_bfloat16_within_stated_tolerance():
     _check(q, k, v, do, seg, seg, BlockSizes(16, 16, 16, 16), "triton", True, atol=2e-2, grad_atol=6e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,k,t", [(4, 2, 40)])
 def test_tpu_interpret_mode(n, k, t):
     """The TPU form under Pallas's TPU interpreter (TPU memory spaces, scratch and DMA semantics simulated

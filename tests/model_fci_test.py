@@ -37,6 +37,7 @@ def setup(tmp_path_factory):
     return model, str(path), rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_model_fci_equals_formula_on_transformers_attention(setup, impl):
     model, path, rows = setup

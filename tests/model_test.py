@@ -93,6 +93,7 @@ def _full_log_probs_and_entropy(params, x, targets, cfg, temperature):
     return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [3, 4, 64], ids=["ragged-chunks", "even-chunks", "one-chunk"])
 def test_chunked_log_probs_and_entropy_equal_the_full_logits_formula(params, chunk):
     """Values and gradients (through the target log-probs and the entropy) of the chunked head equal those
@@ -141,6 +142,7 @@ def test_chunked_head_holds_one_chunk_of_logits():
     assert mem.temp_size_in_bytes < full_logits / 8, (mem.temp_size_in_bytes, full_logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "dots"])
 def test_remat_policies_give_the_same_gradients(params, policy):
     x = _tokens((2, 8), 5)

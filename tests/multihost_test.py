@@ -21,6 +21,9 @@ from trainer_test import ROOT, _overrides, _wait_for
 from attnrl_jax import distributed
 from attnrl_jax.checkpoint import Checkpointer
 
+# Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 
 def _port() -> int:
     with socket.socket() as s:

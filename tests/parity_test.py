@@ -43,6 +43,7 @@ def test_float32_logits_match_transformers(tmp_path, tie, heads, kv_heads):
     assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_padded_rows_equal_unpadded_rows(tmp_path):
     model = tiny_hf_model()
     model.save_pretrained(tmp_path)

@@ -28,6 +28,7 @@ def test_alignment_by_hand():
         build_train_batch([[1, 2, 3]], [[7, 8, 9, 10]], [[0.0] * 4], [[0.0] * 4], length=6)
 
 
+@pytest.mark.slow
 def test_sampler_trees_batch_step_end_to_end():
     cfg = ModelConfig.tiny(vocab_size=64, remat="none")
     params = init_params(cfg, jax.random.key(0))

@@ -138,6 +138,7 @@ def _batch(seed=0, b=4, t=10):
     )
 
 
+@pytest.mark.slow
 def test_micro_batched_step_equals_full_batch_step():
     """Gradients of the exact token-mean: SGD with lr 1 makes the parameter change equal to the gradient
     (Adam would normalise tiny gradient differences into visible ones)."""
@@ -179,6 +180,7 @@ def test_non_finite_step_keeps_the_state():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sharded_jitted_step_equals_unsharded():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharder = Sharder(mesh)
@@ -247,6 +249,7 @@ def test_batch_log_probs_equal_the_full_formula_in_micro_batches():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_paper_settings_move_most_parameters_in_ten_steps():
     """configs/attnrl_1p5b.py as shipped (dtypes, lr 1e-6, AdamW, clip), on a tiny model shape: float32
     master weights take the 1e-6 steps. The same ten steps with bfloat16 storage move almost nothing."""

@@ -27,6 +27,7 @@ def _score(texts, gts):
     ],
     ids=["attnrl", "treerl", "grpo"],
 )
+@pytest.mark.slow
 def test_rollout_to_update(qwen_world, algo):
     tok, _, cfg, params, table = qwen_world
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -56,6 +57,7 @@ def test_rollout_to_update(qwen_world, algo):
     assert max(changed) > 0
 
 
+@pytest.mark.slow
 def test_verifier_faults_and_fci_overflow_are_counted(qwen_world):
     """Timeouts, errors and worker restarts among the verdicts, initial responses whose steps overflowed the
     FCI buckets and responses with no separator reach the step's metrics (counted from the same samples)."""

@@ -92,6 +92,7 @@ def _full_logits(params, prompt, response, cfg=CFG):
     return np.asarray(forward(params, seq, cfg=cfg)[0, len(prompt) - 1 : -1])
 
 
+@pytest.mark.slow
 def test_greedy_decoding_with_the_cache_equals_full_recompute(params):
     settings = LoopSettings(max_new_tokens=12, sampling=SamplingParams(temperature=0.0))
     out = _run(params, SRC, LENS, [0, 1, 2], LENS, jax.random.split(jax.random.key(0), 3), settings, stop=-1)
@@ -104,6 +105,7 @@ def test_greedy_decoding_with_the_cache_equals_full_recompute(params):
         np.testing.assert_allclose(np.asarray(out["logprobs"][b]), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampled_log_probs_and_entropies_are_those_at_the_temperature(params):
     settings = LoopSettings(max_new_tokens=10, sampling=SamplingParams(temperature=0.7))
     out = _run(
@@ -125,6 +127,7 @@ def test_sampled_log_probs_and_entropies_are_those_at_the_temperature(params):
         np.testing.assert_allclose(np.asarray(out["entropies"][b]), -(np.exp(logp) * logp).sum(-1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_finished_rows_emit_padding_and_stop_accumulating(params):
     # Stop on a token the model emits early in some rows.
     settings = LoopSettings(
@@ -160,6 +163,7 @@ def test_finished_rows_emit_padding_and_stop_accumulating(params):
         np.testing.assert_allclose(np.asarray(out["fci"][b]), np.asarray(ref["fci"][0]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_forked_continuations_equal_reprefilled_ones(params):
     """Two branch points of one response share one prefill; the same RNG gives the same continuations
     as prefilling each prefix from scratch."""
@@ -201,6 +205,7 @@ def test_forked_continuations_equal_reprefilled_ones(params):
     )  # the RNG streams differ per row
 
 
+@pytest.mark.slow
 def test_a_row_stops_at_its_own_length_limit_with_the_tokens_of_a_cut_run(params):
     """ALGORITHM.md section 3: a continuation at offset o may add max_new_tokens - o tokens. Capped rows
     sample exactly the first tokens of the same rows run uncapped (what the official run cuts to), end
@@ -218,6 +223,7 @@ def test_a_row_stops_at_its_own_length_limit_with_the_tokens_of_a_cut_run(params
         assert (capped["tokens"][b, n:] == settings.pad_id).all()
 
 
+@pytest.mark.slow
 def test_continuous_batching_returns_exactly_the_static_result(params):
     """Item 1 of the sampler-at-scale issue: rows decoding in fewer slots than rows, entering source by
     source as slots free up, give the tokens, log-probs, entropies, FCI and step ids of the static call
@@ -346,6 +352,7 @@ def test_page_bookkeeping_by_hand():
     np.testing.assert_array_equal(available(held, jnp.array([[1, 0], [0, 0]])), [1, 1])
 
 
+@pytest.mark.slow
 def test_continuations_read_their_prefix_instead_of_copying_it(params):
     """Eight continuations of one 40-token prefix in pages of 4 positions: the 10 full pages of the prefix
     are written once and named by the page tables of every row that reads them; each row adds only its
@@ -408,6 +415,7 @@ def test_greedy_and_parameter_validation():
 # FCI while decoding with a real tokenizer's "\n\n" separators and </think>
 
 
+@pytest.mark.slow
 def test_fci_while_decoding_equals_forward_pass_and_dense_formula(qwen_world):
     tok, model, cfg, params, table = qwen_world
     settings = LoopSettings(max_new_tokens=48, sampling=SamplingParams(temperature=1.0), num_steps=40)
@@ -468,6 +476,7 @@ def test_fci_while_decoding_equals_forward_pass_and_dense_formula(qwen_world):
     assert saw_think, "no sample contained </think>; the zeroing rule was not exercised"
 
 
+@pytest.mark.slow
 def test_sampler_mixed_call_and_no_recompilation_within_a_bucket(qwen_world):
     tok, _, cfg, params, table = qwen_world
     settings = LoopSettings(max_new_tokens=12, sampling=SamplingParams(temperature=1.0), num_steps=16)
@@ -496,6 +505,7 @@ def test_sampler_mixed_call_and_no_recompilation_within_a_bucket(qwen_world):
             assert c.finish_reason == "eos" or len(c.tokens) == 12 - o  # cut exactly at the limit
 
 
+@pytest.mark.slow
 def test_a_sampler_under_a_small_cache_budget_batches_continuously_with_the_same_samples(qwen_world):
     """A budget of a few slots: the mixed call (initial responses with FCI and continuations at two
     offsets) runs continuously batched and returns the samples of the unlimited sampler."""
@@ -537,6 +547,7 @@ def test_a_sampler_under_a_small_cache_budget_batches_continuously_with_the_same
         Sampler(params, cfg, tok, settings, cache_gib=budget / 10, **kw).generate(prompts, n=2)
 
 
+@pytest.mark.slow
 def test_sharded_sampler_gives_the_same_tokens(params):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharder = Sharder(mesh)
@@ -609,6 +620,7 @@ def test_sharded_sampler_gives_the_same_tokens(params):
     np.testing.assert_array_equal(np.asarray(plain["tokens"]), np.asarray(split["tokens"]))
 
 
+@pytest.mark.slow
 def test_fci_state_only_in_the_slots_of_rows_that_track_it(params):
     """Two FCI slots for four rows, two of which track FCI: the FCI rows decode in those slots, the others
     in the remaining ones; on the Pallas path the decode kernel runs with the step mass over the FCI
@@ -635,6 +647,7 @@ def test_fci_state_only_in_the_slots_of_rows_that_track_it(params):
                 np.testing.assert_array_equal(got[key], w, err_msg=f"{key}, {cfg.attention_impl}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("segmentations", [1, 2], ids=["one-table", "newline-fallback"])
 def test_pallas_decode_kernel_path_equals_the_xla_path(params, segmentations):
     """attention_impl="pallas": decode steps go through the paged Pallas decode kernel (interpreted on CPU),
@@ -667,6 +680,7 @@ def test_pallas_decode_kernel_path_equals_the_xla_path(params, segmentations):
     np.testing.assert_allclose(np.asarray(xla["fci"]), np.asarray(pallas["fci"]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_newline_fallback_segmentation_while_decoding(params):
     """With [V, 2] separator tables, a response with no "\\n\\n" token uses the "\\n" segmentation, as
     section 4 prescribes, and its FCI equals the forward pass's on that segmentation."""

@@ -61,6 +61,7 @@ def test_parameters_are_sharded_as_the_rules_say(mesh):
     assert {s.data.shape for s in gate.addressable_shards} == {(CFG.num_layers, 32, 32)}
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_unsharded(mesh):
     params = init_params(CFG, jax.random.key(1))
     sharder = Sharder(mesh)
@@ -123,6 +124,7 @@ def _kernel_operand_shapes(fn, *args):
     return {str(e.params["name"]): [tuple(v.aval.shape) for v in e.invars] for e in _pallas_calls(jaxpr)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tensor", [2, 4], ids=["heads-split", "kv-heads-indivisible"])
 def test_kernels_run_on_each_devices_shards(tensor):
     """attention_impl="pallas" under a mesh: the flash, FCI and decode kernels see each device's rows (and

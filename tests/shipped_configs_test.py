@@ -16,6 +16,9 @@ import sys
 
 import pytest
 
+# Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The settings a CPU test may change; everything else is as shipped.

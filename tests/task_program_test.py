@@ -14,6 +14,9 @@ from attnrl_jax.rewards import grade
 from attnrl_jax.task import family
 from attnrl_jax.task.program import LEVELS, NAMES, make_problem, make_split, structure
 
+# Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = re.compile(r"([a-k]):([a-k])(\d)([+-][12])=(\d),([a-k])(\d)")
 

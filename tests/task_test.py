@@ -18,6 +18,9 @@ import pytest
 from attnrl_jax.rewards import grade
 from attnrl_jax.task.arith import make_problem, make_split
 
+# Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

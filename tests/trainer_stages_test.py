@@ -5,6 +5,7 @@ log-probs computed on device equal the plain formula on the real rows."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import configs.base as base
 from attnrl_jax.mesh import Sharder, make_mesh
@@ -40,6 +41,7 @@ def _batch(rng, n):
     )
 
 
+@pytest.mark.slow
 def test_every_step_has_one_mini_batch_shape_and_exact_log_probs():
     job, params = _job()
     rng = np.random.default_rng(0)

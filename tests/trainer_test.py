@@ -17,6 +17,9 @@ import pytest
 
 from attnrl_jax.checkpoint import Checkpointer
 
+# Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from attnrl_jax.kernels.fci import DELTA, fci_column_sums, fci_column_sums_xla, token_weights
-from attnrl_jax.model.attention import attention_mask
 from attnrl_jax.typing import Array
 
 __all__ = [
@@ -125,9 +124,10 @@ def zero_steps(y, think_step):
 # While decoding
 
 
-def step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
+def step_mass(q, k_all, lse, mask, key_steps, num_steps):
     """[B, N, T, Y, C]: per segmentation r, the sum over the keys of each step of exp(s - lse), the XLA
-    path's attention mass (the decode kernel returns the same from its tiles).
+    path's attention mass (the decode kernel returns the same from its tiles), from q [B, T, N, H], the
+    keys k_all [B, S, K, H], the attention's log-sum-exp lse [B, N, T] and its mask [B, T, S].
 
     key_steps [B, Y, S] gives Y step assignments of the cache; they share one segment sum by offsetting
     segmentation r into buckets [r C, (r + 1) C).
@@ -139,8 +139,7 @@ def step_mass(q, k_all, lse, q_seg, kv_seg, offsets, key_steps, num_steps):
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k_all, preferred_element_type=jnp.float32) * h**-0.5
     s = s.reshape(b, n, t, -1)
-    mask = attention_mask(q_seg, kv_seg, offsets)[:, None]  # [B, 1, T, S]
-    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    p = jnp.where(mask[:, None], jnp.exp(s - lse[..., None]), 0.0)
     ids = jnp.where(key_steps >= 0, jnp.minimum(key_steps, num_steps - 1), num_steps * r)  # none -> dropped
     ids = jnp.where(key_steps >= 0, ids + num_steps * jnp.arange(r), ids)  # [B, S, Y]
 

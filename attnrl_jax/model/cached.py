@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from attnrl_jax.fci import step_mass
 from attnrl_jax.mesh import Sharder
-from attnrl_jax.model.attention import attention, paged_decode_attention, prefill_attention
+from attnrl_jax.model.attention import attention, attention_mask, paged_decode_attention, prefill_attention
 from attnrl_jax.model.config import ModelConfig
 from attnrl_jax.model.forward import decoder, out_and_mlp, qkv
 from attnrl_jax.model.kv_cache import (
@@ -131,7 +131,7 @@ class _CachedLayer:
         x = out_and_mlp(cfg, sharder, lp, x, a)
         if not track:
             return x, (ck, cv), None
-        rows = (q, k_all, lse, q_seg, kv_seg, cache.lengths)
+        rows = (q, k_all, lse, attention_mask(q_seg, kv_seg, cache.lengths))
         b, d = x.shape[0], cache.shards
         if self.tracked < b // d:  # the tracked rows: the first `tracked` of each shard's B / D
             sub = (jnp.arange(d)[:, None] * (b // d) + jnp.arange(self.tracked)[None, :]).reshape(-1)

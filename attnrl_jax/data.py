@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attnrl_jax.rewards.math_grader import ground_truths
+from attnrl_jax.answers import ground_truths
 
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 

@@ -238,24 +238,12 @@ class Layout:
         nl, size = n // d, -(-size // page) * page
         if rows_per_shard is not None and rows_per_shard * d != b:
             raise ValueError(f"{b} rows are not {d} blocks of rows_per_shard={rows_per_shard}")
-        return cls(
-            cfg=cfg,
-            settings=settings,
-            sharder=sharder,
-            key_impl=key_impl,
-            rows=b,
-            sources=r,
-            slots=n,
-            shards=d,
-            size=size,
-            pages=default_pages(n, size, page, d) if pages is None else pages,
-            fci_per_shard=nl if fci_slots is None else max(0, min(-(-fci_slots // d), nl)),
-            group=-(-r // d) if insert_sources is None else -(-max(1, min(insert_sources, r)) // d),
-            rows_in=nl if insert_rows is None else max(1, min(-(-insert_rows // d), nl)),
-            prefix_pages=-(-p // page),
-            segs=segs,
-            rows_per_shard=rows_per_shard,
-        )
+        pages = default_pages(n, size, page, d) if pages is None else pages
+        fl = nl if fci_slots is None else max(0, min(-(-fci_slots // d), nl))
+        g = -(-r // d) if insert_sources is None else -(-max(1, min(insert_sources, r)) // d)
+        w = nl if insert_rows is None else max(1, min(-(-insert_rows // d), nl))
+        sizes = (b, r, n, d, size, pages, fl, g, w, -(-p // page), segs, rows_per_shard)  # the fields' order
+        return cls(cfg, settings, sharder, key_impl, *sizes)
 
     @property
     def per_shard(self) -> int:

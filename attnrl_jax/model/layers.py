@@ -79,10 +79,13 @@ def log_prob_and_entropy(logits: Array, targets: Array, with_entropy: bool = Tru
     """log softmax(logits)[targets] and the entropy of softmax(logits), from float32 logits [..., V] and
     int targets [...]: the one implementation of both (the sampler's behaviour log-probs and entropies,
     `sampling.sample_tokens`, and every recomputed log-prob, `forward.token_log_probs_from_hidden`).
-    Returns (log-probs [...], entropies [...] or None without `with_entropy`)."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+    Returns (log-probs [...], entropies [...] or None without `with_entropy`).
+
+    In the log-softmax form: the log-sum-exp form (logit minus lse, entropy lse - sum p * logit) made the
+    sampler's largest call 0.19 GiB per chip larger on v5e-8 (libtpu, the 1.5B off-policy call: 14.43 vs
+    14.24 GiB) and left the train step as it is."""
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
     if not with_entropy:
         return logp, None
-    probs = jnp.exp(logits - lse[..., None])
-    return logp, lse - jnp.sum(probs * logits, axis=-1)
+    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)

@@ -8,7 +8,6 @@ import os
 
 import jax
 from ml_collections import ConfigDict, config_dict
-from transformers import AutoTokenizer
 
 from attnrl_jax.data import read_verl_parquet
 from attnrl_jax.evaluation import evaluate, load_policy, markdown_table, paper_k, write_results
@@ -98,6 +97,9 @@ def run(c: ConfigDict) -> dict:
     overrides = {k: v for k, v in c.model.items() if k != "preset"}  # preset: for --compile_only only
     cfg, params, tokenizer = load_policy(c.checkpoint, sharder, **overrides)
     if c.tokenizer_path or tokenizer is None:
+        # (imported here: transformers loads torch where it is installed, about 2 s a process)
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_path or c.checkpoint)
     budget = cache_gib(c.eval.cache_gib, device_capacity(), resident_bytes(params), c.eval.memory_fraction)
     sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder, cache_gib=budget)

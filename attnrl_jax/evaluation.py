@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from attnrl_jax.checkpoint import Checkpointer
 from attnrl_jax.data import Problem
@@ -153,6 +152,9 @@ def load_policy(path: str, sharder=None, **overrides):
         cfg = ModelConfig.from_hf_dir(model["hf_path"], **settings)
     else:
         cfg = ModelConfig.preset(model["preset"], **settings)
+    # (imported here: transformers loads torch where it is installed, about 2 s a process)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(run["tokenizer_path"] or model["hf_path"])
     sharder = sharder or Sharder()
     params = jax.tree.map(lambda x: np.asarray(x).astype(cfg.param_dtype), params)

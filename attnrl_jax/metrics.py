@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from attnrl_jax.distributed import fetch
 
@@ -73,6 +72,9 @@ class MetricWriter:
             tb_dir = os.path.join(workdir, "tb")
             if os.path.isdir(tb_dir):
                 shutil.rmtree(tb_dir)
+            # (imported here: tensorboardX loads torch where it is installed, about 1 s a process)
+            from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(tb_dir)
             for r in kept:
                 self._add_scalars(int(r["step"]), {k: v for k, v in r.items() if k != "step"})

@@ -42,7 +42,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from attnrl_jax.algo import (
     BatchSizeState,
@@ -367,6 +366,9 @@ def _setup(c: ConfigDict):
         )
     if not os.path.isdir(tokenizer_path):
         raise FileNotFoundError(f"config.tokenizer_path={tokenizer_path!r}: no such directory")
+
+    # (imported here: transformers loads torch where it is installed, about 2 s a process)
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     sharder = Sharder(make_mesh(s.mesh))  # every process's devices: one global mesh

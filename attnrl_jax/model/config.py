@@ -13,8 +13,6 @@ import json
 import os
 from typing import Any
 
-from transformers import Qwen2Config
-
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -227,6 +225,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of this model as transformers 5.x writes it for Qwen2ForCausalLM."""
+        # (imported here: transformers loads torch where it is installed, about 2 s a process)
+        from transformers import Qwen2Config
 
         hf = Qwen2Config(
             vocab_size=self.vocab_size,

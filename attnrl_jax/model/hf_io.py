@@ -24,7 +24,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from transformers import AutoTokenizer
 
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model.config import ModelConfig
@@ -272,6 +271,9 @@ def load_checkpoint(path: str, sharder: Sharder | None = None, **config_override
     cfg = ModelConfig.from_hf_dir(path, **config_overrides)
     tokenizer = None
     if has_tokenizer(path):
+        # (imported here: transformers loads torch where it is installed, about 2 s a process)
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer_vocab(cfg, tokenizer, source=path)
     return cfg, load_params(path, cfg, sharder), tokenizer

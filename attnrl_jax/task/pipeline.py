@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 from ml_collections import ConfigDict
-from transformers import AutoTokenizer
 
 from attnrl_jax import JobError, eval_job, trainer
 from attnrl_jax.data import read_verl_parquet, write_verl_parquet
@@ -192,6 +191,9 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
     _stage(1, done)
     if not done:
         make_tokenizer(data_dir, tok_dir)
+    # (imported here: transformers loads torch where it is installed, about 2 s a process)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
 
     done = os.path.isfile(os.path.join(warm_dir, "config.json"))

@@ -10,7 +10,6 @@ import os
 from collections.abc import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 # "<|endoftext|>" is the pad token, as in Qwen: a Qwen2 config.json makes transformers expect it.
 SPECIAL = ["<|endoftext|>", "<|eos|>", "<|user|>", "<|assistant|>"]
@@ -45,6 +44,9 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 384):
     )
     tok.train_from_iterator(texts, trainer)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ADDED])
+    # (imported here: transformers loads torch where it is installed, about 2 s a process)
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|endoftext|>", model_max_length=4096
     )

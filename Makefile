@@ -33,7 +33,7 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff format --check .
 
 # Two test processes (pytest-xdist), each test file kept in one (its module fixtures are built once): on the
-# 2-core CI machine the suite takes 18.7 min (2026-12-07, with the real-compiler tests). TEST_WORKERS=0 runs it
+# 2-core CI machine the suite takes 20.5 min plus the install (2026-12-07, with the real-compiler tests). TEST_WORKERS=0 runs it
 # serially.
 # A worker that crashes is not replaced: the run fails at once naming the test (xdist 3.8's loadfile
 # scheduling can hang forever after replacing one).

@@ -9,6 +9,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from attnrl_jax import cli
+
+if __name__ == "__main__":  # before the config flag: it applies the overrides
+    cli.exit_on_unknown_keys(sys.argv, "configs/eval.py")
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/eval.py", "Path to an eval config file.", lock_config=True
 )
@@ -48,11 +53,11 @@ def main(argv):
     from attnrl_jax.targets import GPU_MEMORY_FRACTION
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(GPU_MEMORY_FRACTION))
-    from attnrl_jax import eval_job
+    from attnrl_jax import JobError, eval_job
 
     try:
         eval_job.run(config)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, JobError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -9,6 +9,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from attnrl_jax import cli
+
+if __name__ == "__main__":  # before the config flag: it applies the overrides
+    cli.exit_on_unknown_keys(sys.argv, None)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _COMPILE_ONLY = flags.DEFINE_string(
     "compile_only",

@@ -16,7 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from attnrl_jax import JobError
 from attnrl_jax.data import Problem
 from attnrl_jax.rollout import InitialBatch
 from attnrl_jax.sampling import Sample
@@ -58,11 +60,40 @@ class Checkpointer:
         state, meta, _, step = self.restore_all(abstract_state, step)
         return state, meta, step
 
-    def restore_all(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict | None, int]:
-        """As `restore`, plus the saved `arrays` (host numpy) or None: (state, meta, arrays, step)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+    def restore_all(
+        self, abstract_state: Any, step: int | None = None, say: Callable[[str], None] = print
+    ) -> tuple[Any, dict, dict | None, int]:
+        """As `restore`, plus the saved `arrays` (host numpy) or None: (state, meta, arrays, step).
+
+        Without `step`: the newest step that restores. A damaged newer step (a file truncated or deleted, its
+        metadata missing) is moved aside to `<directory>.damaged/<step>` (kept, not deleted) and the next
+        older kept step is tried, each said with `say`; when none restores, JobError names the newest step
+        and what to delete."""
+        if step is not None:
+            return self._restore_step(abstract_state, step)
+        steps = self.all_steps()
+        if not steps:
             raise FileNotFoundError(f"{self.directory}: no finished checkpoint to restore")
+        failures = []
+        for s in reversed(steps):
+            try:
+                out = self._restore_step(abstract_state, s)
+            except Exception as e:  # noqa: BLE001 - TensorStore, JSON and Orbax each raise their own types
+                failures.append((s, _first_line(e)))
+                continue
+            for bad, why in failures:
+                aside = self._move_aside(bad)
+                say(f"checkpoint step {bad} in {self.directory} is damaged ({why}); moved to {aside}")
+            if failures:
+                say(f"resuming from step {s}, the newest intact step")
+            return out
+        newest, why = failures[0]
+        raise JobError(
+            f"{self.directory}: no kept checkpoint step restores (steps {steps}; step {newest}: {why}).\n"
+            f"Delete {self.directory} to start the run over (or restore the steps from a copy)."
+        )
+
+    def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict, dict | None, int]:
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state,
@@ -72,10 +103,35 @@ class Checkpointer:
         if has_arrays:
             items["arrays"] = ocp.args.StandardRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if restored["meta"] is None:
+            raise ValueError(f"step {step}: its meta record is missing")
         arrays = None
         if has_arrays:
             arrays = {k: np.asarray(v) for k, v in restored["arrays"].items()}
         return restored["state"], dict(restored["meta"]), arrays, step
+
+    def meta(self, step: int | None = None) -> dict | None:
+        """The JSON record of `step` (default: the newest), or None when there is none or it is unreadable
+        (a quick look before the model is built; `restore_all` deals with damage)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001 - damaged: restore_all falls back and says so
+            return None
+        return None if meta is None else dict(meta)
+
+    def _move_aside(self, step: int) -> str:
+        aside = os.path.join(self.directory + ".damaged", str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            if os.path.exists(aside):
+                aside = f"{aside}.{len(os.listdir(os.path.dirname(aside)))}"
+            os.replace(os.path.join(self.directory, str(step)), aside)
+        multihost_sync(f"checkpoint-aside-{step}")
+        self._manager.reload()
+        return aside
 
     def restore_params(self, step: int | None = None) -> tuple[Any, dict, int]:
         """The saved `params` (host arrays, as written) and the metadata of `step` (default: latest), without
@@ -96,22 +152,43 @@ class Checkpointer:
         self._manager.close()
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def multihost_sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 class PreemptionGuard:
-    """While active, SIGTERM sets `requested` instead of killing the process (the loop saves and exits)."""
+    """While active, SIGTERM (a preemption notice) and SIGINT (Ctrl-C) set `requested` instead of killing
+    the process: the loop saves its step and returns, and `signal_name` says which. A second Ctrl-C stops
+    at once (KeyboardInterrupt), for a user who will not wait for the step to finish."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous = {}
 
     def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving after this step (Ctrl-C again to stop at once)", flush=True)
 
     def __enter__(self) -> PreemptionGuard:
-        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
 
 
 # ------------------------------------------------------------------------------------------------------

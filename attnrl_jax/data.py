@@ -60,7 +60,8 @@ def read_verl_parquet(path: str) -> list[Problem]:
             ground_truths(gt)
         except ValueError as e:
             raise ValueError(f"{path}: row {row_id}: reward_model.ground_truth: {e}") from None
-        gt = gt if isinstance(gt, str) else tuple(str(g) for g in gt)
+        # An integer column (common in real data sets) or list holds the integers' decimal strings.
+        gt = str(gt) if isinstance(gt, (str, int)) else tuple(str(g) for g in gt)
         info = row.get("extra_info") or {}
         index = info.get("index", row_id)
         problems.append(Problem(int(index), str(row.get("data_source", "")), tuple(messages), gt))

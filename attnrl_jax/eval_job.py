@@ -12,6 +12,7 @@ from ml_collections import ConfigDict, config_dict
 from attnrl_jax.data import read_verl_parquet
 from attnrl_jax.evaluation import evaluate, load_policy, markdown_table, paper_k, write_results
 from attnrl_jax.memory import cache_gib, check_memory_settings, device_capacity, resident_bytes
+from attnrl_jax.model.hf_io import load_tokenizer
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.sampling import Sampler
@@ -78,6 +79,35 @@ def benchmark_files(spec: str) -> dict[str, str]:
     return {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
 
 
+def evaluate_policy(
+    sampler: Sampler,
+    score,
+    benchmarks: dict,
+    k: dict,
+    max_prompt_len: int,
+    *,
+    seed: int,
+    batch_prompts: int = 64,
+    progress: bool = True,
+) -> dict:
+    """avg@k / pass@k of the sampler's policy on `benchmarks` (name -> problems; prompts longer than
+    max_prompt_len tokens are skipped and counted): `evaluation.evaluate`'s results, each benchmark with
+    its `skipped_long_prompts`. What `eval.py` and the trainer's held-out evaluations run."""
+    kept, skipped = {}, {}
+    for name, problems in benchmarks.items():
+        kept[name] = [p for p in problems if len(sampler.encode_prompt(p.question)) <= max_prompt_len]
+        skipped[name] = len(problems) - len(kept[name])
+
+    def generate(problems, n, seed):
+        out = sampler.generate([sampler.encode_prompt(p.question) for p in problems], n=n, seed=seed)
+        return [[s.text for s in group] for group in out]
+
+    results = evaluate(generate, score, kept, k, seed=seed, batch_prompts=batch_prompts, progress=progress)
+    for name, n in skipped.items():
+        results["benchmarks"][name]["skipped_long_prompts"] = n
+    return results
+
+
 def run(c: ConfigDict) -> dict:
     if not c.checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint=DIR (a Hugging Face directory or a training run)")
@@ -97,30 +127,16 @@ def run(c: ConfigDict) -> dict:
     overrides = {k: v for k, v in c.model.items() if k != "preset"}  # preset: for --compile_only only
     cfg, params, tokenizer = load_policy(c.checkpoint, sharder, **overrides)
     if c.tokenizer_path or tokenizer is None:
-        # (imported here: transformers loads torch where it is installed, about 2 s a process)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_path or c.checkpoint)
+        key = "config.tokenizer_path" if c.tokenizer_path else "--checkpoint"
+        tokenizer = load_tokenizer(c.tokenizer_path or c.checkpoint, key)
     budget = cache_gib(c.eval.cache_gib, device_capacity(), resident_bytes(params), c.eval.memory_fraction)
     sampler = Sampler(params, cfg, tokenizer, settings, sharder=sharder, cache_gib=budget)
 
-    skipped = {}
-    for name, problems in benchmarks.items():
-        kept = [p for p in problems if len(sampler.encode_prompt(p.question)) <= c.eval.max_prompt_len]
-        skipped[name] = len(problems) - len(kept)
-        benchmarks[name] = kept
-    k = {name: c.eval.k or paper_k(name) for name in benchmarks}
-
-    def generate(problems, n, seed):
-        out = sampler.generate([sampler.encode_prompt(p.question) for p in problems], n=n, seed=seed)
-        return [[s.text for s in group] for group in out]
-
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool:
-        results = evaluate(
-            generate, pool.score, benchmarks, k, seed=c.seed, batch_prompts=c.eval.batch_prompts
+        k = {name: c.eval.k or paper_k(name) for name in benchmarks}
+        results = evaluate_policy(
+            sampler, pool.score, benchmarks, k, c.eval.max_prompt_len, seed=c.seed, batch_prompts=c.eval.batch_prompts
         )
-    for name, n in skipped.items():
-        results["benchmarks"][name]["skipped_long_prompts"] = n
     results["checkpoint"] = os.path.abspath(c.checkpoint)
     results["sampling"] = {
         "temperature": c.eval.temperature,

@@ -20,7 +20,7 @@ from attnrl_jax.checkpoint import Checkpointer
 from attnrl_jax.data import Problem
 from attnrl_jax.mesh import Sharder
 from attnrl_jax.model import ModelConfig, param_axes
-from attnrl_jax.model.hf_io import load_checkpoint
+from attnrl_jax.model.hf_io import load_checkpoint, load_tokenizer
 from attnrl_jax.settings import MODEL_OVERRIDES
 
 PAPER_K = {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 4, "minerva": 4, "olympiad": 4}
@@ -152,10 +152,8 @@ def load_policy(path: str, sharder=None, **overrides):
         cfg = ModelConfig.from_hf_dir(model["hf_path"], **settings)
     else:
         cfg = ModelConfig.preset(model["preset"], **settings)
-    # (imported here: transformers loads torch where it is installed, about 2 s a process)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(run["tokenizer_path"] or model["hf_path"])
+    key = f"{ckpt_dir}: config.tokenizer_path" if run["tokenizer_path"] else f"{ckpt_dir}: config.model.hf_path"
+    tokenizer = load_tokenizer(run["tokenizer_path"] or model["hf_path"], key)
     sharder = sharder or Sharder()
     params = jax.tree.map(lambda x: np.asarray(x).astype(cfg.param_dtype), params)
     params = jax.device_put(params, sharder.tree_shardings(param_axes(cfg), params))

@@ -48,6 +48,11 @@ from attnrl_jax.rl.train_step import TrainBatch
 from attnrl_jax.sampling.sampler import ContinuationRequest, Sample, Sampler
 
 
+def _mean_entropy(samples) -> float:
+    entropies = np.concatenate([np.asarray(s.entropies, np.float64) for s in samples] + [np.zeros(0)])
+    return float(entropies.mean()) if entropies.size else 0.0
+
+
 def sample_steps(sample: Sample, prompt_len: int) -> Steps:
     """The step segmentation of an initial response from the sampler's per-token step ids."""
     ids = np.asarray(sample.step_ids)
@@ -189,6 +194,10 @@ def finish(
         "reward": float((2 * accs - 1).mean()),
         "prompt_batch": len(problems),
         "response_length": float(np.mean([len(s.tokens) for s in flat_initial])),
+        # The policy's mean token entropy where it sampled (its exploration), and the all-correct prompts
+        # (those the FCI filter may drop: `prompts_dropped_fci` of them were).
+        "entropy": _mean_entropy(flat_initial),
+        "prompts_all_correct": int((accs.min(axis=1) == 1).sum()),
         "initial_tokens": sum(len(s.tokens) for s in flat_initial),
         # Initial responses whose steps overflowed the FCI buckets (config.algo.fci_buckets), and those
         # with no step separator at all (section 4's fallback segmentation: every token a step).

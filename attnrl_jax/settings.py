@@ -70,6 +70,16 @@ def eval_loop_settings(c: ConfigDict) -> LoopSettings:
     )
 
 
+def heldout_loop_settings(c: ConfigDict) -> LoopSettings:
+    """The sampler's loop settings of the trainer's held-out evaluations (config.heldout; no FCI)."""
+    return LoopSettings(
+        max_new_tokens=c.heldout.max_new_tokens or c.sampler.max_new_tokens,
+        sampling=SamplingParams(c.heldout.temperature, 0, 1.0),
+        num_steps=2,  # FCI is not needed here
+        page_size=c.sampler.page_size,
+    )
+
+
 def algo_config(c: ConfigDict) -> AlgoConfig:
     """The method named by config.algo.preset with the config's algo fields applied. A preset's own ATB
     token distance (the `paper` preset's 0) stands unless config.algo.token_distance is set explicitly."""
@@ -145,6 +155,14 @@ def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_pa
             f"config.algo.group_size must be >= 2 and initial_batch >= 1, got {c.algo.group_size}, "
             f"{c.algo.initial_batch}"
         )
+    if "heldout" in c and c.heldout.every:
+        if c.heldout.every < 0 or c.heldout.k < 1 or c.heldout.max_new_tokens < 0:
+            raise ValueError(
+                f"config.heldout: every must be 0 or positive, k at least 1, max_new_tokens 0 or positive; got "
+                f"{c.heldout.every}, {c.heldout.k}, {c.heldout.max_new_tokens}"
+            )
+        if check_paths and not c.heldout.data:
+            raise ValueError(f"config.heldout.every={c.heldout.every} needs config.heldout.data (eval parquet files)")
     if c.train.row_length <= c.data.max_prompt_len:
         raise ValueError(
             f"config.train.row_length={c.train.row_length} leaves no room after "

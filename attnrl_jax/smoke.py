@@ -18,6 +18,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from attnrl_jax import run_record
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
 from attnrl_jax.model import ModelConfig, count_params, init_sharded_params, token_log_probs
 from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
@@ -26,6 +27,7 @@ from attnrl_jax.settings import model_config, model_overrides
 
 def validate(c: ConfigDict) -> tuple[ModelConfig, MeshConfig]:
     """Checks every setting before any heavy work; raises ValueError/FileNotFoundError naming the key."""
+    run_record.check_workdir(c.workdir)
     if c.model.hf_path and not os.path.isdir(c.model.hf_path):
         raise FileNotFoundError(f"config.model.hf_path={c.model.hf_path!r}: no such directory")
     for key in ("batch_size", "seq_len", "iters"):

@@ -17,13 +17,14 @@ One training step is a sequence of named stages, each a function below:
   reference  the frozen reference's log-probs (k3 KL) and, with `recompute_logprobs`, the behaviour
              log-probs recomputed by the policy before any update, one jitted pass per mini-batch, on device;
   update     one optimizer step per mini-batch;
-  checkpoint Orbax, every `ckpt.every` steps, on the last step and on SIGTERM;
+  checkpoint Orbax, every `ckpt.every` steps, on the last step and on SIGTERM or Ctrl-C;
   log        the step's record, written once its device metrics arrive (one step later, so that fetching
              them never stalls the device).
 
 Everything a step depends on is in the checkpoint (train state, data position, the FCI filter's running
 mean, the adaptive batch size, the off-policy in-flight batch with its rewards) or derived from
-(seed, step) (the sampling keys), so a resumed run repeats the uninterrupted one exactly. SIGTERM (TPU
+(seed, step) (the sampling keys), so a resumed run repeats the uninterrupted one exactly, and a resume
+under other settings than the checkpoint's stops naming them (`run_record.py`). SIGTERM or Ctrl-C (TPU
 preemption) makes the loop save and return; a step whose loss or gradient is not finite is skipped by the
 train step, and the loop then saves the (finite) state and stops with an error naming the step.
 """
@@ -43,6 +44,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from attnrl_jax import eval_job, run_record
 from attnrl_jax.algo import (
     BatchSizeState,
     RunningMean,
@@ -61,7 +63,7 @@ from attnrl_jax.memory import (
 from attnrl_jax.mesh import Sharder, make_mesh
 from attnrl_jax.metrics import LaggedMetrics, MetricWriter
 from attnrl_jax.model import ModelConfig, init_sharded_params
-from attnrl_jax.model.hf_io import load_checkpoint, save_checkpoint
+from attnrl_jax.model.hf_io import load_checkpoint, load_tokenizer, save_checkpoint
 from attnrl_jax.model.params import compute_params
 from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.rl import (
@@ -77,7 +79,7 @@ from attnrl_jax.rl import (
 )
 from attnrl_jax.rollout import InitialBatch, RolloutResult, offpolicy_step, rollout, sample_initial
 from attnrl_jax.sampling import Sampler
-from attnrl_jax.settings import Settings, model_overrides, settings_from_config
+from attnrl_jax.settings import Settings, heldout_loop_settings, model_overrides, settings_from_config
 
 
 class _Clock:
@@ -116,6 +118,15 @@ def _exists_on_main(path: str) -> bool:
         return exists
 
     return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+
+
+def finished_export(workdir: str) -> str | None:
+    """The Hugging Face export of a finished run: `export/step_N` for the newest checkpoint step N, or None
+    while the run is unfinished (an older export of a run since extended does not count)."""
+    ckpt = os.path.join(workdir, "ckpt")
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    path = os.path.join(workdir, "export", f"step_{max(steps)}") if steps else None
+    return path if path and os.path.isfile(os.path.join(path, "config.json")) else None
 
 
 def latest_export(workdir: str) -> str | None:
@@ -332,6 +343,41 @@ def _reduce(per_minibatch: list[dict]) -> dict[str, float]:
     return out
 
 
+@dataclasses.dataclass
+class HeldOut:
+    """The trainer's held-out evaluations (config.heldout): the problems, their sampler and k."""
+
+    benchmarks: dict
+    sampler: Sampler
+    k: int
+    every: int
+    max_prompt_len: int
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.every > 0 and (step % self.every == 0 or last)
+
+
+def heldout_stage(held: HeldOut, params, score, step: int, seed: int) -> dict[str, float]:
+    """avg@k / pass@k of the policy after `step` on the held-out problems, as `heldout/*` metrics."""
+    held.sampler.params = params
+    results = eval_job.evaluate_policy(
+        held.sampler,
+        lambda texts, gts: score(texts, gts).result(),
+        held.benchmarks,
+        {name: held.k for name in held.benchmarks},
+        held.max_prompt_len,
+        seed=seed * 1_000_003 + step,
+        progress=False,
+    )
+    held.sampler.params = None
+    out = {"heldout/avg@k": results["mean"]["avg@k"], "heldout/pass@k": results["mean"]["pass@k"]}
+    for name, r in results["benchmarks"].items():
+        out[f"heldout/{name}/avg@k"] = r["avg@k"]
+        out[f"heldout/{name}/problems"] = float(r["problems"])
+    out["heldout/k"] = float(held.k)
+    return out
+
+
 def checkpoint_stage(job: Job, ckpt: Checkpointer, progress: Progress, state: TrainState, step: int) -> None:
     meta, arrays = progress.meta(job.c)
     ckpt.save(step, state, meta, arrays)
@@ -364,13 +410,8 @@ def _setup(c: ConfigDict):
         raise ValueError(
             "config.tokenizer_path is empty and there is no config.model.hf_path to take it from"
         )
-    if not os.path.isdir(tokenizer_path):
-        raise FileNotFoundError(f"config.tokenizer_path={tokenizer_path!r}: no such directory")
-
-    # (imported here: transformers loads torch where it is installed, about 2 s a process)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    key = "config.tokenizer_path" if c.tokenizer_path else "config.model.hf_path (its tokenizer)"
+    tokenizer = load_tokenizer(tokenizer_path, key)
     sharder = Sharder(make_mesh(s.mesh))  # every process's devices: one global mesh
     _say(
         f"mesh {dict(sharder.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s) "
@@ -401,8 +442,27 @@ def _setup(c: ConfigDict):
 BF16_MIN_LR = 1e-4
 
 
+def check_resume(c: ConfigDict, meta: dict | None) -> list:
+    """Compares the settings of a checkpoint's record with `c` (`run_record.check_same`): returns the
+    accepted differences, raises JobError naming any other."""
+    if meta is None or "config" not in meta:
+        return []
+    return run_record.check_same(
+        run_record.fingerprint(meta["config"]),
+        run_record.fingerprint(c.to_dict()),
+        run_record.accepted_keys(c),
+        f"the training run in {os.path.abspath(c.workdir)}",
+        "use a new config.workdir",
+    )
+
+
 def run(c: ConfigDict) -> dict:
     """Trains for config.train.steps steps (resuming from config.workdir); returns the last step's metrics."""
+    run_record.check_workdir(c.workdir)
+    run_record.accepted_keys(c)
+    settings_from_config(c)  # every setting checked before anything is built
+    ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.ckpt.max_to_keep)
+    check_resume(c, ckpt.meta())  # a resume under other settings stops before the model is built
     job, tokenizer, state = _setup(c)
     s, cfg = job.s, job.cfg
     problems = read_verl_parquet(c.data.train_path)
@@ -417,12 +477,13 @@ def run(c: ConfigDict) -> dict:
         BatchSizeState(s.algo.batch_size.initial, 0),
         {"generated_tokens": 0, "elapsed_s": 0.0},  # cumulative over the run, resumes included
     )
-    ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.ckpt.max_to_keep)
     start = 0
     if ckpt.latest_step() is not None:
-        state, meta, arrays, start = ckpt.restore_all(state)
+        state, meta, arrays, start = ckpt.restore_all(state, say=_say)
+        changes = check_resume(c, meta)  # the step restored (an older one when the newest was damaged)
         progress.restore(meta, arrays, functools.partial(tokenizer.decode, skip_special_tokens=True))
-        _say(f"resumed from step {start} in {ckpt.directory}")
+        taken = "".join(f"; config.{k}: {old!r} -> {new!r}" for k, old, new in changes)
+        _say(f"resumed from step {start} in {ckpt.directory}{taken}")
     if progress.iterator.dropped and start == 0:
         _say(f"dropped {progress.iterator.dropped} prompts longer than {c.data.max_prompt_len} tokens")
     if c.train.mini_batch_rows:
@@ -476,6 +537,13 @@ def run(c: ConfigDict) -> dict:
                 f"chip leaves after {resident / 2**30:.2f} GiB resident while sampling)"
             )
         sampler = Sampler(policy, cfg, tokenizer, s.loop, sharder=job.sharder, cache_gib=budget)
+        heldout = None
+        if c.heldout.every:
+            benchmarks = {n: read_verl_parquet(p) for n, p in eval_job.benchmark_files(c.heldout.data).items()}
+            held_sampler = Sampler(
+                None, cfg, tokenizer, heldout_loop_settings(c), sharder=job.sharder, cache_gib=budget
+            )
+            heldout = HeldOut(benchmarks, held_sampler, c.heldout.k, c.heldout.every, c.data.max_prompt_len)
         del policy
         # Each process grades its share of the responses; every process gets all verdicts.
         scorer = ShardedScorer(pool.submit)
@@ -519,6 +587,15 @@ def run(c: ConfigDict) -> dict:
                 tokens_per_s=generated / max(t1 - t0 - clock.waited, 1e-9),
                 next_prompt_batch=progress.bsz.size,
             )
+            spent_now = 0 < c.train.max_generated_tokens <= totals["generated_tokens"] + generated
+            if heldout is not None and heldout.due(step + 1, step + 1 == c.train.steps or spent_now):
+                t3 = time.perf_counter()
+                policy = sampler_params(state.params)
+                state = to_host(state) if offload else state  # the evaluation's sampler gets the room
+                metrics.update(heldout_stage(heldout, policy, score, step + 1, c.seed))
+                del policy
+                state = to_device(state) if offload else state
+                metrics["time_heldout"] = time.perf_counter() - t3
             held[step + 1] = metrics
             log(lagged.push(step + 1, device_metrics))
             bar.set_postfix(
@@ -544,7 +621,7 @@ def run(c: ConfigDict) -> dict:
             if budget_spent:
                 break
             if stop_requested:
-                _say(f"SIGTERM: saved step {step + 1} and stopping")
+                _say(f"{guard.signal_name or 'stop requested'}: saved step {step + 1} and stopping")
                 break
         bar.close()
         log(lagged.flush())

@@ -294,6 +294,9 @@ def _train_and_evaluate(args, c, paths, method: str, seed: int) -> None:
         rl[section][field] = value
     if args.lr is not None:
         rl.optim.lr = args.lr
+    # Each mark resumes the run with a larger token budget: the one change it makes on purpose.
+    rl.accept_changes = "train.max_generated_tokens"
+    rl.heldout.every = 0  # its held-out curve comes from the marks' evaluations
     metrics = os.path.join(work, "metrics.jsonl")
     for fraction in [*sorted(args.heldout_marks), 1.0]:
         out = _mark_eval(args.workdir, method, seed, fraction)

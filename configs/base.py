@@ -11,6 +11,10 @@ def get_config() -> ConfigDict:
     c.job = "train"  # train | smoke
     c.seed = 0  # sampling and initialisation seed
     c.workdir = "runs/attnrl"  # checkpoints, metrics.jsonl and TensorBoard events go here
+    # A run resumed (or a task job rerun) under settings other than its checkpoint's stops naming them
+    # (attnrl_jax/run_record.py); comma-separated keys listed here are taken within the run instead:
+    # train.steps or train.max_generated_tokens (extend it), the mesh, sampler.cache_gib, ... (ACCEPTABLE).
+    c.accept_changes = ""
 
     c.model = ConfigDict()
     c.model.preset = ""  # ModelConfig preset name (used when hf_path is empty)
@@ -101,6 +105,16 @@ def get_config() -> ConfigDict:
     # Move the train state (float32 parameters, AdamW moments) to host memory while the sampler runs (it
     # reads its own compute-dtype copy), so the sampler's cache gets that room; back before the update.
     c.train.offload_state = True
+
+    # Held-out evaluations during training (avg@k / pass@k in metrics.jsonl as heldout/*, plotted by the
+    # task report): every `every` steps and at the last step, on eval-format parquet files. They measure the
+    # policy and never change the run (a resumed run may turn them on or off).
+    c.heldout = ConfigDict()
+    c.heldout.every = 0  # steps between evaluations (0: none)
+    c.heldout.data = ""  # a directory of verl parquet files, or comma-separated files
+    c.heldout.k = 4  # samples per problem
+    c.heldout.temperature = 0.6  # section 13's evaluation temperature
+    c.heldout.max_new_tokens = 0  # 0: sampler.max_new_tokens
 
     c.reward = ConfigDict()
     c.reward.workers = 0  # verifier processes (0: CPU count)

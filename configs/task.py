@@ -72,6 +72,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.train.rows_per_device = 0  # the whole 64-row mini-batch in one micro-batch
     c.train.row_length = 112  # data.max_prompt_len + sampler.max_new_tokens
 
+    # Held-out avg@k every 10 steps during RL (the report's held-out curve; the task's evaluation problems).
+    c.heldout.every = 10
+
     c.reward.workers = 1
     c.ckpt.every = 5
     c.ckpt.max_to_keep = 2
@@ -97,3 +100,4 @@ def _toy(c: ConfigDict) -> None:
     c.train.steps = 2
     c.train.mini_batch_rows = 16
     c.ckpt.every = 1
+    c.heldout.every = 1

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from attnrl_jax import JobError
 from attnrl_jax.checkpoint import Checkpointer
 
 # Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
@@ -129,6 +130,9 @@ def test_a_run_stopped_by_its_token_budget_resumes_exactly(task_world, tmp_path)
     assert [r["step"] for r in _records(split)] == [1]
     assert Checkpointer(str(split / "ckpt")).latest_step() == 1
     c.train.max_generated_tokens = 0
+    with pytest.raises(JobError, match=r"config.train.max_generated_tokens: 1 there, 0 now"):
+        trainer.run(c)  # a changed setting is refused unless accepted
+    c.accept_changes = "train.max_generated_tokens"
     trainer.run(c)  # resumes from step 1
     assert trainer.latest_export(str(split)).endswith("step_3")
     s1, p1 = _params(tmp_path / "straight")

@@ -122,11 +122,21 @@ def _to_hf(layout: str, x: np.ndarray) -> np.ndarray:
     raise ValueError(layout)
 
 
+def _damaged(filename: str, e: Exception, tensor: str | None = None) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    where = f", tensor {tensor!r}" if tensor else ""
+    return (
+        f"{filename}{where}: not a readable safetensors file ({type(e).__name__}: {first}); the file is "
+        "damaged or truncated: copy or export it again"
+    )
+
+
 class _SafetensorsDir:
     """Name -> file lookup over a checkpoint directory, with lazily opened safetensors handles."""
 
     def __init__(self, path: str):
         self.path = path
+        self._handles: dict[str, object] = {}
         index_path = os.path.join(path, INDEX_FILE)
         single_path = os.path.join(path, SINGLE_FILE)
         if os.path.isfile(index_path):
@@ -140,21 +150,27 @@ class _SafetensorsDir:
                 raise FileNotFoundError(f"{index_path} lists shard files that do not exist: {missing}")
             self.files = {name: os.path.join(path, f) for name, f in weight_map.items()}
         elif os.path.isfile(single_path):
-            with safe_open(single_path, framework="numpy") as f:
-                self.files = {name: single_path for name in f.keys()}
+            self.files = {name: single_path for name in self.handle(single_path).keys()}
         else:
             raise FileNotFoundError(
                 f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; expected a Hugging Face safetensors checkpoint"
             )
-        self._handles: dict[str, object] = {}
 
     def handle(self, filename: str):
         if filename not in self._handles:
-            self._handles[filename] = safe_open(filename, framework="numpy")
+            try:
+                self._handles[filename] = safe_open(filename, framework="numpy")
+            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file named either way
+                raise ValueError(_damaged(filename, e)) from None
         return self._handles[filename]
 
     def slice(self, name: str):
-        return self.handle(self.files[name]).get_slice(name)
+        try:
+            return self.handle(self.files[name]).get_slice(name)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(_damaged(self.files[name], e, name)) from None
 
     def close(self):
         self._handles.clear()
@@ -257,9 +273,32 @@ def check_tokenizer_vocab(cfg: ModelConfig, tokenizer, source: str = "tokenizer"
 
 
 def has_tokenizer(path: str) -> bool:
-    return any(
-        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")
-    )
+    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(path: str, key: str = "tokenizer"):
+    """The Hugging Face tokenizer in directory `path` (`key` names where the path came from, for errors).
+
+    Refuses a directory without tokenizer files: transformers would otherwise build an empty tokenizer from
+    a bare config.json and the run fail later, about a missing chat template."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{key}={path!r}: no such directory")
+    if not has_tokenizer(path):
+        raise FileNotFoundError(
+            f"{key}={path!r}: no tokenizer files in this directory (expected one of {', '.join(TOKENIZER_FILES)} "
+            "with tokenizer_config.json); copy the tokenizer there or point config.tokenizer_path at one"
+        )
+    # (imported here: transformers loads torch where it is installed, about 2 s a process)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a damaged tokenizer file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{key}={path!r}: the tokenizer does not load ({type(e).__name__}: {first})") from None
 
 
 def load_checkpoint(path: str, sharder: Sharder | None = None, **config_overrides):
@@ -271,10 +310,7 @@ def load_checkpoint(path: str, sharder: Sharder | None = None, **config_override
     cfg = ModelConfig.from_hf_dir(path, **config_overrides)
     tokenizer = None
     if has_tokenizer(path):
-        # (imported here: transformers loads torch where it is installed, about 2 s a process)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path, "checkpoint")
         check_tokenizer_vocab(cfg, tokenizer, source=path)
     return cfg, load_params(path, cfg, sharder), tokenizer
 

@@ -1,6 +1,9 @@
 """The built-in task job (`python train.py --config=configs/task.py`): data -> tokenizer -> warm start ->
-evaluation -> AttnRL -> evaluation -> report, each stage skipped when its output already exists (a second
-run resumes instead of restarting; RL resumes from its latest Orbax checkpoint).
+evaluation -> RL (AttnRL, or the method config.algo.preset names) -> evaluation -> report. Each finished
+stage records the settings it ran with in <workdir>/stages.json; a second run skips the stages whose record
+matches its settings (RL resumes from its latest Orbax checkpoint) and stops, naming the keys, when a
+recorded stage ran under other settings (`attnrl_jax/run_record.py`; `--config.accept_changes=train.steps`
+extends a finished run). Every setting is checked before stage 1.
 
 Layout under config.workdir:
   data/train.parquet, data/eval/<family>_l<level>.parquet (config.task.family; levels = steps per
@@ -9,7 +12,8 @@ Layout under config.workdir:
   solutions, for the warm start's held-out check)
   tokenizer/            Hugging Face tokenizer (BPE trained on the task text, R1-style chat template)
   warm/                 Hugging Face checkpoint of the warm-started policy (with the tokenizer)
-  rl/                   the AttnRL run (ckpt/, metrics.jsonl, tb/, export/step_N/)
+  rl/                   the RL run (ckpt/, metrics.jsonl, tb/, export/step_N/)
+  stages.json           each finished stage's settings (and the policy the final evaluation read)
   eval/warm.{json,md}, eval/final.{json,md}
   report/index.html and its PNG plots
 """
@@ -18,42 +22,151 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 from ml_collections import ConfigDict
 
-from attnrl_jax import JobError, eval_job, trainer
+from attnrl_jax import JobError, eval_job, run_record, trainer
 from attnrl_jax.data import read_verl_parquet, write_verl_parquet
-from attnrl_jax.model.hf_io import save_checkpoint
-from attnrl_jax.settings import MODEL_OVERRIDES
+from attnrl_jax.memory import check_memory_settings
+from attnrl_jax.model.hf_io import load_tokenizer, save_checkpoint
+from attnrl_jax.settings import MODEL_OVERRIDES, settings_from_config
 from attnrl_jax.task import family
 from attnrl_jax.task.report import write_report
 from attnrl_jax.task.tokenizer import CHAT_TEMPLATE, train_tokenizer
 from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_start
 
-STAGES = ("data", "tokenizer", "warm start", "evaluate warm start", "AttnRL", "evaluate final", "report")
+STAGES = ("data", "tokenizer", "warm start", "evaluate warm start", "RL", "evaluate final", "report")
+
+# The method each algorithm preset names (stage 5, the summary and the report say what actually ran).
+METHOD_NAMES = {
+    "attnrl": "AttnRL",
+    "grpo": "GRPO",
+    "treerl": "TreeRL",
+    "treerl_atb": "TreeRL with ATB",
+    "random_branching": "random branching",
+    "attnrl_no_attention_filter": "AttnRL without the FCI filter",
+    "attnrl_no_difficulty_expansion": "AttnRL without difficulty-aware expansion",
+    "attnrl_easy_dropped": "AttnRL, all-correct prompts dropped",
+    "early_steps": "early-step branching",
+    "paper": "AttnRL (paper text)",
+}
+
+
+def method_name(c: ConfigDict) -> str:
+    return METHOD_NAMES.get(c.algo.preset, c.algo.preset)
+
+
+# The settings each stage's output depends on (run_record prefixes); a stage's record holds their values and
+# those of the stages before it. RL depends on every setting but the evaluation's and the report's.
+_DATA = ("task.family", "task.seed", "task.train_per_level", "task.sft_per_level", "task.eval_per_level")
+_DATA += ("task.slip_rate",)
+_WARM = _DATA + ("task.model_layers", "task.model_heads", "task.model_kv_heads", "task.warm_steps")
+_WARM += ("task.warm_target", "task.warm_cooldown", "task.warm_batch", "task.warm_lr")
+_WARM += ("data.max_prompt_len", "sampler.max_new_tokens")
+_EVAL = ("task.eval_k", "task.eval_temperature", "seed", "model", "reward.timeout")
+STAGE_KEYS = {
+    "data": _DATA,
+    "tokenizer": _DATA,
+    "warm start": _WARM,
+    "evaluate warm start": _WARM + _EVAL,
+    "RL": None,  # everything but _EVAL's task keys
+    "evaluate final": None,  # everything, and the exported policy it evaluated
+}
+
+
+def stage_settings(c: ConfigDict, stage: str) -> dict:
+    """The fingerprint (`run_record.fingerprint`) of the settings `stage` of config `c` depends on."""
+    prefixes = STAGE_KEYS[stage]
+    if stage == "RL":
+        keep = lambda k: not run_record._under(k, ("task.eval_k", "task.eval_temperature"))  # noqa: E731
+    elif prefixes is None:
+        keep = None
+    else:
+        keep = lambda k: run_record._under(k, prefixes)  # noqa: E731
+    return run_record.fingerprint(c.to_dict(), keep)
 
 
 class Stages:
-    """Announces each stage and records how long each one that ran took in <workdir>/timings.json, summed
-    over invocations (an interrupted stage counts once it completes), so a resumed job's total is still the
-    whole job's; the report, rewritten every time, counts its latest run."""
+    """Announces each stage, keeps each finished stage's record in <workdir>/stages.json (the settings it
+    ran with, so a rerun under other settings stops instead of reusing it) and how long each one that ran
+    took in <workdir>/timings.json, summed over invocations (an interrupted stage counts once it
+    completes), so a resumed job's total is still the whole job's; the report, rewritten every time, counts
+    its latest run.
 
-    def __init__(self, work: str):
+    A stage is done when its record says so and matches the settings now: never because a file exists."""
+
+    def __init__(self, work: str, c: ConfigDict | None = None):
+        self.work = work
+        self.c = c
         self.path = os.path.join(work, "timings.json")
+        self.records_path = os.path.join(work, "stages.json")
         self.seconds: dict[str, float] = _read_json(self.path) or {}
+        self.records: dict[str, dict] = _read_json(self.records_path) or {}
+        self.label = method_name(c) if c is not None else "RL"
         self._running: tuple[str, float] | None = None
+
+    def name(self, i: int) -> str:
+        return self.label if STAGES[i] == "RL" else STAGES[i]
+
+    def check(self, c: ConfigDict) -> None:
+        """Before any stage runs: every recorded stage's settings against `c` (JobError naming the keys
+        that differ, unless accepted), and a workdir made before stage records existed refused."""
+        legacy = [d for d in ("tokenizer", "warm", "rl", "eval") if os.path.exists(os.path.join(self.work, d))]
+        if legacy and not os.path.isfile(self.records_path):
+            raise JobError(
+                f"{self.work} holds a task run ({', '.join(legacy)}) without {self.records_path}: it was made "
+                "by an earlier version that did not record its settings, so nothing in it can be reused "
+                "safely.\nUse a new config.workdir (or delete this one)."
+            )
+        accepted = run_record.accepted_keys(c)
+        for stage, record in self.records.items():
+            if stage in STAGE_KEYS:
+                run_record.check_same(
+                    record["settings"],
+                    stage_settings(c, stage),
+                    accepted,
+                    f"stage '{self._recorded_name(stage, record)}' of the task run in {self.work}",
+                    "use a new config.workdir",
+                )
+
+    @staticmethod
+    def _recorded_name(stage: str, record: dict) -> str:
+        preset = record["settings"].get("algo.preset")
+        return METHOD_NAMES.get(preset, preset) if stage == "RL" and preset else stage
+
+    def done(self, stage: str, c: ConfigDict, **outputs) -> bool:
+        """Whether `stage` finished under the settings of `c` (and made `outputs`, e.g. the policy an
+        evaluation read)."""
+        record = self.records.get(stage)
+        return (
+            record is not None
+            and record["settings"] == stage_settings(c, stage)
+            and all(record.get(k) == v for k, v in outputs.items())
+        )
+
+    def record(self, stage: str, c: ConfigDict, **outputs) -> None:
+        """Marks `stage` finished under `c`; unless it made what its record already said (the same settings
+        and outputs), the stages after it lose their records (they read its output)."""
+        record = {"settings": stage_settings(c, stage), **outputs}
+        if self.records.get(stage) != record:
+            after = STAGES[STAGES.index(stage) + 1 :]
+            self.records = {k: v for k, v in self.records.items() if k not in after}
+        self.records[stage] = record
+        os.makedirs(self.work, exist_ok=True)
+        _write_json(self.records_path, self.records)
 
     def start(self, i: int, done: bool) -> None:
         self.finish()
         state = "done, skipped" if done else "running"
-        print(f"[{i + 1}/{len(STAGES)}] {STAGES[i]}: {state}", flush=True)
+        print(f"[{i + 1}/{len(STAGES)}] {self.name(i)}: {state}", flush=True)
         if not done:
             self._running = (STAGES[i], time.perf_counter())
 
     def finish(self) -> None:
-        """Records the running stage (call it once the last stage is done)."""
+        """Records the running stage's time (call it once the last stage is done)."""
         if self._running is None:
             return
         name, t0 = self._running
@@ -156,6 +269,11 @@ def run_warm_start(c: ConfigDict, data_dir: str, tokenizer, progress: bool = Tru
 
 
 def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) -> dict:
+    return eval_job.run(eval_config(c, checkpoint, data, output))
+
+
+def eval_config(c: ConfigDict, checkpoint: str, data: str, output: str) -> ConfigDict:
+    """The evaluation job's config for one of the task's evaluations (`evaluate_checkpoint`)."""
     e = eval_job.default_config()
     e.checkpoint = checkpoint
     e.seed = c.seed
@@ -170,33 +288,66 @@ def evaluate_checkpoint(c: ConfigDict, checkpoint: str, data: str, output: str) 
     e.eval.temperature = c.task.eval_temperature
     e.eval.output = output
     e.reward = c.reward
-    return eval_job.run(e)
+    return e
+
+
+def _clear(path: str) -> None:
+    """Removes a stage's output that has no record (an interrupted stage's), before the stage runs again."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def validate(c: ConfigDict) -> None:
+    """Every setting of the task job, before stage 1 (ValueError/JobError naming the key): the task's own,
+    the RL stage's (as the trainer checks them), the evaluations' and the accepted changes."""
+    run_record.check_workdir(c.workdir)
+    run_record.accepted_keys(c)
+    family(c.task.family)
+    for key in ("train_per_level", "sft_per_level", "eval_per_level", "warm_steps", "warm_batch", "eval_k"):
+        if c.task[key] < 1:
+            raise ValueError(f"config.task.{key} must be at least 1, got {c.task[key]}")
+    if not 0 <= c.task.slip_rate < 1:
+        raise ValueError(f"config.task.slip_rate must be in [0, 1), got {c.task.slip_rate}")
+    if not c.task.warm_lr > 0:
+        raise ValueError(f"config.task.warm_lr must be positive, got {c.task.warm_lr}")
+    if c.task.report_samples < 0:
+        raise ValueError(f"config.task.report_samples must be 0 or positive, got {c.task.report_samples}")
+    # The RL stage's settings, as the trainer checks them; its model is the warm start's (built in stage 3),
+    # so the model settings are checked on the tiny preset.
+    rl = ConfigDict(c.to_dict())
+    rl.model.preset = rl.model.preset or "tiny"
+    settings_from_config(rl, check_paths=False)
+    e = eval_config(c, "", "", "")
+    check_memory_settings(e.eval, "eval")
 
 
 def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
     """Stages 1-4 (data, tokenizer, warm start, its evaluation); returns the paths of their outputs."""
 
     work = os.path.abspath(c.workdir)
-    stages = stages or Stages(work)
+    if stages is None:
+        validate(c)
+        stages = Stages(work, c)
+        stages.check(c)
     _stage = stages.start
     data_dir, tok_dir, warm_dir = (os.path.join(work, d) for d in ("data", "tokenizer", "warm"))
     rl_dir, eval_dir = os.path.join(work, "rl"), os.path.join(work, "eval")
 
-    done = os.path.isfile(os.path.join(data_dir, "train.parquet"))
+    done = stages.done("data", c)
     _stage(0, done)
     if not done:
         make_data(c, data_dir)
+        stages.record("data", c)
 
-    done = os.path.isfile(os.path.join(tok_dir, "tokenizer.json"))
+    done = stages.done("tokenizer", c)
     _stage(1, done)
     if not done:
+        _clear(tok_dir)
         make_tokenizer(data_dir, tok_dir)
-    # (imported here: transformers loads torch where it is installed, about 2 s a process)
-    from transformers import AutoTokenizer
+        stages.record("tokenizer", c)
+    tokenizer = load_tokenizer(tok_dir, "the task's tokenizer")
 
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-
-    done = os.path.isfile(os.path.join(warm_dir, "config.json"))
+    done = stages.done("warm start", c)
     _stage(2, done)
     if not done:
         cfg, result = run_warm_start(c, data_dir, tokenizer)
@@ -215,6 +366,7 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
             flush=True,
         )
         params = result.params
+        _clear(warm_dir)
         save_checkpoint(warm_dir, cfg, params, tokenizer=tokenizer)  # atomic: temp dir + rename
         warm_record = {
             "reached_target_at_step": result.reached_at,
@@ -224,13 +376,15 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
             "loss_last_20": float(np.mean(losses[-20:])),
         }
         _write_json(os.path.join(work, "warm_start.json"), warm_record)
+        stages.record("warm start", c)
 
     eval_data = os.path.join(data_dir, "eval")
     warm_prefix = os.path.join(eval_dir, "warm")
-    done = os.path.isfile(warm_prefix + ".json")
+    done = stages.done("evaluate warm start", c)
     _stage(3, done)
     if not done:
         evaluate_checkpoint(c, warm_dir, eval_data, warm_prefix)
+        stages.record("evaluate warm start", c)
     stages.finish()
 
     return {
@@ -245,7 +399,8 @@ def prepare(c: ConfigDict, stages: Stages | None = None) -> dict[str, str]:
 
 
 def rl_config(c: ConfigDict, paths: dict[str, str], workdir: str | None = None) -> ConfigDict:
-    """The trainer's config for the AttnRL stage: the warm-started policy on the task's training file."""
+    """The trainer's config for the RL stage: the warm-started policy on the task's training file, with
+    held-out evaluations every config.heldout.every steps on the task's evaluation problems."""
     rl = ConfigDict(c.to_dict())
     rl.job = "train"
     rl.workdir = workdir or paths["rl"]
@@ -253,36 +408,47 @@ def rl_config(c: ConfigDict, paths: dict[str, str], workdir: str | None = None) 
     rl.tokenizer_path = paths["warm"]
     rl.data.train_path = os.path.join(paths["data"], "train.parquet")
     rl.ckpt.export = True
+    # Held-out curves on the evaluation problems, with the before/after evaluations' k and temperature.
+    rl.heldout.data = os.path.join(paths["data"], "eval")
+    rl.heldout.k = c.task.eval_k
+    rl.heldout.temperature = c.task.eval_temperature
     return rl
 
 
 def run(c: ConfigDict) -> dict:
-    stages = Stages(os.path.abspath(c.workdir))
+    validate(c)
+    stages = Stages(os.path.abspath(c.workdir), c)
+    stages.check(c)  # a rerun under other settings stops here, before any stage runs
     _stage = stages.start
     paths = prepare(c, stages)
     work, rl_dir, eval_dir, eval_data = paths["work"], paths["rl"], paths["eval"], paths["eval_data"]
     warm_prefix = paths["warm_eval"]
     rl = rl_config(c, paths)
+    method = stages.label
 
-    done = trainer.latest_export(rl_dir) is not None
+    done = stages.done("RL", c) and os.path.isdir(os.path.join(work, stages.records["RL"]["export"]))
     _stage(4, done)
     if not done:
         trainer.run(rl)
-    final_dir = trainer.latest_export(rl_dir)
-    if final_dir is None:  # stopped early (SIGTERM): the trainer saved its latest step
-        print(
-            f"stopped during AttnRL; its latest step is saved in {os.path.join(rl_dir, 'ckpt')}. "
-            "Run the same command again to resume.",
-            flush=True,
-        )
-        stages.finish()
-        return {"interrupted": True}
+        final_dir = trainer.finished_export(rl_dir)
+        if final_dir is None:  # stopped early (SIGTERM, Ctrl-C): the trainer saved its latest step
+            print(
+                f"stopped during {method}; its latest step is saved in {os.path.join(rl_dir, 'ckpt')}. "
+                "Run the same command again to resume.",
+                flush=True,
+            )
+            stages.finish()
+            return {"interrupted": True}
+        stages.record("RL", c, export=os.path.relpath(final_dir, work))
+    final_dir = os.path.join(work, stages.records["RL"]["export"])
 
     final_prefix = os.path.join(eval_dir, "final")
-    done = os.path.isfile(final_prefix + ".json")
+    policy = os.path.relpath(final_dir, work)
+    done = stages.done("evaluate final", c, policy=policy)
     _stage(5, done)
     if not done:
         evaluate_checkpoint(c, final_dir, eval_data, final_prefix)
+        stages.record("evaluate final", c, policy=policy)
 
     _stage(6, False)  # the report is cheap and always rewritten
 
@@ -293,6 +459,8 @@ def run(c: ConfigDict) -> dict:
     with open(final_prefix + ".json") as f:
         after = json.load(f)
     summary = {
+        "method": method,
+        "algo_preset": c.algo.preset,
         "seed": c.task.seed,
         "accuracy_before": before["mean"]["avg@k"],
         "accuracy_after": after["mean"]["avg@k"],
@@ -311,7 +479,7 @@ def run(c: ConfigDict) -> dict:
     k = c.task.eval_k
     print(
         f"built-in task avg@{k}: {100 * summary['accuracy_before']:.1f}% after the warm start -> "
-        f"{100 * summary['accuracy_after']:.1f}% after AttnRL (pass@{k} "
+        f"{100 * summary['accuracy_after']:.1f}% after {method} (pass@{k} "
         f"{100 * summary['pass_at_k_before']:.1f}% -> {100 * summary['pass_at_k_after']:.1f}%) in "
         f"{summary['minutes']:.1f} min; report: {path}",
         flush=True,

@@ -12,7 +12,6 @@ import importlib.util
 import os
 import sys
 
-
 from attnrl_jax.run_record import closest_key
 
 

@@ -12,8 +12,8 @@ from ml_collections import ConfigDict, config_dict
 from attnrl_jax.data import read_verl_parquet
 from attnrl_jax.evaluation import evaluate, load_policy, markdown_table, paper_k, write_results
 from attnrl_jax.memory import cache_gib, check_memory_settings, device_capacity, resident_bytes
-from attnrl_jax.model.hf_io import load_tokenizer
 from attnrl_jax.mesh import MeshConfig, Sharder, make_mesh
+from attnrl_jax.model.hf_io import load_tokenizer
 from attnrl_jax.rewards import VerifierPool
 from attnrl_jax.sampling import Sampler
 from attnrl_jax.sampling.loop import check_page_size
@@ -135,7 +135,13 @@ def run(c: ConfigDict) -> dict:
     with VerifierPool(c.reward.workers or None, c.reward.timeout) as pool:
         k = {name: c.eval.k or paper_k(name) for name in benchmarks}
         results = evaluate_policy(
-            sampler, pool.score, benchmarks, k, c.eval.max_prompt_len, seed=c.seed, batch_prompts=c.eval.batch_prompts
+            sampler,
+            pool.score,
+            benchmarks,
+            k,
+            c.eval.max_prompt_len,
+            seed=c.seed,
+            batch_prompts=c.eval.batch_prompts,
         )
     results["checkpoint"] = os.path.abspath(c.checkpoint)
     results["sampling"] = {

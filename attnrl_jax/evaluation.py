@@ -152,7 +152,9 @@ def load_policy(path: str, sharder=None, **overrides):
         cfg = ModelConfig.from_hf_dir(model["hf_path"], **settings)
     else:
         cfg = ModelConfig.preset(model["preset"], **settings)
-    key = f"{ckpt_dir}: config.tokenizer_path" if run["tokenizer_path"] else f"{ckpt_dir}: config.model.hf_path"
+    key = (
+        f"{ckpt_dir}: config.tokenizer_path" if run["tokenizer_path"] else f"{ckpt_dir}: config.model.hf_path"
+    )
     tokenizer = load_tokenizer(run["tokenizer_path"] or model["hf_path"], key)
     sharder = sharder or Sharder()
     params = jax.tree.map(lambda x: np.asarray(x).astype(cfg.param_dtype), params)

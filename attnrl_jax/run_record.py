@@ -17,8 +17,8 @@ Pure functions of nested dicts (`ConfigDict.to_dict()`), checked by tests/run_re
 from __future__ import annotations
 
 import difflib
-import os
 import json
+import os
 from collections.abc import Iterable, Mapping
 
 from attnrl_jax import JobError

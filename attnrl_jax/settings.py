@@ -158,11 +158,14 @@ def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_pa
     if "heldout" in c and c.heldout.every:
         if c.heldout.every < 0 or c.heldout.k < 1 or c.heldout.max_new_tokens < 0:
             raise ValueError(
-                f"config.heldout: every must be 0 or positive, k at least 1, max_new_tokens 0 or positive; got "
+                "config.heldout: every must be 0 or positive, k at least 1, max_new_tokens 0 or positive; "
+                "got "
                 f"{c.heldout.every}, {c.heldout.k}, {c.heldout.max_new_tokens}"
             )
         if check_paths and not c.heldout.data:
-            raise ValueError(f"config.heldout.every={c.heldout.every} needs config.heldout.data (eval parquet files)")
+            raise ValueError(
+                f"config.heldout.every={c.heldout.every} needs config.heldout.data (eval parquet files)"
+            )
     if c.train.row_length <= c.data.max_prompt_len:
         raise ValueError(
             f"config.train.row_length={c.train.row_length} leaves no room after "

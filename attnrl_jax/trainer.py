@@ -539,7 +539,9 @@ def run(c: ConfigDict) -> dict:
         sampler = Sampler(policy, cfg, tokenizer, s.loop, sharder=job.sharder, cache_gib=budget)
         heldout = None
         if c.heldout.every:
-            benchmarks = {n: read_verl_parquet(p) for n, p in eval_job.benchmark_files(c.heldout.data).items()}
+            benchmarks = {
+                n: read_verl_parquet(p) for n, p in eval_job.benchmark_files(c.heldout.data).items()
+            }
             held_sampler = Sampler(
                 None, cfg, tokenizer, heldout_loop_settings(c), sharder=job.sharder, cache_gib=budget
             )

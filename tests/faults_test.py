@@ -193,7 +193,10 @@ def test_no_intact_checkpoint_stops_with_two_lines_and_deletes_nothing(toy, tmp_
     assert rc == 1, out + err
     message = err[err.index("error:") :].strip().splitlines()
     assert len(message) == 2 and "no kept checkpoint step restores (steps [1, 2]; step 2:" in message[0]
-    assert message[1] == f"Delete {work / 'rl' / 'ckpt'} to start the run over (or restore the steps from a copy)."
+    assert (
+        message[1]
+        == f"Delete {work / 'rl' / 'ckpt'} to start the run over (or restore the steps from a copy)."
+    )
     assert _snapshot(work / "rl") == before
 
 
@@ -209,8 +212,13 @@ def test_damaged_weights_name_the_file(toy, tmp_path, damage):
             f.write(b"\xff" * 16)
     out_prefix = tmp_path / "out" / "results"
     rc, out, err = _run(
-        ["eval.py", f"--checkpoint={ckpt}", f"--config.eval.data={toy / 'data' / 'eval'}",
-         f"--config.eval.output={out_prefix}", "--config.model.attention_impl=xla"]
+        [
+            "eval.py",
+            f"--checkpoint={ckpt}",
+            f"--config.eval.data={toy / 'data' / 'eval'}",
+            f"--config.eval.output={out_prefix}",
+            "--config.model.attention_impl=xla",
+        ]
     )
     assert rc == 1 and f"error: {weights}: not a readable safetensors file" in err, out + err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
@@ -222,8 +230,13 @@ def test_a_checkpoint_without_its_tokenizer_is_named(toy, tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(toy / "warm" / name, ckpt / name)
     rc, out, err = _run(
-        ["eval.py", f"--checkpoint={ckpt}", f"--config.eval.data={toy / 'data' / 'eval'}",
-         f"--config.eval.output={tmp_path / 'out' / 'results'}", "--config.model.attention_impl=xla"]
+        [
+            "eval.py",
+            f"--checkpoint={ckpt}",
+            f"--config.eval.data={toy / 'data' / 'eval'}",
+            f"--config.eval.output={tmp_path / 'out' / 'results'}",
+            "--config.model.attention_impl=xla",
+        ]
     )
     assert rc == 1, out + err
     assert f"error: --checkpoint='{ckpt}': no tokenizer files in this directory" in err
@@ -232,8 +245,12 @@ def test_a_checkpoint_without_its_tokenizer_is_named(toy, tmp_path):
 
 def test_integer_ground_truths_are_accepted(toy, tmp_path):
     rows = [
-        {"data_source": "ints", "prompt": [{"role": "user", "content": "Start at 3. Add 4."}],
-         "reward_model": {"ground_truth": 7, "style": "rule"}, "extra_info": {"index": i}}
+        {
+            "data_source": "ints",
+            "prompt": [{"role": "user", "content": "Start at 3. Add 4."}],
+            "reward_model": {"ground_truth": 7, "style": "rule"},
+            "extra_info": {"index": i},
+        }
         for i in range(2)
     ]
     data = tmp_path / "ints.parquet"
@@ -241,9 +258,16 @@ def test_integer_ground_truths_are_accepted(toy, tmp_path):
     assert pa.types.is_integer(pq.read_schema(data).field("reward_model").type.field("ground_truth").type)
     out_prefix = tmp_path / "results"
     rc, out, err = _run(
-        ["eval.py", f"--checkpoint={toy / 'warm'}", f"--config.eval.data={data}", "--config.eval.k=1",
-         "--config.eval.max_new_tokens=16", f"--config.eval.output={out_prefix}",
-         "--config.model.attention_impl=xla", "--config.model.dtype=float32"]
+        [
+            "eval.py",
+            f"--checkpoint={toy / 'warm'}",
+            f"--config.eval.data={data}",
+            "--config.eval.k=1",
+            "--config.eval.max_new_tokens=16",
+            f"--config.eval.output={out_prefix}",
+            "--config.model.attention_impl=xla",
+            "--config.model.dtype=float32",
+        ]
     )
     assert rc == 0, out[-3000:] + err[-3000:]
     assert json.loads((tmp_path / "results.json").read_text())["benchmarks"]["ints"]["problems"] == 2
@@ -256,15 +280,25 @@ def test_integer_ground_truths_are_accepted(toy, tmp_path):
 @pytest.mark.parametrize(
     "script,args,message",
     [
-        ("train.py", ["--config=configs/task.py:toy", "--config.optim.lrr=1e-3"], "did you mean config.optim.lr?"),
-        ("train.py", ["--config=configs/task.py:toy", "--config.optimizer.lr=1e-3"], "did you mean config.optim.lr?"),
+        (
+            "train.py",
+            ["--config=configs/task.py:toy", "--config.optim.lrr=1e-3"],
+            "did you mean config.optim.lr?",
+        ),
+        (
+            "train.py",
+            ["--config=configs/task.py:toy", "--config.optimizer.lr=1e-3"],
+            "did you mean config.optim.lr?",
+        ),
         ("eval.py", ["--config.eval.kk=2"], "did you mean config.eval.k?"),
     ],
 )
 def test_an_unknown_config_key_is_one_line_with_the_closest_key(script, args, message):
     rc, out, err = _run([script, *args])
     assert rc == 1
-    lines = [line for line in err.splitlines() if line.strip() and "cuda" not in line and "WARNING" not in line]
+    lines = [
+        line for line in err.splitlines() if line.strip() and "cuda" not in line and "WARNING" not in line
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: --config.") and lines[0].endswith(message), err
 
 
@@ -294,19 +328,33 @@ def test_the_task_job_checks_every_setting_before_stage_one(tmp_path, override, 
 
 
 def test_a_trainer_resume_under_other_settings_stops(task_world, tmp_path):
-    common = [
-        "train.py", "--config=configs/base.py", f"--config.workdir={tmp_path}",
-        f"--config.model.hf_path={task_world / 'model'}", f"--config.data.train_path={task_world / 'train.parquet'}",
-        "--config.model.attention_impl=xla", "--config.model.dtype=float32", "--config.data.max_prompt_len=40",
-        "--config.algo.group_size=4", "--config.algo.token_distance=0", "--config.algo.fci_buckets=16",
-        "--config.algo.initial_batch=2", "--config.algo.target_paths=20", "--config.sampler.max_new_tokens=10",
-        "--config.train.steps=1", "--config.train.rows_per_device=1", "--config.train.mini_batch_rows=16",
-        "--config.train.row_length=56", "--config.reward.workers=1", "--config.optim.lr=1e-3",
-    ]  # fmt: skip
+    settings = {
+        "workdir": tmp_path,
+        "model.hf_path": task_world / "model",
+        "data.train_path": task_world / "train.parquet",
+        "model.attention_impl": "xla",
+        "model.dtype": "float32",
+        "data.max_prompt_len": 40,
+        "algo.group_size": 4,
+        "algo.token_distance": 0,
+        "algo.fci_buckets": 16,
+        "algo.initial_batch": 2,
+        "algo.target_paths": 20,
+        "sampler.max_new_tokens": 10,
+        "train.steps": 1,
+        "train.rows_per_device": 1,
+        "train.mini_batch_rows": 16,
+        "train.row_length": 56,
+        "reward.workers": 1,
+        "optim.lr": 1e-3,
+    }
+    common = ["train.py", "--config=configs/base.py", *(f"--config.{k}={v}" for k, v in settings.items())]
     rc, out, err = _run(common)
     assert rc == 0, out[-3000:] + err[-3000:]
     before = _snapshot(tmp_path)
-    rc, out, err = _run([*common, "--config.train.steps=2", "--config.algo.preset=grpo", "--config.optim.lr=1e-2"])
+    rc, out, err = _run(
+        [*common, "--config.train.steps=2", "--config.algo.preset=grpo", "--config.optim.lr=1e-2"]
+    )
     assert rc == 1, out + err
     assert f"error: the training run in {tmp_path} was made with other settings:" in err
     assert "config.algo.preset: 'attnrl' there, 'grpo' now" in err

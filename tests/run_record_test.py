@@ -90,7 +90,12 @@ def test_only_acceptable_keys_can_be_accepted():
 
 @pytest.mark.parametrize(
     "typed,closest",
-    [("optim.lrr", "optim.lr"), ("optimizer.lr", "optim.lr"), ("eval.kk", "eval.k"), ("algo.grup_size", "algo.group_size")],
+    [
+        ("optim.lrr", "optim.lr"),
+        ("optimizer.lr", "optim.lr"),
+        ("eval.kk", "eval.k"),
+        ("algo.grup_size", "algo.group_size"),
+    ],
 )
 def test_the_closest_valid_key_of_a_mistyped_override(typed, closest):
     assert closest_key(typed, CONFIG) == closest

@@ -288,8 +288,9 @@ def load_tokenizer(path: str, key: str = "tokenizer"):
         raise FileNotFoundError(f"{key}={path!r}: no such directory")
     if not has_tokenizer(path):
         raise FileNotFoundError(
-            f"{key}={path!r}: no tokenizer files in this directory (expected one of {', '.join(TOKENIZER_FILES)} "
-            "with tokenizer_config.json); copy the tokenizer there or point config.tokenizer_path at one"
+            f"{key}={path!r}: no tokenizer files in this directory (expected one of "
+            f"{', '.join(TOKENIZER_FILES)} with tokenizer_config.json); copy the tokenizer there or point "
+            "config.tokenizer_path at one"
         )
     # (imported here: transformers loads torch where it is installed, about 2 s a process)
     from transformers import AutoTokenizer
@@ -298,7 +299,9 @@ def load_tokenizer(path: str, key: str = "tokenizer"):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a damaged tokenizer file
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{key}={path!r}: the tokenizer does not load ({type(e).__name__}: {first})") from None
+        raise ValueError(
+            f"{key}={path!r}: the tokenizer does not load ({type(e).__name__}: {first})"
+        ) from None
 
 
 def load_checkpoint(path: str, sharder: Sharder | None = None, **config_overrides):

@@ -114,11 +114,13 @@ class Stages:
     def check(self, c: ConfigDict) -> None:
         """Before any stage runs: every recorded stage's settings against `c` (JobError naming the keys
         that differ, unless accepted), and a workdir made before stage records existed refused."""
-        legacy = [d for d in ("tokenizer", "warm", "rl", "eval") if os.path.exists(os.path.join(self.work, d))]
+        legacy = [
+            d for d in ("tokenizer", "warm", "rl", "eval") if os.path.exists(os.path.join(self.work, d))
+        ]
         if legacy and not os.path.isfile(self.records_path):
             raise JobError(
-                f"{self.work} holds a task run ({', '.join(legacy)}) without {self.records_path}: it was made "
-                "by an earlier version that did not record its settings, so nothing in it can be reused "
+                f"{self.work} holds a task run ({', '.join(legacy)}) without {self.records_path}: it was "
+                "made by an earlier version that did not record its settings, so nothing in it can be reused "
                 "safely.\nUse a new config.workdir (or delete this one)."
             )
         accepted = run_record.accepted_keys(c)

@@ -47,7 +47,32 @@ def summarize(accs: np.ndarray) -> dict[str, float]:
         "k": int(k),
         "avg@k": float(accs.mean()),
         "pass@k": float(np.mean([pass_at_k(k, int(c), k) for c in correct])),
+        "correct": [int(c) for c in correct],  # per problem, of k: what the intervals are computed from
     }
+
+
+def interval95(result: dict, metric: str) -> tuple[float, float]:
+    """The 95% half-width of a benchmark result's avg@k or pass@k over its problems (the unit that was
+    sampled; the k samples of one problem are not independent): 1.96 standard errors of the mean of the
+    per-problem values (their accuracy c/k, or pass@k), from `result["correct"]`. Returns (value,
+    half-width); the half-width is nan without per-problem counts (results of an older version) or with
+    fewer than two problems."""
+    value, correct, k = result[metric], result.get("correct"), result["k"]
+    if not correct or len(correct) < 2:
+        return value, float("nan")
+    c = np.asarray(correct, np.float64)
+    per = c / k if metric == "avg@k" else np.asarray([pass_at_k(k, int(x), k) for x in c])
+    return value, float(1.96 * per.std(ddof=1) / np.sqrt(len(per)))
+
+
+def mean_interval95(results: dict, metric: str) -> tuple[float, float]:
+    """The unweighted mean over benchmarks (section 13's "Avg.") and its 95% half-width (the benchmarks'
+    standard errors combined as independent)."""
+    parts = [interval95(r, metric) for r in results["benchmarks"].values() if r["problems"]]
+    if not parts:
+        return float("nan"), float("nan")
+    half = float(np.sqrt(sum((h / 1.96) ** 2 for _, h in parts)) / len(parts) * 1.96)
+    return float(np.mean([v for v, _ in parts])), half
 
 
 def paper_k(name: str, default: int = 4) -> int:

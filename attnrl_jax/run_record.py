@@ -167,3 +167,41 @@ def check_workdir(path: str, key: str = "config.workdir") -> None:
         probe = os.path.dirname(probe)
     if probe and not os.path.isdir(probe):
         raise FileExistsError(f"{key}={path!r}: {probe} is a file, not a directory; give another workdir")
+
+
+def identity(argv: list[str] | None = None) -> dict:
+    """Who ran what: the command line, its config file and overrides (the run's difference from the
+    shipped config), the source commit ("-dirty" with uncommitted changes; "unknown" outside a git
+    checkout), the UTC time and the versions that matter. The task job appends one per invocation to
+    <workdir>/runs.jsonl, and its report shows them."""
+    import datetime
+    import platform
+    import subprocess
+    import sys
+
+    import jax
+
+    argv = list(sys.argv if argv is None else argv)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[2:] for a in argv if a.startswith("--config.") or a.startswith("--noconfig.")]
+    return {
+        "command": " ".join(["python", os.path.basename(argv[0]) if argv else "?", *argv[1:]]),
+        "config": config,
+        "overrides": overrides,
+        "commit": commit or "unknown",
+        "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": f"{platform.node()} ({jax.device_count()} {jax.devices()[0].platform} device(s))",
+        "versions": {"jax": jax.__version__, "python": platform.python_version()},
+    }

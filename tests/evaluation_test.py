@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from attnrl_jax.data import Problem, write_verl_parquet
-from attnrl_jax.evaluation import evaluate, markdown_table, paper_k, pass_at_k, summarize
+from attnrl_jax.evaluation import (
+    evaluate,
+    interval95,
+    markdown_table,
+    mean_interval95,
+    paper_k,
+    pass_at_k,
+    summarize,
+)
 
 # Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
 pytestmark = pytest.mark.slow
@@ -35,6 +43,22 @@ def test_summarize_by_hand():
     assert r["problems"] == 3 and r["k"] == 4
     assert r["avg@k"] == pytest.approx(5 / 12)
     assert r["pass@k"] == pytest.approx(2 / 3)
+    assert r["correct"] == [1, 4, 0]
+
+
+def test_intervals_over_problems_by_hand():
+    r = summarize(np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]))
+    # avg@k: per-problem accuracies 0.25, 1, 0 (mean 5/12, sample sd 0.5204), half-width 1.96 sd / sqrt 3.
+    value, half = interval95(r, "avg@k")
+    sd = np.std([0.25, 1.0, 0.0], ddof=1)
+    assert value == pytest.approx(5 / 12) and half == pytest.approx(1.96 * sd / np.sqrt(3))
+    # pass@k: per-problem 1, 1, 0.
+    assert interval95(r, "pass@k")[1] == pytest.approx(1.96 * np.std([1, 1, 0], ddof=1) / np.sqrt(3))
+    assert np.isnan(interval95(summarize(np.ones((1, 4))), "avg@k")[1])  # one problem: no interval
+    # The mean of two benchmarks: their standard errors combined as independent.
+    results = {"benchmarks": {"a": r, "b": r}}
+    mean, half2 = mean_interval95(results, "avg@k")
+    assert mean == pytest.approx(5 / 12) and half2 == pytest.approx(half / np.sqrt(2))
 
 
 def test_paper_k():

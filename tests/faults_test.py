@@ -131,7 +131,7 @@ def test_labels_follow_the_method_that_ran(toy, tmp_path):
     assert "[5/7] GRPO: running" in out and "after GRPO" in out and "AttnRL" not in out
     assert json.loads((work / "summary.json").read_text())["method"] == "GRPO"
     page = (work / "report" / "index.html").read_text()
-    assert "<title>GRPO on the built-in task" in page and "AttnRL on" not in page
+    assert "<title>GRPO on the built-in arithmetic-chain task" in page and "AttnRL on" not in page
 
 
 def test_ctrl_c_during_rl_saves_and_exits_zero(toy, tmp_path):

@@ -1,6 +1,7 @@
 """End to end: the model's one-pass FCI equals the section 5.2 formula applied to the attention maps that
 transformers' PyTorch Qwen2 returns (eager attention, output_attentions=True) for the same weights."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,3 +73,27 @@ def jax_log_softmax(x):
     import jax
 
     return jax.nn.log_softmax(x, axis=-1)
+
+
+def test_step_attention_columns_are_the_forward_fci_sums():
+    """`step_attention` (the report's step x step map) holds what FCI sums: its column sums from Delta
+    steps below the diagonal are `forward_with_fci`'s per-layer, per-head sums; its rows are averages of
+    attention probabilities, so a row weighted by its key steps' sizes sums to 1."""
+    from attnrl_jax.model import ModelConfig, init_params
+    from attnrl_jax.model.forward import step_attention
+
+    cfg = ModelConfig.tiny(vocab_size=64, num_layers=2, param_dtype="float32", dtype="float32")
+    params = jax.tree.map(lambda x: 4 * x, init_params(cfg, jax.random.key(0)))
+    ids = np.concatenate([np.zeros(6), np.repeat(np.arange(1, 9), 4), -np.ones(2)]).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, 64, (1, len(ids))).astype(np.int32)
+    m = np.asarray(step_attention(params, jnp.asarray(tokens), jnp.asarray(ids[None]), cfg=cfg))
+    assert m.shape == (cfg.num_layers, 1, cfg.num_heads, 9, 9)
+    out = forward_with_fci(
+        params, jnp.asarray(tokens), jnp.asarray(ids[None]), jnp.asarray([-1]), cfg=cfg, num_steps=12,
+        delta=4, per_head=True,
+    )  # fmt: skip
+    sums = np.stack([m[..., c + 4 :, c].sum(-1) for c in range(9)], -1)
+    np.testing.assert_allclose(sums, np.asarray(out["fci_per_head"])[..., :9], atol=1e-6)
+    sizes = np.bincount(ids[ids >= 0])  # a row weighted by its key steps' sizes is a query's whole mass
+    np.testing.assert_allclose((m * sizes).sum(-1), 1.0, atol=1e-5)
+    assert np.allclose(np.triu(m, 1), 0.0)  # no step attends to a later one

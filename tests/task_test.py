@@ -145,10 +145,14 @@ def test_task_job_end_to_end_and_resume(toy_run):
     root = ET.fromstring(page.split("\n", 2)[2])  # after the XML declaration and the doctype: strict XML
     ns = {"h": "http://www.w3.org/1999/xhtml"}
     images = [img.get("src") for img in root.iterfind(".//h:img", ns)]
-    assert len(images) == 4 and all((work / "report" / src).stat().st_size > 1000 for src in images)
+    want = {"heldout.png", "optimisation.png", "training.png", "attention_map.png", "fci_position.png"}
+    want |= {"fci_filter.png", "tree.png"}
+    assert set(images) == want and all((work / "report" / src).stat().st_size > 1000 for src in images)
     steps = root.findall(".//h:span[@class='step']", ns)
     assert steps and all("FCI" in s.get("title") for s in steps)
-    assert "V(root)" in page and "arith_l2" in page
+    assert "V(root)" in page and "arith_l2" in page and "<title>AttnRL on the built-in" in page
+    for row in ("commit", "config file", "changed from it", "seeds"):  # the run's identity
+        assert f"<th>{row}</th>" in page, row
     assert not re.search(r"\d\.\d{4,} s\b", page)  # durations for people, not 4.773575910999966 s
     records = [json.loads(line) for line in (work / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
@@ -164,6 +168,7 @@ def test_task_job_end_to_end_and_resume(toy_run):
         f"arith_l{n}" for n in range(2, 7)
     }
     assert summary["warm_start"]["steps"] == 40 and summary["warm_start"]["reached_target_at_step"] == 40
+    assert summary["method"] == "AttnRL"
     timings = json.loads((work / "timings.json").read_text())
     assert len(timings) == 7 and summary["minutes"] == pytest.approx(sum(timings.values()) / 60)
 
@@ -176,8 +181,43 @@ def test_task_job_end_to_end_and_resume(toy_run):
     }
 
 
-def test_the_report_renders_in_chromium(toy_run, tmp_path):
-    """The page in a real browser (headless Chromium): the plots and the FCI shading are drawn."""
+def test_the_report_numbers_are_the_runs(toy_run):
+    """Every number the page marks (data-key) is read back and compared with metrics.jsonl and the
+    evaluation files it came from."""
+    from attnrl_jax.evaluation import interval95
+
+    work, _ = toy_run
+    page = (work / "report" / "index.html").read_text()
+    root = ET.fromstring(page.split("\n", 2)[2])
+    ns = {"h": "http://www.w3.org/1999/xhtml"}
+    records = {
+        r["step"]: r for r in map(json.loads, (work / "rl" / "metrics.jsonl").read_text().splitlines())
+    }
+    evals = {name: json.loads((work / "eval" / f"{name}.json").read_text()) for name in ("warm", "final")}
+    cells = root.findall(".//h:td[@data-key]", ns)
+    checked = set()
+    for td in cells:
+        key, value = td.get("data-key"), float(td.get("data-value"))
+        if key.startswith("eval/"):
+            _, which, bench, metric = key.split("/")
+            r = evals[which]
+            want = r["mean"][metric] if bench == "mean" else r["benchmarks"][bench][metric]
+            if bench != "mean":  # the shown interval is the one computed from the per-problem counts
+                half = interval95(r["benchmarks"][bench], metric)[1]
+                assert np.isnan(half) or f"{100 * half:.1f}" in td.text
+        else:
+            want = records[int(td.get("data-step"))][key]
+        assert value == pytest.approx(want, rel=1e-9, abs=1e-12), key
+        checked.add(key.split("/")[0] if key.startswith("eval/") else key)
+    assert {"eval", "heldout/avg@k", "heldout/pass@k", "update/loss", "accuracy"} <= checked
+    marks = [s for s, r in records.items() if "heldout/avg@k" in r]
+    assert marks == [1, 2]  # config.heldout.every = 1 in the toy config
+
+
+@pytest.mark.parametrize("width", [1100, 560])
+def test_the_report_renders_in_chromium(toy_run, tmp_path, width):
+    """The page in a real browser (headless Chromium), wide and phone-narrow: the figures are drawn and
+    scaled to the page, and the FCI shading shows."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("Chromium is not installed (Debian package chromium; .ci/run installs it)")
@@ -185,6 +225,7 @@ def test_the_report_renders_in_chromium(toy_run, tmp_path):
 
     work, _ = toy_run
     shot = tmp_path / "page.png"
+    height = 6000
     flags = [
         "--headless",
         "--no-sandbox",
@@ -196,14 +237,14 @@ def test_the_report_renders_in_chromium(toy_run, tmp_path):
         f"--user-data-dir={tmp_path / 'profile'}",
         "--hide-scrollbars",
         "--virtual-time-budget=5000",  # let the images load before the screenshot
-        "--window-size=1100,2600",
+        f"--window-size={width},{height}",
         f"--screenshot={shot}",
     ]
     page = (work / "report" / "index.html").as_uri()
     done = subprocess.run([browser, *flags, page], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
     pixels = (matplotlib.image.imread(str(shot))[..., :3] * 255).astype(int)
-    assert pixels.shape[:2] == (2600, 1100)
+    assert pixels.shape[:2] == (height, width)
 
     def near(rgb, tol=12):
         return int((np.abs(pixels - np.asarray(rgb)).max(axis=-1) <= tol).sum())
@@ -213,6 +254,9 @@ def test_the_report_renders_in_chromium(toy_run, tmp_path):
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 190) & (pixels[..., 0] - pixels[..., 2] > 40)
     assert int(red.sum()) > 500
     assert near((255, 255, 255), 2) > 0.3 * pixels.shape[0] * pixels.shape[1]  # a page, not a blank image
+    # Nothing drawn past the right edge's margin: the figures shrink to the page's width.
+    right = pixels[:, -8:]
+    assert (np.abs(right - 255).max(axis=-1) <= 2).mean() > 0.97
 
 
 def test_a_warm_start_that_misses_its_target_stops_the_job(tmp_path):

@@ -132,6 +132,25 @@ class AlgoConfig:
         return getattr(cls, name)()
 
 
+# What each preset is called where a person reads it (the task job's stage 5, its summary and report).
+METHOD_NAMES = {
+    "attnrl": "AttnRL",
+    "grpo": "GRPO",
+    "treerl": "TreeRL",
+    "treerl_atb": "TreeRL with ATB",
+    "random_branching": "random branching",
+    "attnrl_no_attention_filter": "AttnRL without the FCI filter",
+    "attnrl_no_difficulty_expansion": "AttnRL without difficulty-aware expansion",
+    "attnrl_easy_dropped": "AttnRL, all-correct prompts dropped",
+    "early_steps": "early-step branching",
+    "paper": "AttnRL (paper text)",
+}
+
+
+def method_label(preset: str) -> str:
+    return METHOD_NAMES.get(preset, preset)
+
+
 def branch_points(
     config: AlgoConfig,
     steps: Steps,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from attnrl_jax.fci import fci_step_sums, step_lengths, zero_steps
 from attnrl_jax.mesh import Sharder
-from attnrl_jax.model.attention import attention
+from attnrl_jax.model.attention import attention, attention_mask
 from attnrl_jax.model.config import ModelConfig
 from attnrl_jax.model.layers import (
     apply_rope,
@@ -322,3 +322,37 @@ def forward_with_fci(
     if per_head:
         out["fci_per_head"] = fci_layers
     return out
+
+
+def step_attention(params: Params, tokens: Array, step_ids: Array, *, cfg: ModelConfig) -> Array:
+    """The step-to-step attention of one sequence per row, every layer and head: [L, B, N, C, C] with C =
+    max step id + 1, entry [.., a, c] the attention that step a's tokens pay to step c's tokens, averaged
+    over both (W A W^T of ALGORITHM.md section 5.2). FCI is its column sums from `delta` steps below the
+    diagonal on, maximised over layers and heads (`forward_with_fci` computes those sums without the
+    matrix; tests/model_fci_test.py checks the two agree). For pictures of small inputs (the task report's
+    attention map): it holds the dense [T, T] probabilities of each layer.
+
+    Args:
+      tokens: [B, T]; step_ids: [B, T], 0 the prompt, 1.. response steps, -1 padding (masked).
+    """
+    num = int(jnp.max(step_ids)) + 1
+    ids = step_ids.astype(jnp.int32)
+    seg = (ids >= 0).astype(jnp.int32)
+    onehot = (ids[..., None] == jnp.arange(num)).astype(jnp.float32)  # [B, T, C]
+    w = onehot / jnp.maximum(onehot.sum(axis=1, keepdims=True), 1.0)  # mean over a step's tokens
+    sharder = Sharder()
+
+    def layer(x, carry, lp, li, cos, sin):
+        lpw = layer_weights(lp, cfg)
+        q, k, v = qkv(cfg, sharder, lpw, x, cos, sin)
+        a, lse = attention(q, k, v, seg, seg, impl="xla", return_lse=True)
+        kv = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, kv, preferred_element_type=jnp.float32)
+        logits = logits * (cfg.head_dim**-0.5)
+        visible = attention_mask(seg, seg)[:, None]  # [B, 1, T, S]
+        probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)
+        steps = jnp.einsum("btc,bnts,bsd->bncd", w, probs, w)  # [B, N, C, C]
+        return out_and_mlp(cfg, sharder, lpw, x, a), carry, steps
+
+    _, _, ys = decoder(params, tokens, default_positions(seg), layer, cfg=cfg, sharder=sharder)
+    return ys

@@ -14,6 +14,7 @@ Layout under config.workdir:
   warm/                 Hugging Face checkpoint of the warm-started policy (with the tokenizer)
   rl/                   the RL run (ckpt/, metrics.jsonl, tb/, export/step_N/)
   stages.json           each finished stage's settings (and the policy the final evaluation read)
+  runs.jsonl            one line per invocation: command, overrides, commit, time, host
   eval/warm.{json,md}, eval/final.{json,md}
   report/index.html and its PNG plots
 """
@@ -29,6 +30,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from attnrl_jax import JobError, eval_job, run_record, trainer
+from attnrl_jax.algo.config import method_label
 from attnrl_jax.data import read_verl_parquet, write_verl_parquet
 from attnrl_jax.memory import check_memory_settings
 from attnrl_jax.model.hf_io import load_tokenizer, save_checkpoint
@@ -40,23 +42,10 @@ from attnrl_jax.task.warm_start import encode_examples, tiny_task_model, warm_st
 
 STAGES = ("data", "tokenizer", "warm start", "evaluate warm start", "RL", "evaluate final", "report")
 
-# The method each algorithm preset names (stage 5, the summary and the report say what actually ran).
-METHOD_NAMES = {
-    "attnrl": "AttnRL",
-    "grpo": "GRPO",
-    "treerl": "TreeRL",
-    "treerl_atb": "TreeRL with ATB",
-    "random_branching": "random branching",
-    "attnrl_no_attention_filter": "AttnRL without the FCI filter",
-    "attnrl_no_difficulty_expansion": "AttnRL without difficulty-aware expansion",
-    "attnrl_easy_dropped": "AttnRL, all-correct prompts dropped",
-    "early_steps": "early-step branching",
-    "paper": "AttnRL (paper text)",
-}
-
 
 def method_name(c: ConfigDict) -> str:
-    return METHOD_NAMES.get(c.algo.preset, c.algo.preset)
+    """What stage 5, the summary and the report call the method actually run."""
+    return method_label(c.algo.preset)
 
 
 # The settings each stage's output depends on (run_record prefixes); a stage's record holds their values and
@@ -137,7 +126,7 @@ class Stages:
     @staticmethod
     def _recorded_name(stage: str, record: dict) -> str:
         preset = record["settings"].get("algo.preset")
-        return METHOD_NAMES.get(preset, preset) if stage == "RL" and preset else stage
+        return method_label(preset) if stage == "RL" and preset else stage
 
     def done(self, stage: str, c: ConfigDict, **outputs) -> bool:
         """Whether `stage` finished under the settings of `c` (and made `outputs`, e.g. the policy an
@@ -421,6 +410,9 @@ def run(c: ConfigDict) -> dict:
     validate(c)
     stages = Stages(os.path.abspath(c.workdir), c)
     stages.check(c)  # a rerun under other settings stops here, before any stage runs
+    os.makedirs(stages.work, exist_ok=True)
+    with open(os.path.join(stages.work, "runs.jsonl"), "a") as f:  # who ran it, with what, when
+        f.write(json.dumps(run_record.identity()) + "\n")
     _stage = stages.start
     paths = prepare(c, stages)
     work, rl_dir, eval_dir, eval_data = paths["work"], paths["rl"], paths["eval"], paths["eval_data"]

@@ -1,6 +1,9 @@
-"""The report of a built-in task run: PNG plots of the training metrics and an HTML page with the
-evaluation before and after RL, sample responses whose steps are shaded by their FCI with the branch points
-marked, and one prompt's tree with node values and advantages (ALGORITHM.md sections 5-8).
+"""The report of a built-in task run: one XHTML page a researcher can send a colleague, with the run's
+identity (method, seeds, commit, command, changes from the shipped config), the held-out evaluation before
+and after RL with n and 95% intervals, held-out accuracy during training, the training samples' and the
+optimisation's curves, FCI pictures with colour scales (one response's step x step attention, FCI by step
+position, the filter's drop rate, responses shaded by FCI with ATB's branch points) and one prompt's tree
+drawn with V and A (ALGORITHM.md sections 5-8). The figures are `report_figures.py`'s.
 
 The page is XHTML (well-formed XML), so a plain XML parser validates it (tests/report_test.py).
 """
@@ -12,16 +15,20 @@ import json
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
 
 from attnrl_jax.algo import AlgoConfig, RunningMean, build_prompt_trees
-from attnrl_jax.algo.config import branch_points
+from attnrl_jax.algo.config import branch_points, method_label
 from attnrl_jax.data import read_verl_parquet
+from attnrl_jax.evaluation import interval95, mean_interval95
+from attnrl_jax.model.forward import step_attention
 from attnrl_jax.model.hf_io import load_checkpoint
 from attnrl_jax.rewards import grade
 from attnrl_jax.rollout import plan_branches, prompt_responses, sample_initial, sample_steps
 from attnrl_jax.sampling import Sampler
 from attnrl_jax.settings import algo_config, loop_settings
+from attnrl_jax.task import report_figures
 from attnrl_jax.task.anchors import measure_checkpoint
 
 
@@ -34,52 +41,6 @@ def read_metrics(path: str) -> list[dict]:
                 r = json.loads(line)
                 by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
-
-
-def plot_metrics(records: list[dict], out_dir: str) -> list[str]:
-    """Accuracy and reward against step and against wall-clock, valid-token ratio, prompt batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out_dir, exist_ok=True)
-    step = np.array([r["step"] for r in records])
-    get = lambda k: np.array([r.get(k, np.nan) if r.get(k) is not None else np.nan for r in records], float)  # noqa: E731
-    minutes = np.cumsum(np.nan_to_num(get("time_step"))) / 60
-    names = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=90)
-        plt.close(fig)
-        names.append(name)
-
-    for x, label, name in (
-        (step, "training step", "accuracy_step.png"),
-        (minutes, "wall-clock (min)", "accuracy_time.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        ax.plot(x, get("accuracy"), marker=".", label="accuracy (initial responses)")
-        ax.plot(x, get("reward"), marker=".", label="reward (2 acc - 1)")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, name)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(step, get("valid_token_ratio"), marker=".")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("valid-token ratio")
-    ax.grid(alpha=0.3)
-    save(fig, "valid_tokens.png")
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(step, get("prompt_batch"), marker=".", label="prompt batch")
-    ax.plot(step, get("num_paths"), marker=".", label="training paths")
-    ax.set_xlabel("training step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, "batch_size.png")
-    return names
 
 
 # Characters XML 1.0 forbids (C0 controls other than tab/newline/CR, lone surrogates, U+FFFE/F): an
@@ -180,77 +141,240 @@ def anchor_table(reports: dict) -> str:
     )
 
 
+def _pct(value: float, half: float) -> str:
+    if np.isnan(value):
+        return "-"
+    return f"{100 * value:.1f}" + ("" if np.isnan(half) else f" &#177; {100 * half:.1f}")
+
+
+def _cell(key: str, value: float, text: str, step: int | None = None) -> str:
+    """A table cell whose number a test can read back (`data-key`, `data-value`, optional `data-step`)."""
+    at = "" if step is None else f' data-step="{step}"'
+    return f'<td data-key="{html.escape(key)}"{at} data-value="{value!r}">{text}</td>'
+
+
 def eval_table(before: dict | None, after: dict | None) -> str:
+    """Held-out avg@k and pass@k per level before and after RL, each with its 95% interval over problems
+    (`evaluation.interval95`) and the number of problems n and samples k it rests on."""
     if before is None or after is None:
         return "<p>(evaluation results missing)</p>"
     rows = [
-        "<table><tr><th>benchmark</th><th>avg@k before</th><th>avg@k after</th>"
-        "<th>pass@k before</th><th>pass@k after</th></tr>"
+        "<table><tr><th>benchmark</th><th>n</th><th>k</th><th>avg@k before (%)</th><th>avg@k after (%)</th>"
+        "<th>change (points)</th><th>pass@k before (%)</th><th>pass@k after (%)</th></tr>"
     ]
-    for name in before["benchmarks"]:
-        b, a = before["benchmarks"][name], after["benchmarks"].get(name, {})
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td><td>{100 * b['avg@k']:.1f}%</td>"
-            f"<td>{100 * a.get('avg@k', np.nan):.1f}%</td>"
-            f"<td>{100 * b['pass@k']:.1f}%</td><td>{100 * a.get('pass@k', np.nan):.1f}%</td></tr>"
+
+    def row(name, b, a, mean=False):
+        get = (lambda r, m: mean_interval95(r, m)) if mean else (lambda r, m: interval95(r, m))
+        b_avg, a_avg = get(b, "avg@k"), get(a, "avg@k")
+        b_pass, a_pass = get(b, "pass@k"), get(a, "pass@k")
+        n = sum(r["problems"] for r in b["benchmarks"].values()) if mean else b["problems"]
+        k = next(iter(b["benchmarks"].values()))["k"] if mean else b["k"]
+        tag = "mean" if mean else name
+        return (
+            f"<tr><td>{html.escape(tag)}</td><td>{n}</td><td>{k}</td>"
+            + _cell(f"eval/warm/{tag}/avg@k", b_avg[0], _pct(*b_avg))
+            + _cell(f"eval/final/{tag}/avg@k", a_avg[0], _pct(*a_avg))
+            + f"<td>{100 * (a_avg[0] - b_avg[0]):+.1f}</td>"
+            + _cell(f"eval/warm/{tag}/pass@k", b_pass[0], _pct(*b_pass))
+            + _cell(f"eval/final/{tag}/pass@k", a_pass[0], _pct(*a_pass))
+            + "</tr>"
         )
-    b, a = before["mean"], after["mean"]
+
+    for name, b in before["benchmarks"].items():
+        a = after["benchmarks"].get(name)
+        if a is not None:
+            rows.append(row(name, b, a))
+    rows.append(row("mean", before, after, mean=True))
+    rows.append("</table>")
     rows.append(
-        f"<tr><th>mean</th><th>{100 * b['avg@k']:.1f}%</th><th>{100 * a['avg@k']:.1f}%</th>"
-        f"<th>{100 * b['pass@k']:.1f}%</th><th>{100 * a['pass@k']:.1f}%</th></tr></table>"
+        '<p class="note">&#177;: 95% interval over the n problems (1.96 standard errors of the per-problem '
+        "accuracy; the mean row combines the levels' as independent). Each problem has k samples at "
+        "the evaluation temperature.</p>"
     )
     return "\n".join(rows)
 
 
+def metrics_table(records: list[dict]) -> str:
+    """The last step's key numbers and every held-out mark, read from metrics.jsonl."""
+    if not records:
+        return "<p>(no training records)</p>"
+    last = records[-1]
+    keys = [
+        ("accuracy", "training-sample accuracy"),
+        ("entropy", "token entropy (nats)"),
+        ("update/loss", "loss"),
+        ("update/kl", "KL to the reference"),
+        ("update/clip_frac", "clip fraction"),
+        ("update/grad_norm", "gradient norm"),
+        ("num_paths", "training paths"),
+        ("total_generated_tokens", "generated tokens (total)"),
+    ]
+    cells = [
+        f"<tr><td>{label}</td>{_cell(key, float(last[key]), f'{last[key]:.4g}', last['step'])}</tr>"
+        for key, label in keys
+        if last.get(key) is not None
+    ]
+    out = [f"<table><tr><th>at step {last['step']}</th><th>value</th></tr>{''.join(cells)}</table>"]
+    marks = [r for r in records if "heldout/avg@k" in r]
+    if marks:
+        out.append(
+            "<table><tr><th>held-out mark: step</th><th>generated tokens</th><th>avg@k (%)</th>"
+            "<th>pass@k (%)</th></tr>"
+        )
+        for r in marks:
+            out.append(
+                f"<tr><td>{r['step']}</td><td>{int(r.get('total_generated_tokens', 0)):,}</td>"
+                + _cell("heldout/avg@k", r["heldout/avg@k"], f"{100 * r['heldout/avg@k']:.1f}", r["step"])
+                + _cell("heldout/pass@k", r["heldout/pass@k"], f"{100 * r['heldout/pass@k']:.1f}", r["step"])
+                + "</tr>"
+            )
+        out.append("</table>")
+    return "\n".join(out)
+
+
+def identity_table(work: str, config, records: list[dict]) -> str:
+    """Who ran what: method, pipeline, seeds, the commits and commands of each invocation (runs.jsonl),
+    and the run's difference from its config file (the overrides given)."""
+    runs = []
+    path = os.path.join(work, "runs.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            runs = [json.loads(line) for line in f if line.strip()]
+    mode = "one-step off-policy" if config.train.off_policy else "on-policy (two sampler calls per step)"
+    tokens = _count(records[-1].get("total_generated_tokens") if records else 0)
+    spent = _duration(sum(r.get("time_step") or 0.0 for r in records))
+    preset = config.algo.preset
+    rows = [
+        ("method", f"{html.escape(method_label(preset))} (config.algo.preset={preset})"),
+        ("pipeline", mode),
+        ("seeds", f"task data and warm start {config.task.seed}; sampling and RL {config.seed}"),
+        ("training", f"{len(records)} steps, {tokens} generated tokens, {spent}"),
+        ("workdir", html.escape(work)),
+    ]
+    if runs:
+        first, latest = runs[0], runs[-1]
+        overrides = latest.get("overrides") or []
+        rows += [
+            ("config file", f"<code>{html.escape(str(latest.get('config')))}</code>"),
+            (
+                "changed from it",
+                "<br />".join(f"<code>{html.escape(o)}</code>" for o in overrides) or "nothing (as shipped)",
+            ),
+            ("commit", html.escape(", ".join(dict.fromkeys(r.get("commit", "?") for r in runs)))),
+            ("invocations", f"{len(runs)}: first {first.get('time')}, latest {latest.get('time')}"),
+            ("host", html.escape(str(latest.get("host")))),
+            (
+                "versions",
+                html.escape(", ".join(f"{k} {v}" for k, v in (latest.get("versions") or {}).items())),
+            ),
+        ]
+    body = "".join(f'<tr><th>{k}</th><td class="left">{v}</td></tr>' for k, v in rows)
+    return f'<table class="identity">{body}</table>'
+
+
 STYLE = """
-body { font-family: sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 3px; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 6px 0; } td, th { border: 1px solid #ccc; padding: 3px 8px;
+  text-align: right; } td.left { text-align: left; } table.identity th { text-align: left; }
+.note { color: #555; font-size: 85%; }
 .response { font-family: monospace; white-space: pre-wrap; border: 1px solid #ddd; padding: 6px;
   margin: 8px 0; }
 .response.correct { border-left: 5px solid #3a3; } .response.wrong { border-left: 5px solid #c33; }
 .tag { font-family: sans-serif; font-size: 80%; color: #666; }
 .branch { color: #06c; font-weight: bold; } .seg { font-family: monospace; white-space: pre-wrap; }
-.cont { color: #555; } img { margin: 4px; border: 1px solid #eee; }
+.cont { color: #555; } img { margin: 4px 0; border: 1px solid #eee; max-width: 100%; height: auto; }
+.scale { display: inline-block; width: 220px; height: 12px; vertical-align: middle; border: 1px solid #ccc;
+  background: linear-gradient(to right, rgba(220, 60, 30, 0.08), rgba(220, 60, 30, 0.88)); }
+.wide { overflow-x: auto; }
 """
+
+
+def _figure(name: str | None, alt: str) -> str:
+    return "" if name is None else f'<p><img src="{name}" alt="{html.escape(alt)}" /></p>'
+
+
+def _responses_with_fci(sampler, problems, score, atb, seed: int):
+    """One sampled response per problem with its steps and ATB's branch points (the FCI criterion)."""
+    batch = sample_initial(sampler, problems, 1, score, seed=seed)
+    rng = np.random.default_rng(seed)
+    out = []
+    for q, group in enumerate(batch.samples):
+        s = group[0]
+        steps = sample_steps(s, len(batch.prompts[q]))
+        fci = np.asarray(s.fci)[1 : steps.num_steps + 1]
+        offsets = branch_points(atb, steps, fci=fci, entropy=s.entropies, rng=rng)
+        out.append((problems[q], batch.prompts[q], s, steps, fci, offsets, batch.accs()[q, 0]))
+    return out
+
+
+def _attention_figure(params, cfg, shown, delta: int, out_dir: str) -> str | None:
+    """The step x step attention map of the first shown response with at least Delta + 2 steps."""
+    for _, prompt, s, steps, fci, _, _ in shown:
+        if steps.num_steps >= delta + 2:
+            ids = np.concatenate(
+                [np.zeros(len(prompt), np.int32), np.asarray(s.step_ids[: steps.bounds[-1]])]
+            )
+            tokens = np.concatenate([np.asarray(prompt), np.asarray(s.tokens[: steps.bounds[-1]])]).astype(
+                np.int32
+            )
+            m = step_attention(params, jnp.asarray(tokens[None]), jnp.asarray(ids[None]), cfg=cfg)
+            m = np.asarray(m)[:, 0]
+            full = np.concatenate([[0.0], np.asarray(fci, np.float64)])
+            return report_figures.attention_map(m, full, delta, os.path.join(out_dir, "attention_map.png"))
+    return None
 
 
 def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, seed: int = 0) -> str:
     """Writes <workdir>/report/index.html (and its PNGs) for the run in config.workdir; returns its path.
 
     `config` is the RL run's config (algorithm and sampler settings); `policy_dir` the Hugging Face
-    checkpoint whose responses are shown."""
+    checkpoint whose responses are shown. The page: the run's identity, the held-out evaluation before and
+    after (n, k, 95% intervals), held-out accuracy during training, the training samples' and the
+    optimisation's curves, FCI pictures (one response's step x step attention, FCI by step position, the
+    filter's drop rate, responses shaded by FCI) and one prompt's tree drawn with V and A."""
 
     out_dir = os.path.join(workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
     records = read_metrics(os.path.join(config.workdir, "metrics.jsonl"))
-    plots = plot_metrics(records, out_dir)
+
+    def load(name):
+        path = os.path.join(workdir, "eval", f"{name}.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    before, after = load("warm"), load("final")
+    figure = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    heldout_png = report_figures.heldout_curve(records, before, after, figure("heldout.png"))
+    training_png = report_figures.training_curves(records, figure("training.png")) if records else None
+    optim_png = report_figures.optimisation_curves(records, figure("optimisation.png")) if records else None
+    drop_png = report_figures.drop_rate(records, figure("fci_filter.png")) if records else None
 
     cfg, params, tokenizer = load_checkpoint(policy_dir, attention_impl="xla", remat="none")
     algo = algo_config(config)
     sampler = Sampler(params, cfg, tokenizer, loop_settings(config))
-    problems = read_verl_parquet(config.data.train_path)[: max(samples, 8)]
+    problems = read_verl_parquet(config.data.train_path)
     score = lambda texts, gts: [grade(t, g).acc for t, g in zip(texts, gts)]  # noqa: E731
-
-    # Sample responses with FCI; ATB's branch points (the FCI criterion, whatever the run's method).
-    batch = sample_initial(sampler, problems[:samples], 1, score, seed=seed)
     atb = AlgoConfig.attnrl().replace(atb=algo.atb)
-    rng = np.random.default_rng(seed)
-    views = []
-    for q, group in enumerate(batch.samples):
-        s = group[0]
-        steps = sample_steps(s, len(batch.prompts[q]))
-        fci = np.asarray(s.fci)[1 : steps.num_steps + 1]
-        offsets = branch_points(atb, steps, fci=fci, entropy=s.entropies, rng=rng)
-        question, answer = html.escape(problems[q].question), html.escape(str(problems[q].ground_truth))
-        views.append(
-            f"<h3>{question} (answer {answer})</h3>"
-            + fci_view(tokenizer, s, steps, offsets, batch.accs()[q, 0])
-        )
+
+    # Responses with their FCI (ATB's branch points: the FCI criterion, whatever the run's method): the
+    # first `samples` shown, 32 for FCI by position.
+    sampled = _responses_with_fci(sampler, problems[: max(samples, 32)], score, atb, seed)
+    shown = sampled[:samples]
+    views = [
+        f"<h3>{html.escape(p.question)} (answer {html.escape(str(p.ground_truth))})</h3>"
+        + fci_view(tokenizer, s, steps, offsets, acc)
+        for p, _, s, steps, _, offsets, acc in shown
+    ]
+    position_png = report_figures.fci_by_position([f for *_, f, _, _ in sampled], figure("fci_position.png"))
+    attention_png = _attention_figure(params, cfg, sampled, config.algo.fci_delta, out_dir)
 
     # One prompt's tree: the first problem whose plan branches something.
-    tree_html = "<p>(no prompt was branched in the problems tried)</p>"
+    tree_html, tree_png = "<p>(no prompt was branched in the problems tried)</p>", None
     tree_algo = algo if algo.estimator != "grpo" else AlgoConfig.attnrl().replace(group_size=algo.group_size)
-    for i, problem in enumerate(problems):
+    for i, problem in enumerate(problems[:8]):
         initial = sample_initial(sampler, [problem], tree_algo.group_size, score, seed=seed + 100 + i)
         branch = plan_branches(initial, tree_algo, RunningMean(), np.random.default_rng(seed + i))
         if not branch.requests:
@@ -259,7 +383,15 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
         flat = [c for per_req in conts for group in per_req for c in group]
         cont_accs = score([c.text for c in flat], [problem.ground_truth] * len(flat))
         responses = prompt_responses(initial, branch, conts, cont_accs)[0]
-        tree_html = tree_view(tokenizer, problem.question, responses, build_prompt_trees(responses))
+        trees = build_prompt_trees(responses)
+        tree_png = report_figures.tree_figure(responses, trees, figure("tree.png"))
+        tree_html = (
+            f"<p>Prompt: <code>{html.escape(problem.question)}</code></p>"
+            + _figure(tree_png, "the tree drawn")
+            + "<details><summary>The same tree with each segment's text</summary>"
+            + tree_view(tokenizer, problem.question, responses, trees)
+            + "</details>"
+        )
         break
 
     # The program task: how well each criterion finds the pivotal steps, before and after RL.
@@ -276,34 +408,40 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
             "<h2>Does FCI find the anchors? (pivotal steps of held-out responses)</h2>" + anchor_table(found)
         )
 
-    def load(name):
-        path = os.path.join(workdir, "eval", f"{name}.json")
-        if not os.path.isfile(path):
-            return None
-        with open(path) as f:
-            return json.load(f)
-
-    images = "\n".join(f'<img src="{p}" alt="{p}" />' for p in plots)
-    last = records[-1] if records else {}
-    mode = "one-step off-policy" if config.train.off_policy else "on-policy"
+    heldout_html = _figure(heldout_png, "held-out accuracy against step and generated tokens") or (
+        "<p>(no held-out marks: config.heldout.every is 0)</p>"
+    )
+    method = html.escape(method_label(config.algo.preset))
+    task_name = "program" if family == "program" else "arithmetic-chain"
+    k = before["benchmarks"][next(iter(before["benchmarks"]))]["k"] if before else "k"
     page = f"""<?xml version="1.0" encoding="utf-8"?>
 <!DOCTYPE html>
 <html xmlns="http://www.w3.org/1999/xhtml" lang="en">
-<head><meta charset="utf-8" /><title>AttnRL on the built-in task</title><style>{STYLE}</style></head>
+<head><meta charset="utf-8" /><meta name="viewport" content="width=device-width, initial-scale=1" />
+<title>{method} on the built-in {task_name} task</title><style>{STYLE}</style></head>
 <body>
-<h1>AttnRL on the built-in {"program" if family == "program" else "arithmetic-chain"} task</h1>
-<p>Method: <b>{html.escape(config.algo.preset)}</b>, {mode},
-{len(records)} training steps in {_duration(sum(r.get("time_step") or 0.0 for r in records))}
-({_duration(last.get("time_step") or 0.0)} for the last one), {_count(last.get("total_generated_tokens"))}
-generated tokens.</p>
-<h2>Evaluation before and after RL (held-out problems, by number of steps)</h2>
-{eval_table(load("warm"), load("final"))}
+<h1>{method} on the built-in {task_name} task</h1>
+{identity_table(workdir, config, records)}
+<h2>Held-out evaluation before and after RL (avg@{k}, pass@{k})</h2>
+<div class="wide">{eval_table(before, after)}</div>
+<h2>Held-out accuracy during training</h2>
+{heldout_html}
+<div class="wide">{metrics_table(records)}</div>
 {anchors_html}
-<h2>Training curves</h2>
-{images}
+<h2>Optimisation</h2>
+{_figure(optim_png, "loss, KL, clip fraction, gradient norm, ratio")}
+<h2>Training samples</h2>
+{_figure(training_png, "training-sample accuracy, reward, entropy, length, batch")}
+<h2>FCI: which steps later steps attend to (section 5)</h2>
+<p>One response's attention between its steps: a step's FCI sums the attention it receives from steps at least
+Delta = {config.algo.fci_delta} later (below the dashed line), maximised over layers and heads.</p>
+{_figure(attention_png, "step x step attention of one response")}
+{_figure(position_png, "FCI by step position")}
+<p>The FCI filter (section 7) drops all-correct prompts whose mean FCI is below the running mean:</p>
+{_figure(drop_png, "the FCI filter's drop rate")}
 <h2>Sample responses: steps shaded by FCI, &#9650; marks ATB's branch points</h2>
-<p>Darker steps receive more attention from the steps that follow them (Forward Context Influence,
-section 5); branching happens at the earliest high-FCI steps (section 6).</p>
+<p>Shade: a step's FCI relative to the response's largest, from 0 <span class="scale"></span> to the maximum
+(hover a step for its value). Branching happens at the earliest high-FCI steps (section 6).</p>
 {"".join(views)}
 <h2>One prompt's tree: Monte Carlo values V and advantages A (section 8)</h2>
 {tree_html}

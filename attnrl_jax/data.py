@@ -1,6 +1,6 @@
 """Training and evaluation problems in the verl parquet format, and a checkpointable prompt iterator.
 
-verl's RL format (ALGORITHM.md section 2): `prompt` is a list with one chat message (`role`, `content`),
+verl's RL format (docs/algorithm.md section 2): `prompt` is a list with one chat message (`role`, `content`),
 `reward_model.ground_truth` is a string (training files) or a list of strings (evaluation files), and
 `extra_info.index` identifies the problem. The iterator shuffles with a seed per epoch, drops prompts
 longer than the maximum (counted), and its whole state is three integers that go into checkpoints.

@@ -21,7 +21,7 @@ from attnrl_jax.settings import eval_loop_settings
 
 
 def default_config() -> ConfigDict:
-    """The evaluation job's settings and their defaults (ALGORITHM.md section 13), what `configs/eval.py`
+    """The evaluation job's settings and their defaults (docs/algorithm.md section 13), what `configs/eval.py`
     gives `eval.py` and what the built-in task's evaluations start from."""
     c = ConfigDict()
     c.job = "eval"

@@ -1,4 +1,4 @@
-"""Evaluation on verl-format benchmarks (ALGORITHM.md section 13): k samples per problem, avg@k (Pass@1,
+"""Evaluation on verl-format benchmarks (docs/algorithm.md section 13): k samples per problem, avg@k (Pass@1,
 the mean accuracy over the k samples) and pass@k per benchmark, and their unweighted mean over benchmarks.
 
 `evaluate` is a pure loop over a sampler and a verifier; `load_policy` opens any checkpoint the project

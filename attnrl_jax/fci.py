@@ -1,4 +1,4 @@
-"""FCI's algorithm-side math, in one place (ALGORITHM.md section 5.2): step lengths, the per-step
+"""FCI's algorithm-side math, in one place (docs/algorithm.md section 5.2): step lengths, the per-step
 reduction of the kernel's column sums, the zeroing rules, the attention mass paid to each key step while
 decoding, and the incremental accumulation of the sums as a response is sampled.
 

@@ -1,7 +1,7 @@
 """Rollouts of AttnRL (or a baseline): initial responses with FCI, rewards, the choice of responses and
 branch points, continuations over shared prefix pages, rewards, trees, paths, training rows.
 
-This is the host-side glue between the sampler (ALGORITHM.md sections 3-6), the verifier (section 12) and
+This is the host-side glue between the sampler (docs/algorithm.md sections 3-6), the verifier (section 12) and
 the algorithm core (sections 6-9, 14), in three phases:
 
   `sample_initial`  -> an `InitialBatch` (prompts, G responses each, rewards being scored asynchronously);

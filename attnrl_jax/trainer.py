@@ -2,8 +2,8 @@
 size -> metrics -> Orbax checkpoint, resuming from the latest checkpoint automatically.
 
 Two pipelines (`config.train.off_policy`):
-  * one-step off-policy (ALGORITHM.md section 10, AttnRL's default): ONE sampler call per step samples the
-    next prompt batch's initial responses and the current batch's continuations; the current batch's
+  * one-step off-policy (docs/algorithm.md section 10, AttnRL's default): ONE sampler call per step samples
+    the next prompt batch's initial responses and the current batch's continuations; the current batch's
     initial responses come from the policy one update older. The first step samples its own initial
     responses first (it is on-policy, as in the paper).
   * on-policy (`rollout`): initial responses, then continuations, two sampler calls per step (TreeRL).

@@ -1,4 +1,4 @@
-"""AttnRL training defaults (ALGORITHM.md sections 3 and 11): `python train.py --config=configs/<x>.py`.
+"""AttnRL training defaults (docs/algorithm.md sections 3 and 11): `python train.py --config=configs/<x>.py`.
 
 Every field carries its unit or meaning. Derived configs import `get_config` from here and change fields.
 """

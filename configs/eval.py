@@ -1,4 +1,5 @@
-"""Evaluation settings (ALGORITHM.md section 13): `python eval.py --config=configs/eval.py --checkpoint=DIR`.
+"""Evaluation settings (docs/algorithm.md section 13):
+`python eval.py --config=configs/eval.py --checkpoint=DIR`.
 
 DIR is a Hugging Face directory (config.json + safetensors + tokenizer) or a training run's workdir (its
 latest Orbax checkpoint). Results go to <output>.json and <output>.md.

@@ -1,6 +1,6 @@
 """Forward Context Influence (FCI) from q, k and the attention's saved log-sum-exp, in O(L) memory.
 
-ALGORITHM.md section 5.2: with A the causal softmax attention of one layer and head, U_0 the prompt and
+docs/algorithm.md section 5.2: with A the causal softmax attention of one layer and head, U_0 the prompt and
 U_1..U_S the response steps, and w_i = 1/|U_{s(i)}| (s(i) the step of token i),
 
   y_c = sum_{a >= c + Delta} (1/(|U_a| |U_c|)) sum_{i in U_a} sum_{j in U_c} A_ij
@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from attnrl_jax.kernels import target as tg
 from attnrl_jax.kernels.flash_attention import _dot_t, _fit, _round_up, padded_length
 
-DELTA = 4  # steps at least this many later count (ALGORITHM.md section 5.2)
+DELTA = 4  # steps at least this many later count (docs/algorithm.md section 5.2)
 
 
 TRITON_BLOCKS = (64, 64)  # (query tile, key tile) of the GPU form

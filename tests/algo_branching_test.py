@@ -1,4 +1,4 @@
-"""Branch-point selection (ALGORITHM.md sections 5.4, 6, 14) with numbers worked out by hand."""
+"""Branch-point selection (docs/algorithm.md sections 5.4, 6, 14) with numbers worked out by hand."""
 
 import numpy as np
 import pytest

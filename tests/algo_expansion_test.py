@@ -1,5 +1,5 @@
 """Difficulty-aware expansion, the FCI filter state, the adaptive batch size and GRPO advantages
-(ALGORITHM.md sections 7, 9, 14), with numbers worked out by hand."""
+(docs/algorithm.md sections 7, 9, 14), with numbers worked out by hand."""
 
 import numpy as np
 import pytest

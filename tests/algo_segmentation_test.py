@@ -1,4 +1,4 @@
-"""Step segmentation (ALGORITHM.md section 4) on a toy vocabulary and on the real Qwen BPE vocabulary."""
+"""Step segmentation (docs/algorithm.md section 4) on a toy vocabulary and on the real Qwen BPE vocabulary."""
 
 import numpy as np
 import pytest

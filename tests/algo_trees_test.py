@@ -1,4 +1,4 @@
-"""Trees, values, advantages and paths (ALGORITHM.md section 8): the worked check, a second deliberately
+"""Trees, values, advantages and paths (docs/algorithm.md section 8): the worked check, a second deliberately
 simple implementation (explicit nodes, recursion) on random trees, and hypothesis properties."""
 
 import math

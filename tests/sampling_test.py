@@ -207,7 +207,7 @@ def test_forked_continuations_equal_reprefilled_ones(params):
 
 @pytest.mark.slow
 def test_a_row_stops_at_its_own_length_limit_with_the_tokens_of_a_cut_run(params):
-    """ALGORITHM.md section 3: a continuation at offset o may add max_new_tokens - o tokens. Capped rows
+    """docs/algorithm.md section 3: a continuation at offset o may add max_new_tokens - o tokens. Capped rows
     sample exactly the first tokens of the same rows run uncapped (what the official run cuts to), end
     with reason "length" there, and pad after; an uncapped row in the same call is unchanged."""
     settings = LoopSettings(max_new_tokens=8, sampling=SamplingParams(temperature=1.0))

@@ -1,6 +1,6 @@
 """The AttnRL algorithm core as pure functions of arrays plus small explicit state (host-side numpy):
 segmentation, branch-point selection, difficulty-aware expansion, tree values and advantages, adaptive
-batch size, and the baselines' variants. Each function cites its section of ALGORITHM.md."""
+batch size, and the baselines' variants. Each function cites its section of docs/algorithm.md."""
 
 from attnrl_jax.algo.baselines import grpo_advantages
 from attnrl_jax.algo.batch_size import BatchSizeSettings, BatchSizeState, init_batch_size, update_batch_size

@@ -1,4 +1,4 @@
-"""Outcome-only advantages of the GRPO baseline (ALGORITHM.md section 14).
+"""Outcome-only advantages of the GRPO baseline (docs/algorithm.md section 14).
 
 GRPO gives every token of response i of a prompt the advantage
 

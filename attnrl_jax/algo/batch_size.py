@@ -1,4 +1,4 @@
-"""Adaptive prompt batch size (ALGORITHM.md section 9; paper section 3.2.2 eq. 10).
+"""Adaptive prompt batch size (docs/algorithm.md section 9; paper section 3.2.2 eq. 10).
 
 The prompt batch size tracks a target number of training sequences B' (= train_batch_size x G x 5 = 1920
 in the official run: 64 prompts whose 6 responses are all branched into 5 paths). With B'' the number of

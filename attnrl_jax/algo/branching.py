@@ -1,4 +1,4 @@
-"""Choosing branch points (ALGORITHM.md sections 5.4, 6 and 14).
+"""Choosing branch points (docs/algorithm.md sections 5.4, 6 and 14).
 
 AttnRL's Attention-based Tree Branching (ATB, paper section 3.1.3 eq. 7) branches each response at the
 earliest steps whose Forward Context Influence (FCI) is in the response's top 20%. The baselines branch at

@@ -1,8 +1,8 @@
 """The algorithm settings of AttnRL and its baselines, and the branch-point dispatcher.
 
-Defaults follow the official code (ALGORITHM.md, "How the project uses this document"); each paper variant
-is a named setting of the pieces (`AtbSettings`, `ExpansionSettings`, `BatchSizeSettings`). Presets name
-the methods of paper Tables 1-2 so that they run as settings of one trainer.
+Defaults follow the official code (docs/algorithm.md, "How the project uses this document"); each paper
+variant is a named setting of the pieces (`AtbSettings`, `ExpansionSettings`, `BatchSizeSettings`).
+Presets name the methods of paper Tables 1-2 so that they run as settings of one trainer.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Difficulty-aware exploration: which responses of a prompt become trees (ALGORITHM.md section 7; paper
+"""Difficulty-aware exploration: which responses of a prompt become trees (docs/algorithm.md section 7; paper
 section 3.2.1 eqs. 8-9).
 
 With k correct initial responses out of G, the number of trees is m(k) = ceil(G exp(-k/G)) in the code

@@ -1,4 +1,4 @@
-"""Step segmentation of responses (ALGORITHM.md section 4; paper section 3.1.1 "Step 1").
+"""Step segmentation of responses (docs/algorithm.md section 4; paper section 3.1.1 "Step 1").
 
 A response is split into reasoning steps at separator tokens. The separator vocabularies are built once by
 decoding every vocabulary id on its own:

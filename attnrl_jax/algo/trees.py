@@ -1,4 +1,4 @@
-"""Trees, Monte Carlo values, advantages and training paths (ALGORITHM.md section 8; paper section 2.2
+"""Trees, Monte Carlo values, advantages and training paths (docs/algorithm.md section 8; paper section 2.2
 eqs. 2-3, TreeRL).
 
 Per prompt, a virtual root holds one subtree per initial response. A response with sorted distinct branch

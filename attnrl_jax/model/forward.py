@@ -292,7 +292,7 @@ def forward_with_fci(
 ) -> dict[str, Array]:
     """One forward pass that returns the logits (or log-probs of `targets`) and every row's step FCI.
 
-    FCI follows ALGORITHM.md section 5.2: for each layer and head, the attention that each step receives
+    FCI follows docs/algorithm.md section 5.2: for each layer and head, the attention that each step receives
     from steps at least `delta` later (mean over the query and key tokens of each step pair, summed over
     query steps), maximised over all layers and heads, with the zeroing rules applied (the prompt, the
     first response step, and, when a `</think>` is present, its step and everything after).
@@ -327,7 +327,7 @@ def forward_with_fci(
 def step_attention(params: Params, tokens: Array, step_ids: Array, *, cfg: ModelConfig) -> Array:
     """The step-to-step attention of one sequence per row, every layer and head: [L, B, N, C, C] with C =
     max step id + 1, entry [.., a, c] the attention that step a's tokens pay to step c's tokens, averaged
-    over both (W A W^T of ALGORITHM.md section 5.2). FCI is its column sums from `delta` steps below the
+    over both (W A W^T of docs/algorithm.md section 5.2). FCI is its column sums from `delta` steps below the
     diagonal on, maximised over layers and heads (`forward_with_fci` computes those sums without the
     matrix; tests/model_fci_test.py checks the two agree). For pictures of small inputs (the task report's
     attention map): it holds the dense [T, T] probabilities of each layer.

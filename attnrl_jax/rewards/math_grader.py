@@ -1,4 +1,4 @@
-"""Answer extraction and the hybrid math grader (ALGORITHM.md section 12): DeepScaleR's rules first, then
+"""Answer extraction and the hybrid math grader (docs/algorithm.md section 12): DeepScaleR's rules first, then
 the Math-Verify fallback, hardened against a policy that writes whatever earns reward.
 
 Pure Python, no JAX. Grading one response can be slow on adversarial input (sympy on a tower of

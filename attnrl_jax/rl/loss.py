@@ -1,4 +1,4 @@
-"""The PSRL/GRPO policy loss (ALGORITHM.md section 11) as pure functions of per-token arrays.
+"""The PSRL/GRPO policy loss (docs/algorithm.md section 11) as pure functions of per-token arrays.
 
 Per token, with r = exp(clamp(log pi - log pi_old, -20, 20)) and A the token's advantage:
 

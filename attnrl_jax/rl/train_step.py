@@ -33,7 +33,7 @@ from attnrl_jax.typing import Array, Params
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with global-norm gradient clipping (ALGORITHM.md section 11: lr 1e-6 constant, betas (0.9,
+    """AdamW with global-norm gradient clipping (docs/algorithm.md section 11: lr 1e-6 constant, betas (0.9,
     0.999), weight decay 0.01, clip 1.0).
 
     Attributes:

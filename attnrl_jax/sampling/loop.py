@@ -7,7 +7,7 @@ An initial response is a row whose prefix is its prompt; a tree continuation is 
 prompt plus the response's first o tokens. Several rows may share a source, and a continuation at a shorter
 offset reads the same prefilled cache (the cache of a prefix is a prefix of the cache), so each response is
 prefilled once for all of its branch points. Initial and continuation rows mix freely in one call (the
-one-step off-policy pipeline of ALGORITHM.md section 10).
+one-step off-policy pipeline of docs/algorithm.md section 10).
 
 Paged cache. Keys and values live in pages of `settings.page_size` positions in a pool
 (`model.kv_cache.KVCache`), and each slot has a page table. A source's prefix is written once into pages
@@ -872,7 +872,7 @@ def generate(
         [V, 2] with the "\\n" table as the fallback segmentation.
       think_id: scalar id of `</think>` (-1 for none).
       row_max_new: [B] tokens each row may sample (clipped to 1..max_new_tokens; None: max_new_tokens).
-        ALGORITHM.md section 3: a continuation branched at offset o of a response may add
+        docs/algorithm.md section 3: a continuation branched at offset o of a response may add
         max_new_tokens - o tokens, so that the response it completes stays within the length limit; what
         it samples up to there equals the official run's continuation cut after generation.
       cfg, settings, sharder: static model config, loop settings and activation sharding.

@@ -1,7 +1,7 @@
 """Host-side sampler: strings, chat template and tokenizer on the host; arrays only on the device.
 
 `Sampler.generate` samples n responses per prompt (with their FCI); `Sampler.sample_mixed` samples new
-prompts' initial responses and earlier responses' tree continuations in one device call (ALGORITHM.md
+prompts' initial responses and earlier responses' tree continuations in one device call (docs/algorithm.md
 sections 3, 6 and 10). Batch and prefix shapes are rounded up to buckets so that repeated calls reuse one
 compiled program.
 

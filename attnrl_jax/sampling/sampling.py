@@ -1,7 +1,7 @@
 """Choosing the next token: temperature, top-k, top-p and greedy, with the behaviour log-probs.
 
 The returned log-prob is log softmax(logits / temperature) of the chosen token in float32: the model's
-distribution at the sampling temperature, which the trainer uses as the behaviour policy (ALGORITHM.md,
+distribution at the sampling temperature, which the trainer uses as the behaviour policy (docs/algorithm.md,
 "How the project uses this document", item 4). The entropy is that distribution's entropy (TreeRL's
 branching criterion). Top-k and top-p only restrict the support that tokens are drawn from.
 """

@@ -7,7 +7,7 @@ highest-entropy tokens (each mapped to the step it is in), and uniformly random 
 the fraction of chosen steps that are pivots. Each criterion's step score (FCI; the step's largest token
 entropy; none for random) is also rank-correlated (Spearman) with how often each step is read later, the
 reference count of `program.Structure`. Step 1 is left out of both: no criterion may branch there
-(ALGORITHM.md section 6) and the generator puts no pivot there.
+(docs/algorithm.md section 6) and the generator puts no pivot there.
 
 `response_scores` works on arrays and is checked by hand in the tests; `measure` samples a policy and
 aggregates them.

@@ -2,7 +2,7 @@
 keeping only the last digit of each result.
 
 A problem of level n has n steps separated by "\n\n", then `</think>` and `\boxed{answer}`, the format of
-DeepSeek-R1 responses (ALGORITHM.md section 2), so the sampler's step segmentation, FCI and the verifier
+DeepSeek-R1 responses (docs/algorithm.md section 2), so the sampler's step segmentation, FCI and the verifier
 all run on it unchanged:
 
     question: "Start at 9. Alternately +2 and -1, keeping the last digit, 3 times."

@@ -36,7 +36,7 @@ from attnrl_jax.task import arith
 
 LEVELS = (8, 9, 10)  # steps per solution
 NAMES = "abcdefghijk"  # a is given; at most 10 computed values
-PIVOTS = 2  # pivots, drawn among PIVOT_STEPS (step 1 is never a branch point: ALGORITHM.md section 6)
+PIVOTS = 2  # pivots, drawn among PIVOT_STEPS (step 1 is never a branch point: docs/algorithm.md section 6)
 PIVOT_STEPS = (2, 3, 4, 5)
 PIVOT_RATE = 0.6
 STATEMENT = re.compile(r"([a-k])=([a-k])([+-][12])")

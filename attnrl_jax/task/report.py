@@ -3,7 +3,7 @@ identity (method, seeds, commit, command, changes from the shipped config), the 
 and after RL with n and 95% intervals, held-out accuracy during training, the training samples' and the
 optimisation's curves, FCI pictures with colour scales (one response's step x step attention, FCI by step
 position, the filter's drop rate, responses shaded by FCI with ATB's branch points) and one prompt's tree
-drawn with V and A (ALGORITHM.md sections 5-8). The figures are `report_figures.py`'s.
+drawn with V and A (docs/algorithm.md sections 5-8). The figures are `report_figures.py`'s.
 
 The page is XHTML (well-formed XML), so a plain XML parser validates it (tests/report_test.py).
 """

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run smoke test test-fast lint bench
+.PHONY: run toy smoke test test-fast lint bench
 
 $(VENV)/.installed-main: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed-test: setup.py
 # report in runs/task/report/index.html); run again, it resumes.
 run: $(VENV)/.installed-main
 	$(PY) train.py --config=configs/task.py
+
+# The same job at toy sizes (about a minute, plus the install): every stage runs, nothing learns.
+toy: $(VENV)/.installed-main
+	$(PY) train.py --config=configs/task.py:toy
 
 # A quick check of the model alone (init, sharded forward, Hugging Face export and reload).
 smoke: $(VENV)/.installed-main

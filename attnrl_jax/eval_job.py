@@ -44,7 +44,7 @@ def default_config() -> ConfigDict:
     c.mesh.tensor = 1
 
     c.eval = ConfigDict()
-    c.eval.data = "../shared/data/eval"  # a directory of verl parquet files, or comma-separated files
+    c.eval.data = ""  # a directory of verl parquet files, or comma-separated files (required)
     c.eval.k = 0  # samples per problem; 0: section 13's (32 for AIME24/25 and AMC23, 4 for the others)
     c.eval.max_new_tokens = 32768  # the paper's final evaluation length
     c.eval.max_prompt_len = 2048  # longer prompts are skipped and counted
@@ -65,8 +65,13 @@ def default_config() -> ConfigDict:
     return c
 
 
-def benchmark_files(spec: str) -> dict[str, str]:
+def benchmark_files(spec: str, key: str = "config.eval.data") -> dict[str, str]:
     """name -> path from a directory of parquet files or a comma-separated list of files."""
+    if not spec:
+        raise ValueError(
+            f"{key} is empty: give a directory of verl parquet files or comma-separated files (the paper's "
+            "benchmarks: AIME24/25, AMC23, MATH-500, Minerva, OlympiadBench; docs/algorithm.md section 13)"
+        )
     if os.path.isdir(spec):
         paths = sorted(glob.glob(os.path.join(spec, "*.parquet")))
         if not paths:

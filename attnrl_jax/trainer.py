@@ -540,7 +540,7 @@ def run(c: ConfigDict) -> dict:
         heldout = None
         if c.heldout.every:
             benchmarks = {
-                n: read_verl_parquet(p) for n, p in eval_job.benchmark_files(c.heldout.data).items()
+                n: read_verl_parquet(p) for n, p in eval_job.benchmark_files(c.heldout.data, "config.heldout.data").items()
             }
             held_sampler = Sampler(
                 None, cfg, tokenizer, heldout_loop_settings(c), sharder=job.sharder, cache_gib=budget

@@ -539,9 +539,8 @@ def run(c: ConfigDict) -> dict:
         sampler = Sampler(policy, cfg, tokenizer, s.loop, sharder=job.sharder, cache_gib=budget)
         heldout = None
         if c.heldout.every:
-            benchmarks = {
-                n: read_verl_parquet(p) for n, p in eval_job.benchmark_files(c.heldout.data, "config.heldout.data").items()
-            }
+            files = eval_job.benchmark_files(c.heldout.data, "config.heldout.data")
+            benchmarks = {n: read_verl_parquet(p) for n, p in files.items()}
             held_sampler = Sampler(
                 None, cfg, tokenizer, heldout_loop_settings(c), sharder=job.sharder, cache_gib=budget
             )

@@ -79,3 +79,55 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested  # the process is still alive, and the loop can save and exit
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("damage", ["meta record deleted", "state file truncated"])
+def test_a_damaged_newest_step_falls_back_and_is_kept_aside(tmp_path, damage):
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    for step in (1, 2):
+        ckpt.save(step, _state(seed=step), {"step": step})
+    newest = tmp_path / "ckpt" / "2"
+    if damage == "meta record deleted":
+        (newest / "meta" / "metadata").unlink()
+    else:
+        data = [os.path.join(d, f) for d, _, fs in os.walk(newest / "state") for f in fs if "/d" in d]
+        biggest = max(data, key=os.path.getsize)
+        os.truncate(biggest, os.path.getsize(biggest) // 3)
+    said = []
+    reopened = Checkpointer(str(tmp_path / "ckpt"))
+    assert reopened.meta() is None or damage != "meta record deleted"  # the quick look does not raise
+    state, meta, _, step = reopened.restore_all(_state(), say=said.append)
+    assert step == 1 and meta == {"step": 1}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(_state(seed=1))):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert (
+        "checkpoint step 2" in said[0]
+        and "is damaged" in said[0]
+        and said[1].startswith("resuming from step 1")
+    )
+    assert (tmp_path / "ckpt.damaged" / "2").is_dir() and reopened.all_steps() == [1]
+    reopened.save(2, state, {"step": 2})  # the run goes on and saves step 2 again
+    assert reopened.all_steps() == [1, 2]
+
+
+def test_no_intact_step_stops_naming_the_directory_and_deletes_nothing(tmp_path):
+    from attnrl_jax import JobError
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    for step in (1, 2):
+        ckpt.save(step, _state(), {"step": step})
+        (tmp_path / "ckpt" / str(step) / "meta" / "metadata").unlink()
+    with pytest.raises(JobError, match=r"no kept checkpoint step restores \(steps \[1, 2\]; step 2: ") as e:
+        Checkpointer(str(tmp_path / "ckpt")).restore_all(_state(), say=print)
+    assert str(e.value).splitlines()[1].startswith(f"Delete {tmp_path / 'ckpt'} to start the run over")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"] and not (tmp_path / "ckpt.damaged").exists()
+
+
+def test_ctrl_c_is_a_stop_request_and_a_second_one_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested and guard.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == before

@@ -134,11 +134,12 @@ def test_labels_follow_the_method_that_ran(toy, tmp_path):
     assert "<title>GRPO on the built-in arithmetic-chain task" in page and "AttnRL on" not in page
 
 
-def test_ctrl_c_during_rl_saves_and_exits_zero(toy, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_during_rl_saves_and_exits_zero(toy, tmp_path, sig):
     work = _copy(toy, tmp_path, stages=FIRST_FOUR)
     cmd = [sys.executable, "train.py", "--config=configs/task.py:toy", f"--config.workdir={work}"]
     proc = subprocess.Popen(
-        [*cmd, "--config.train.steps=200"],
+        [*cmd, "--config.train.steps=200", "--config.algo.preset=grpo"],
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -150,10 +151,11 @@ def test_ctrl_c_during_rl_saves_and_exits_zero(toy, tmp_path):
     while not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
         assert proc.poll() is None and time.time() < deadline, "the run ended before RL checkpointed"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    assert "SIGINT: saved step" in out and "Run the same command again to resume." in out
+    assert f"{sig.name}: saved step" in out and "stopped during GRPO" in out
+    assert "Run the same command again to resume." in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
     assert "RL" not in json.loads((work / "stages.json").read_text())  # not finished: not recorded
 
@@ -167,15 +169,11 @@ def _newest_step_data_file(step_dir):
     return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncated data file", "meta record deleted"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_step(toy, tmp_path, damage):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_step(toy, tmp_path):
+    """The job around it (tests/checkpoint_test.py has the other kinds of damage, in-process)."""
     work = _copy(toy, tmp_path)
-    step2 = work / "rl" / "ckpt" / "2"
-    if damage == "truncated data file":
-        path = _newest_step_data_file(step2)
-        os.truncate(path, os.path.getsize(path) // 3)
-    else:
-        (step2 / "meta" / "metadata").unlink()
+    path = _newest_step_data_file(work / "rl" / "ckpt" / "2")
+    os.truncate(path, os.path.getsize(path) // 3)
     rc, out, err = _task(work, "--config.train.steps=3", "--config.accept_changes=train.steps")
     assert rc == 0, out[-3000:] + err[-3000:]
     assert f"checkpoint step 2 in {work / 'rl' / 'ckpt'} is damaged" in out

@@ -461,9 +461,14 @@ def run(c: ConfigDict) -> dict:
     run_record.check_workdir(c.workdir)
     run_record.accepted_keys(c)
     settings_from_config(c)  # every setting checked before anything is built
-    ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.ckpt.max_to_keep)
-    check_resume(c, ckpt.meta())  # a resume under other settings stops before the model is built
+    ckpt_dir = os.path.join(c.workdir, "ckpt")
+    if os.path.isdir(ckpt_dir):  # a resume under other settings stops before the model is built
+        look = Checkpointer(ckpt_dir, c.ckpt.max_to_keep)
+        meta = look.meta()
+        look.close()
+        check_resume(c, meta)
     job, tokenizer, state = _setup(c)
+    ckpt = Checkpointer(ckpt_dir, c.ckpt.max_to_keep)
     s, cfg = job.s, job.cfg
     problems = read_verl_parquet(c.data.train_path)
 

@@ -359,3 +359,31 @@ def test_a_trainer_resume_under_other_settings_stops(task_world, tmp_path):
     assert "config.optim.lr: 0.001 there, 0.01 now" in err and "config.train.steps: 1 there, 2 now" in err
     assert "--config.accept_changes=train.steps" in err and "mesh" not in out  # before the model is built
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["weights truncated", "no tokenizer"])
+def test_the_trainer_names_a_damaged_model_directory(task_world, tmp_path, damage):
+    model = tmp_path / "model"
+    shutil.copytree(task_world / "model", model)
+    if damage == "weights truncated":
+        weights = model / "model.safetensors"
+        os.truncate(weights, os.path.getsize(weights) // 2)
+        message = f"error: {weights}: not a readable safetensors file"
+    else:
+        for f in model.iterdir():
+            if f.name.startswith("tokenizer") or f.name in (
+                "vocab.json",
+                "merges.txt",
+                "chat_template.jinja",
+            ):
+                f.unlink()
+        message = (
+            f"error: config.model.hf_path (its tokenizer)='{model}': no tokenizer files in this directory"
+        )
+    rc, out, err = _run(
+        ["train.py", "--config=configs/base.py", f"--config.workdir={tmp_path / 'run'}",
+         f"--config.model.hf_path={model}", f"--config.data.train_path={task_world / 'train.parquet'}",
+         "--config.model.attention_impl=xla"]
+    )  # fmt: skip
+    assert rc == 1 and message in err, out + err
+    assert "Traceback" not in err and not (tmp_path / "run" / "ckpt").exists()

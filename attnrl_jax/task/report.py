@@ -194,6 +194,10 @@ def eval_table(before: dict | None, after: dict | None) -> str:
     return "\n".join(rows)
 
 
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) >= 1000 else f"{x:.4g}"
+
+
 def metrics_table(records: list[dict]) -> str:
     """The last step's key numbers and every held-out mark, read from metrics.jsonl."""
     if not records:
@@ -210,7 +214,7 @@ def metrics_table(records: list[dict]) -> str:
         ("total_generated_tokens", "generated tokens (total)"),
     ]
     cells = [
-        f"<tr><td>{label}</td>{_cell(key, float(last[key]), f'{last[key]:.4g}', last['step'])}</tr>"
+        f"<tr><td>{label}</td>{_cell(key, float(last[key]), _number(last[key]), last['step'])}</tr>"
         for key, label in keys
         if last.get(key) is not None
     ]
@@ -218,12 +222,14 @@ def metrics_table(records: list[dict]) -> str:
     marks = [r for r in records if "heldout/avg@k" in r]
     if marks:
         out.append(
-            "<table><tr><th>held-out mark: step</th><th>generated tokens</th><th>avg@k (%)</th>"
-            "<th>pass@k (%)</th></tr>"
+            "<table><tr><th>held-out mark: step</th><th>generated tokens</th><th>problems (n)</th><th>k</th>"
+            "<th>avg@k (%)</th><th>pass@k (%)</th></tr>"
         )
         for r in marks:
             out.append(
                 f"<tr><td>{r['step']}</td><td>{int(r.get('total_generated_tokens', 0)):,}</td>"
+                f"<td>{int(sum(v for k, v in r.items() if k.endswith('/problems')))}</td>"
+                f"<td>{int(r.get('heldout/k', 0))}</td>"
                 + _cell("heldout/avg@k", r["heldout/avg@k"], f"{100 * r['heldout/avg@k']:.1f}", r["step"])
                 + _cell("heldout/pass@k", r["heldout/pass@k"], f"{100 * r['heldout/pass@k']:.1f}", r["step"])
                 + "</tr>"

@@ -173,7 +173,7 @@ def attention_map(steps_attention: np.ndarray, fci: np.ndarray, delta: int, path
     axes[2].bar(np.arange(len(fci)), fci, color="C3")
     axes[2].set_xlabel("step (0: prompt)")
     axes[2].set_ylabel("FCI")
-    axes[2].set_title(f"FCI of each step (Delta = {delta}; zeroed: prompt, step 1, </think> on)", fontsize=9)
+    axes[2].set_title(f"FCI of each step (Delta = {delta})", fontsize=9)
     axes[2].grid(alpha=0.3)
     return _save(fig, path)
 
@@ -221,7 +221,9 @@ def tree_figure(responses, trees, path: str) -> str:
     import matplotlib
     from matplotlib import cm, colors
 
-    norm = colors.TwoSlopeNorm(vmin=-1.0, vcenter=0.0, vmax=1.0)
+    advantages = [a for t in trees.trees if t is not None for a in [*t.seg_advantages, *t.cont_advantages]]
+    lim = max([1.0] + [abs(float(a)) for a in advantages])
+    norm = colors.TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim)
     cmap = matplotlib.colormaps["coolwarm_r"]
     fig, ax = plt.subplots(figsize=(11, 0.9 + 0.95 * len(responses)))
     y = 0.0
@@ -245,7 +247,8 @@ def tree_figure(responses, trees, path: str) -> str:
             for c, adv in zip(r.continuations, t.cont_advantages):
                 end = c.offset + len(c.tokens)
                 ax.plot([c.offset, end], [y, y - 0.42], color=cmap(norm(adv)), lw=2)
-                ax.text(end, y - 0.42, " \u2713" if c.acc else " \u2717", va="center", fontsize=9,
+                mark = "\u2713" if c.acc else "\u2717"
+                ax.text(end, y - 0.42, f" {mark} A={adv:+.2f}", va="center", fontsize=6,
                         color="green" if c.acc else "red")  # fmt: skip
         ax.text(len(r.tokens), y, " \u2713" if r.acc else " \u2717", va="center", fontsize=10,
                 color="green" if r.acc else "red")  # fmt: skip
@@ -253,7 +256,7 @@ def tree_figure(responses, trees, path: str) -> str:
     ax.plot([-0.06 * longest], [-(len(responses) + 1) / 2], "s", color="k", ms=8)
     root = f"V(root) = {trees.root_value:.2f}\n{trees.num_leaves} leaves"
     ax.text(-0.07 * longest, -(len(responses) + 1) / 2, root, ha="right", va="center", fontsize=8)
-    ax.set_xlim(-0.3 * longest, longest * 1.08)
+    ax.set_xlim(-0.3 * longest, longest * 1.18)
     ax.set_ylim(y - 0.8, 0.3)
     ax.set_yticks([])
     ax.set_xlabel("token position in the response (branch points: black dots)")

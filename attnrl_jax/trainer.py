@@ -627,7 +627,9 @@ def run(c: ConfigDict) -> dict:
             if budget_spent:
                 break
             if stop_requested:
-                _say(f"{guard.signal_name or 'stop requested'}: saved step {step + 1} and stopping")
+                # (a notice that reached another process only: this one has no signal of its own)
+                why = guard.signal_name or "SIGTERM or Ctrl-C to another process"
+                _say(f"{why}: saved step {step + 1} and stopping")
                 break
         bar.close()
         log(lagged.flush())

@@ -84,7 +84,13 @@ def test_evaluate_bookkeeping_and_unweighted_mean():
         generate, score, {"ones": ones, "twos": twos}, {"ones": 3, "twos": 2}, batch_prompts=2, progress=False
     )
     assert calls == [(2, 3), (2, 3), (1, 3), (2, 2)]
-    assert r["benchmarks"]["ones"] == {"problems": 5, "k": 3, "avg@k": 1.0, "pass@k": 1.0}
+    assert r["benchmarks"]["ones"] == {
+        "problems": 5,
+        "k": 3,
+        "avg@k": 1.0,
+        "pass@k": 1.0,
+        "correct": [3, 3, 3, 3, 3],
+    }
     assert r["benchmarks"]["twos"]["avg@k"] == 0.0
     assert r["mean"] == {"avg@k": 0.5, "pass@k": 0.5}
     table = markdown_table(r)

@@ -158,3 +158,21 @@ def task_world(tmp_path_factory):
     questions = [Problem(i, "arith", p.messages, "2") for i, p in enumerate(problems[:8])]
     write_verl_parquet(str(root / "train.parquet"), questions)
     return root
+
+
+@pytest.fixture(scope="session")
+def toy_task_run(tmp_path_factory):
+    """One run of the toy task job (`configs/task.py:toy`, every stage, RL checkpoints at steps 1 and 2) in a
+    subprocess: (workdir, the completed process). Shared by the task test and the fault suite when they
+    land on one worker; tests that change a run copy it first (the task test's resume only rewrites the
+    report and the invocation log)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tmp_path_factory.mktemp("task") / "run"
+    cmd = [sys.executable, "train.py", "--config=configs/task.py:toy", f"--config.workdir={work}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work, done

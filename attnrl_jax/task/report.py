@@ -366,8 +366,8 @@ def write_report(workdir: str, config, policy_dir: str, *, samples: int = 4, see
     atb = AlgoConfig.attnrl().replace(atb=algo.atb)
 
     # Responses with their FCI (ATB's branch points: the FCI criterion, whatever the run's method): the
-    # first `samples` shown, 32 for FCI by position.
-    sampled = _responses_with_fci(sampler, problems[: max(samples, 32)], score, atb, seed)
+    # first `samples` shown, 8 times as many (32 at the shipped 4) for FCI by position.
+    sampled = _responses_with_fci(sampler, problems[: 8 * max(samples, 1)], score, atb, seed)
     shown = sampled[:samples]
     views = [
         f"<h3>{html.escape(p.question)} (answer {html.escape(str(p.ground_truth))})</h3>"

@@ -81,6 +81,13 @@ def main(argv):
             e, (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError, JobError)
         ):
             sys.exit(f"error: {e}")
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside RL (which saves its step and returns)
+            print(
+                "\ninterrupted: finished stages and saved checkpoint steps are kept (an unfinished stage is "
+                "redone); run the same command again to resume",
+                file=sys.stderr,
+            )
+            sys.exit(130)
         raise
     distributed.shutdown()
 

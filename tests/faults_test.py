@@ -387,3 +387,25 @@ def test_the_trainer_names_a_damaged_model_directory(task_world, tmp_path, damag
     )  # fmt: skip
     assert rc == 1 and message in err, out + err
     assert "Traceback" not in err and not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_ctrl_c_before_rl_keeps_the_finished_stages(tmp_path):
+    """Ctrl-C during the warm start: exit 130 with one line saying what is kept, no traceback, no warm
+    checkpoint; the stages before it are recorded and skipped by the next run."""
+    work, log = tmp_path / "run", tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", "--config=configs/task.py:toy", f"--config.workdir={work}"],
+            cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.time() + 300
+        while "[3/7] warm start: running" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted: finished stages and saved checkpoint steps are kept" in text
+    assert "Traceback" not in text and not (work / "warm").exists()
+    assert set(json.loads((work / "stages.json").read_text())) == {"data", "tokenizer"}

@@ -37,6 +37,12 @@ def _task(work, *extra, timeout=600):
     return _run(["train.py", "--config=configs/task.py:toy", f"--config.workdir={work}", *extra], timeout)
 
 
+def _default_sigint():
+    """A child's Ctrl-C as a terminal's: pytest-xdist's workers ignore SIGINT, and a child inherits that
+    (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _snapshot(root) -> dict:
     """Every file under root with its size and modification time: a refused run changes none of them."""
     out = {}
@@ -138,6 +144,7 @@ def test_ctrl_c_during_rl_saves_and_exits_zero(toy, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )
     ckpt = work / "rl" / "ckpt"
     deadline = time.time() + 600
@@ -396,7 +403,7 @@ def test_ctrl_c_before_rl_keeps_the_finished_stages(tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "train.py", "--config=configs/task.py:toy", f"--config.workdir={work}"],
-            cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint,
         )  # fmt: skip
         deadline = time.time() + 300
         while "[3/7] warm start: running" not in log.read_text():

@@ -85,13 +85,13 @@ def fingerprint(config: Mapping, keep=None) -> dict:
 
 
 def differences(old: Mapping, new: Mapping) -> list[tuple[str, object, object]]:
-    """(key, old value, new value) for every key whose value differs, missing keys as None, sorted."""
-    missing = object()
+    """(key, old value, new value) for every key whose value differs, sorted; a key one side lacks counts as
+    None there (a setting added since, whose unset default is None, is no difference)."""
     out = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
+        a, b = old.get(key), new.get(key)
         if a != b:
-            out.append((key, None if a is missing else a, None if b is missing else b))
+            out.append((key, a, b))
     return out
 
 

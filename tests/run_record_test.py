@@ -107,3 +107,8 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
         with pytest.raises(FileExistsError, match="is a file, not a directory"):
             check_workdir(str(path))
     check_workdir(str(tmp_path / "new" / "dir"))  # not there yet: fine
+
+
+def test_a_setting_added_since_with_an_unset_default_is_no_difference():
+    assert differences({"a.b": 1}, {"a.b": 1, "a.new": None}) == []
+    assert differences({"a.b": 1}, {"a.b": 1, "a.new": 2}) == [("a.new", None, 2)]

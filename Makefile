@@ -37,7 +37,7 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff format --check .
 
 # Two test processes (pytest-xdist), each test file kept in one (its module fixtures are built once): on the
-# 2-core CI machine the suite takes 22.8 min plus the install (2026-12-07, with the real-compiler tests and the
+# 2-core CI machine the suite takes 19.5 min plus the install (2026-12-07, with the real-compiler tests and the
 # fault suite). TEST_WORKERS=0 runs it serially.
 # A worker that crashes is not replaced: the run fails at once naming the test (xdist 3.8's loadfile
 # scheduling can hang forever after replacing one).

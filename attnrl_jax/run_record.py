@@ -50,7 +50,8 @@ ACCEPTABLE = (
 )
 
 
-def _under(key: str, prefixes: Iterable[str]) -> bool:
+def under(key: str, prefixes: Iterable[str]) -> bool:
+    """Whether `key` is one of `prefixes` or lies below one ("mesh" covers "mesh.data")."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
@@ -81,7 +82,7 @@ def fingerprint(config: Mapping, keep=None) -> dict:
         path = flat.get(key)
         if root and path and os.path.isabs(path) and os.path.commonpath([root, path]) == root:
             flat[key] = os.path.join("<workdir>/..", os.path.relpath(path, root))
-    return {k: v for k, v in flat.items() if not _under(k, OPERATIONAL) and (keep is None or keep(k))}
+    return {k: v for k, v in flat.items() if not under(k, OPERATIONAL) and (keep is None or keep(k))}
 
 
 def differences(old: Mapping, new: Mapping) -> list[tuple[str, object, object]]:
@@ -99,7 +100,7 @@ def accepted_keys(config: Mapping) -> set[str]:
     """The keys of `config.accept_changes` (comma-separated); each must be an ACCEPTABLE setting."""
     raw = str(config.get("accept_changes", "") or "")
     keys = {k.strip().removeprefix("config.") for k in raw.split(",") if k.strip()}
-    bad = sorted(k for k in keys if not _under(k, ACCEPTABLE))
+    bad = sorted(k for k in keys if not under(k, ACCEPTABLE))
     if bad:
         raise ValueError(
             f"config.accept_changes={raw!r}: {', '.join(bad)} cannot be changed within a run (it changes "
@@ -116,14 +117,14 @@ def check_same(
     value and what to do. `what`: the thing recorded ("the AttnRL run in runs/task/rl"); `how`: the way to
     a fresh one ("use a new config.workdir")."""
     diffs = differences(recorded, current)
-    refused = [d for d in diffs if not _under(d[0], accepted)]
+    refused = [d for d in diffs if not under(d[0], accepted)]
     if not refused:
         return diffs
     lines = [f"{what} was made with other settings:"]
     for key, old, new in refused:
         lines.append(f"  config.{key}: {old!r} there, {new!r} now")
-    acceptable = [k for k, _, _ in refused if _under(k, ACCEPTABLE)]
-    other = [k for k, _, _ in refused if not _under(k, ACCEPTABLE)]
+    acceptable = [k for k, _, _ in refused if under(k, ACCEPTABLE)]
+    other = [k for k, _, _ in refused if not under(k, ACCEPTABLE)]
     if other:
         lines.append(f"To run with these settings, {how}; to go on with this run, use its settings.")
     if acceptable:

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import trainer_overrides
+
 # Integration: whole jobs in subprocesses (make test-fast leaves it out).
 pytestmark = pytest.mark.slow
 
@@ -222,7 +224,6 @@ def test_damaged_weights_name_the_file(toy, tmp_path, damage):
             f"--checkpoint={ckpt}",
             f"--config.eval.data={toy / 'data' / 'eval'}",
             f"--config.eval.output={out_prefix}",
-            "--config.model.attention_impl=xla",
         ]
     )
     assert rc == 1 and f"error: {weights}: not a readable safetensors file" in err, out + err
@@ -240,7 +241,6 @@ def test_a_checkpoint_without_its_tokenizer_is_named(toy, tmp_path):
             f"--checkpoint={ckpt}",
             f"--config.eval.data={toy / 'data' / 'eval'}",
             f"--config.eval.output={tmp_path / 'out' / 'results'}",
-            "--config.model.attention_impl=xla",
         ]
     )
     assert rc == 1, out + err
@@ -270,7 +270,6 @@ def test_integer_ground_truths_are_accepted(toy, tmp_path):
             "--config.eval.k=1",
             "--config.eval.max_new_tokens=16",
             f"--config.eval.output={out_prefix}",
-            "--config.model.attention_impl=xla",
             "--config.model.dtype=float32",
         ]
     )
@@ -333,26 +332,7 @@ def test_the_task_job_checks_every_setting_before_stage_one(tmp_path, override, 
 
 
 def test_a_trainer_resume_under_other_settings_stops(task_world, tmp_path):
-    settings = {
-        "workdir": tmp_path,
-        "model.hf_path": task_world / "model",
-        "data.train_path": task_world / "train.parquet",
-        "model.attention_impl": "xla",
-        "model.dtype": "float32",
-        "data.max_prompt_len": 40,
-        "algo.group_size": 4,
-        "algo.token_distance": 0,
-        "algo.fci_buckets": 16,
-        "algo.initial_batch": 2,
-        "algo.target_paths": 20,
-        "sampler.max_new_tokens": 10,
-        "train.steps": 1,
-        "train.rows_per_device": 1,
-        "train.mini_batch_rows": 16,
-        "train.row_length": 56,
-        "reward.workers": 1,
-        "optim.lr": 1e-3,
-    }
+    settings = trainer_overrides(task_world, tmp_path, 1)
     common = ["train.py", "--config=configs/base.py", *(f"--config.{k}={v}" for k, v in settings.items())]
     rc, out, err = _run(common)
     assert rc == 0, out[-3000:] + err[-3000:]
@@ -389,8 +369,7 @@ def test_the_trainer_names_a_damaged_model_directory(task_world, tmp_path, damag
         )
     rc, out, err = _run(
         ["train.py", "--config=configs/base.py", f"--config.workdir={tmp_path / 'run'}",
-         f"--config.model.hf_path={model}", f"--config.data.train_path={task_world / 'train.parquet'}",
-         "--config.model.attention_impl=xla"]
+         f"--config.model.hf_path={model}", f"--config.data.train_path={task_world / 'train.parquet'}"]
     )  # fmt: skip
     assert rc == 1 and message in err, out + err
     assert "Traceback" not in err and not (tmp_path / "run" / "ckpt").exists()

@@ -65,3 +65,32 @@ def torch_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
             position_ids=torch.tensor(positions),
         )
     return out.logits.float().numpy()
+
+
+def trainer_overrides(world, workdir, steps, preset="attnrl", off_policy=True) -> dict:
+    """Config overrides of a trainer run on conftest's `task_world` (tiny model, float32, xla attention:
+    the shipped pallas default is tested by tests/shipped_configs_test.py) for `steps` steps."""
+    return {
+        "workdir": str(workdir),
+        "model.hf_path": str(world / "model"),
+        "model.param_dtype": "float32",
+        "model.dtype": "float32",
+        "model.attention_impl": "xla",
+        "data.train_path": str(world / "train.parquet"),
+        "data.max_prompt_len": 40,
+        "algo.preset": preset,
+        "algo.group_size": 4,
+        "algo.token_distance": 0,
+        "algo.fci_buckets": 16,
+        "algo.initial_batch": 2,
+        "algo.target_paths": 20,
+        "sampler.max_new_tokens": 10,
+        "optim.lr": 1e-3,
+        "train.steps": steps,
+        "train.rows_per_device": 1,
+        "train.mini_batch_rows": 16,
+        "train.row_length": 56,
+        "train.off_policy": off_policy,
+        "reward.workers": 1,
+        "ckpt.every": 1,
+    }

@@ -17,38 +17,12 @@ import pytest
 
 from attnrl_jax import JobError
 from attnrl_jax.checkpoint import Checkpointer
+from helpers import trainer_overrides as _overrides
 
 # Integration: whole jobs, subprocesses or real-compiler builds (make test-fast leaves it out).
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _overrides(world, workdir, steps, preset="attnrl", off_policy=True) -> dict:
-    return {
-        "workdir": str(workdir),
-        "model.hf_path": str(world / "model"),
-        "model.param_dtype": "float32",
-        "model.dtype": "float32",
-        "model.attention_impl": "xla",
-        "data.train_path": str(world / "train.parquet"),
-        "data.max_prompt_len": 40,
-        "algo.preset": preset,
-        "algo.group_size": 4,
-        "algo.token_distance": 0,
-        "algo.fci_buckets": 16,
-        "algo.initial_batch": 2,
-        "algo.target_paths": 20,
-        "sampler.max_new_tokens": 10,
-        "optim.lr": 1e-3,
-        "train.steps": steps,
-        "train.rows_per_device": 1,
-        "train.mini_batch_rows": 16,
-        "train.row_length": 56,
-        "train.off_policy": off_policy,
-        "reward.workers": 1,
-        "ckpt.every": 1,
-    }
 
 
 def _config(world, workdir, steps, **kw):

@@ -70,11 +70,11 @@ def stage_settings(c: ConfigDict, stage: str) -> dict:
     """The fingerprint (`run_record.fingerprint`) of the settings `stage` of config `c` depends on."""
     prefixes = STAGE_KEYS[stage]
     if stage == "RL":
-        keep = lambda k: not run_record._under(k, ("task.eval_k", "task.eval_temperature"))  # noqa: E731
+        keep = lambda k: not run_record.under(k, ("task.eval_k", "task.eval_temperature"))  # noqa: E731
     elif prefixes is None:
         keep = None
     else:
-        keep = lambda k: run_record._under(k, prefixes)  # noqa: E731
+        keep = lambda k: run_record.under(k, prefixes)  # noqa: E731
     return run_record.fingerprint(c.to_dict(), keep)
 
 

@@ -75,3 +75,35 @@ def exit_on_unknown_keys(argv: list[str], default_config: str | None = None) -> 
     message = unknown_key_message(argv, default_config)
     if message is not None:
         sys.exit(message)
+
+
+def apply_sets(c, items: list[str], flag: str = "--set") -> None:
+    """Applies "a.b=value" overrides to the ConfigDict `c` in place, each value parsed as the type of the
+    value it replaces (a bool as true/false); a key the config lacks, a missing "=" or a value that does not
+    parse exits with one line naming the item and the closest valid key. For the benchmarks' `--set`."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        parent, _, leaf = key.rpartition(".")
+        node = c
+        try:
+            for part in parent.split(".") if parent else []:
+                node = node[part]
+            present = sep and leaf in node
+        except (KeyError, TypeError):
+            present = False
+        if not present:
+            hint = closest_key(key, c.to_dict())
+            raise SystemExit(
+                f"{flag} {item!r}: expected an existing config key and a value, e.g. task.warm_batch=8"
+                + (f" (closest key: {hint})" if hint else "")
+            )
+        kind = type(node[leaf])
+        if kind is bool:
+            if value not in ("true", "false"):
+                raise SystemExit(f"{flag} {item!r}: expected true or false")
+            node[leaf] = value == "true"
+            continue
+        try:
+            node[leaf] = kind(value)
+        except (TypeError, ValueError):
+            raise SystemExit(f"{flag} {item!r}: expected a {kind.__name__}") from None

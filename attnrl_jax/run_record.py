@@ -6,8 +6,9 @@ A setting is one of three kinds:
     it trains (the workdir, verifier processes, checkpoint cadence, multi-process wiring, the report's
     sample count, held-out evaluations). Not recorded.
   * acceptable (`ACCEPTABLE`): changes a resumed run may take when the user says so with
-    `--config.accept_changes=KEY[,KEY]`: `train.steps` / `train.max_generated_tokens` extend (or end) the
-    run; the mesh, the sampler's memory budget and the state offload follow a change of hardware.
+    `--config.accept_changes=KEY[,KEY]`: `train.steps` and the budgets (`train.max_generated_tokens`,
+    `max_paths`, `max_optimizer_steps`) extend (or end) the run; the mesh, the sampler's memory budget and
+    the state offload follow a change of hardware.
   * everything else: a different run. Resuming under it would train on batches sampled under the old
     settings (the off-policy in-flight batch) and mix two methods in one curve, so it needs a new workdir.
 
@@ -41,6 +42,8 @@ OPERATIONAL = (
 ACCEPTABLE = (
     "train.steps",
     "train.max_generated_tokens",
+    "train.max_paths",
+    "train.max_optimizer_steps",
     "train.offload_state",
     "train.rows_per_device",
     "reward.timeout",
@@ -85,12 +88,22 @@ def fingerprint(config: Mapping, keep=None) -> dict:
     return {k: v for k, v in flat.items() if not under(k, OPERATIONAL) and (keep is None or keep(k))}
 
 
+# Settings added after runs began to be recorded, with the value that every run recorded before them had:
+# a record without the key reads as that value, so an older run resumes under the new default.
+ADDED_SINCE = {
+    "train.max_paths": 0,
+    "train.max_optimizer_steps": 0,
+    "loss.objective": "ppo_clip",
+}
+
+
 def differences(old: Mapping, new: Mapping) -> list[tuple[str, object, object]]:
     """(key, old value, new value) for every key whose value differs, sorted; a key one side lacks counts as
-    None there (a setting added since, whose unset default is None, is no difference)."""
+    its `ADDED_SINCE` value there, or None (a setting added since, whose unset default is None, is no
+    difference)."""
     out = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, ADDED_SINCE.get(key)), new.get(key, ADDED_SINCE.get(key))
         if a != b:
             out.append((key, a, b))
     return out

@@ -121,6 +121,7 @@ def settings_from_config(c: ConfigDict, num_devices: int | None = None, check_pa
         c.loss.entropy_coef,
         c.loss.aggregation,
         temperature=c.sampler.temperature,
+        objective=c.loss.get("objective", "ppo_clip"),
     )
     optim = OptimConfig(
         lr=c.optim.lr,

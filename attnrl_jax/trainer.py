@@ -402,6 +402,25 @@ def log_stage(writer: MetricWriter, held: dict[int, dict], done) -> dict | None:
 # Set-up and the loop
 
 
+# A run's budgets: (config.train key, the run's total it limits, its name in messages).
+BUDGETS = (
+    ("max_generated_tokens", "generated_tokens", "tokens sampled"),
+    ("max_paths", "paths", "training paths"),
+    ("max_optimizer_steps", "optimizer_steps", "optimizer steps"),
+)
+
+
+def budget_spent(c: ConfigDict, totals: dict) -> str | None:
+    """The first of the run's budgets (config.train.max_generated_tokens, max_paths, max_optimizer_steps; 0
+    is no limit) that `totals` has reached, said as "N of M <what>"; None while every budget has room.
+    Budgets compare methods at equal cost: tokens (sampling), paths (training rows) or optimizer steps."""
+    for key, total, what in BUDGETS:
+        limit = int(c.train.get(key, 0) or 0)
+        if 0 < limit <= totals.get(total, 0):
+            return f"{int(totals[total]):,} of {limit:,} {what}"
+    return None
+
+
 def _setup(c: ConfigDict):
     """Settings, tokenizer, mesh, model (loaded or initialised), reference, optimizer and train state."""
     s = settings_from_config(c)
@@ -480,7 +499,9 @@ def run(c: ConfigDict) -> dict:
         PromptIterator(problems, c.data.shuffle_seed, prompt_len, c.data.max_prompt_len),
         RunningMean(),
         BatchSizeState(s.algo.batch_size.initial, 0),
-        {"generated_tokens": 0, "elapsed_s": 0.0},  # cumulative over the run, resumes included
+        # cumulative over the run, resumes included (a checkpoint from before paths and optimizer steps
+        # were counted resumes with them at 0)
+        {"generated_tokens": 0, "paths": 0, "optimizer_steps": 0, "elapsed_s": 0.0},
     )
     start = 0
     if ckpt.latest_step() is not None:
@@ -524,9 +545,10 @@ def run(c: ConfigDict) -> dict:
             )
 
     clock = _Clock()
-    # A run resumed with its token budget already spent takes no step (it would take one more than the
-    # budget allows); raising config.train.max_generated_tokens continues it exactly where it stopped.
-    spent = 0 < c.train.max_generated_tokens <= progress.totals["generated_tokens"]
+    # A run resumed with its budget already spent takes no step (it would take one more than the budget
+    # allows); raising the budget (config.train.max_generated_tokens, max_paths or max_optimizer_steps)
+    # continues it exactly where it stopped.
+    spent = budget_spent(c, progress.totals) is not None
     end = start if spent else c.train.steps
     finished = start >= c.train.steps or spent
     mode = "off-policy" if c.train.off_policy else "on-policy"
@@ -581,20 +603,30 @@ def run(c: ConfigDict) -> dict:
                 progress.bsz = update_batch_size(progress.bsz, result.num_paths, s.algo.batch_size)
             t2 = time.perf_counter()
             totals = progress.totals
+            optimizer_steps = len(device_metrics.get("minibatches", ()))
+            after = {
+                "generated_tokens": totals["generated_tokens"] + generated,
+                "paths": totals["paths"] + result.num_paths,
+                "optimizer_steps": totals["optimizer_steps"] + optimizer_steps,
+            }
             metrics = dict(result.metrics)
             metrics.update(
                 time_sample=t1 - t0 - clock.waited,
                 time_score=clock.waited,
                 time_update=t2 - t1,
                 time_step=t2 - t0,
-                total_generated_tokens=totals["generated_tokens"] + generated,
+                total_generated_tokens=after["generated_tokens"],
+                total_paths=after["paths"],
+                total_optimizer_steps=after["optimizer_steps"],
                 total_time_s=totals["elapsed_s"] + (t2 - t0),
                 generated_tokens=generated,
                 tokens_per_s=generated / max(t1 - t0 - clock.waited, 1e-9),
                 next_prompt_batch=progress.bsz.size,
             )
-            spent_now = 0 < c.train.max_generated_tokens <= totals["generated_tokens"] + generated
-            if heldout is not None and heldout.due(step + 1, step + 1 == c.train.steps or spent_now):
+            spent_now = budget_spent(c, after)
+            if heldout is not None and heldout.due(
+                step + 1, step + 1 == c.train.steps or spent_now is not None
+            ):
                 t3 = time.perf_counter()
                 policy = sampler_params(state.params)
                 state = to_host(state) if offload else state  # the evaluation's sampler gets the room
@@ -613,18 +645,17 @@ def run(c: ConfigDict) -> dict:
                 overflow=metrics["step_overflow"],
                 fallback=metrics["needs_fallback"],
             )
-            totals["generated_tokens"] += generated
+            totals.update(after)
             totals["elapsed_s"] += t2 - t0
-            budget_spent = 0 < c.train.max_generated_tokens <= totals["generated_tokens"]
-            if budget_spent:
-                _say(f"sampling budget spent ({totals['generated_tokens']} tokens): stopping")
-            last_step = step + 1 == c.train.steps or budget_spent
+            if spent_now:
+                _say(f"budget spent ({spent_now}): stopping")
+            last_step = step + 1 == c.train.steps or spent_now is not None
             finished = finished or last_step
             stop_requested = any_process(guard.requested)  # a preemption notice to any host stops all
             if (step + 1) % c.ckpt.every == 0 or last_step or stop_requested:
                 log(lagged.flush())
                 checkpoint_stage(job, ckpt, progress, state, step + 1)
-            if budget_spent:
+            if spent_now:
                 break
             if stop_requested:
                 # (a notice that reached another process only: this one has no signal of its own)

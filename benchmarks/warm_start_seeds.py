@@ -29,21 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(path: str, seed: int, sets: list[str]):
     """The config module at `path` (configs/task.py or configs/program.py) with task.seed and `sets`
     ("a.b=value", parsed as the existing value's type) applied."""
+    from attnrl_jax.cli import apply_sets
+
     module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
     c = module.get_config()
     c.task.seed = seed
-    for item in sets:
-        key, sep, value = item.partition("=")
-        parent, _, leaf = key.rpartition(".")
-        node = c
-        for part in parent.split(".") if parent else []:
-            node = node[part]
-        if not sep or leaf not in node:
-            raise SystemExit(f"--set {item!r}: expected an existing config key, e.g. task.warm_batch=8")
-        kind = type(node[leaf])
-        if kind is bool and value not in ("true", "false"):
-            raise SystemExit(f"--set {item!r}: expected true or false")
-        node[leaf] = value == "true" if kind is bool else kind(value)
+    apply_sets(c, sets)
     return c
 
 

@@ -13,7 +13,8 @@ def get_config() -> ConfigDict:
     c.workdir = "runs/attnrl"  # checkpoints, metrics.jsonl and TensorBoard events go here
     # A run resumed (or a task job rerun) under settings other than its checkpoint's stops naming them
     # (attnrl_jax/run_record.py); comma-separated keys listed here are taken within the run instead:
-    # train.steps or train.max_generated_tokens (extend it), the mesh, sampler.cache_gib, ... (ACCEPTABLE).
+    # train.steps or a budget (train.max_generated_tokens, max_paths, max_optimizer_steps: extend it), the
+    # mesh, sampler.cache_gib, ... (ACCEPTABLE).
     c.accept_changes = ""
 
     c.model = ConfigDict()
@@ -81,6 +82,7 @@ def get_config() -> ConfigDict:
     c.loss.kl_coef = 0.001  # 0: no reference model in memory, no reference forward
     c.loss.entropy_coef = 0.0
     c.loss.aggregation = "token_mean"  # token_mean | seq_mean_token_mean
+    c.loss.objective = "ppo_clip"  # ppo_clip | reinforce (-A log pi: no ratio, no clip; for comparison)
 
     c.optim = ConfigDict()
     c.optim.lr = 1e-6
@@ -91,7 +93,11 @@ def get_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.steps = 500  # training steps
-    c.train.max_generated_tokens = 0  # stop once this many tokens were sampled (0: no limit; equal budgets)
+    # Budgets for comparing methods at equal cost: stop once this many tokens were sampled, paths trained on
+    # or optimizer steps taken (0: no limit; the first one reached stops the run).
+    c.train.max_generated_tokens = 0
+    c.train.max_paths = 0
+    c.train.max_optimizer_steps = 0
     c.train.mini_batch_rows = 192  # training rows per optimizer step (PPO mini-batch; 0: all rows, one step)
     # Rows each device holds per gradient-accumulation micro-batch (0: the whole mini-batch at once). The
     # micro-batch count follows from the mesh: 192 rows on 8 devices are 8 micro-batches of 24 rows, on 32

@@ -47,6 +47,28 @@ def test_ratio_one_gives_minus_the_token_mean_advantage():
     assert float(m["clip_frac"]) == 0.0 and float(m["ratio"]) / float(m["tokens"]) == pytest.approx(1.0)
 
 
+def test_reinforce_is_minus_advantage_times_log_prob_with_the_clipped_gradient_at_ratio_one():
+    """-A log pi: (2 * -(-1) + -1 * -(-2)) / 2 = 0 by hand; its gradient equals the clipped objective's where
+    the ratio is 1 (on-policy, first mini-batch) and ignores the ratio elsewhere (no clip, no weight)."""
+    cfg = LossConfig(kl_coef=0.0, objective="reinforce")
+    adv = np.array([[2.0, -1.0]])
+    mask = np.ones((1, 2))
+    logp = np.array([[-1.0, -2.0]])
+    loss, m = _loss(logp, logp, adv, mask, cfg)
+    assert loss == pytest.approx((2 * 1 + -1 * 2) / 2) and float(m["clip_frac"]) == 0.0
+
+    def grad(cfg, old):
+        f = lambda lp: policy_loss(lp, old, jnp.asarray(adv), jnp.asarray(mask), cfg)[0]  # noqa: E731
+        return np.asarray(jax.grad(f)(jnp.asarray(logp)))
+
+    np.testing.assert_allclose(grad(cfg, jnp.asarray(logp)), grad(NO_KL, jnp.asarray(logp)), rtol=1e-6)
+    far = jnp.asarray(logp) - 2.0  # ratio e^2: clipped for A > 0, a different gradient
+    np.testing.assert_allclose(grad(cfg, far), -adv, rtol=1e-6)
+    assert not np.allclose(grad(NO_KL, far), -adv)
+    with pytest.raises(ValueError, match="objective"):
+        LossConfig(objective="ppo")
+
+
 @pytest.mark.parametrize(
     "ratio,adv,expected",
     [

@@ -112,3 +112,6 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
 def test_a_setting_added_since_with_an_unset_default_is_no_difference():
     assert differences({"a.b": 1}, {"a.b": 1, "a.new": None}) == []
     assert differences({"a.b": 1}, {"a.b": 1, "a.new": 2}) == [("a.new", None, 2)]
+    # a key added since with the value older runs had (ADDED_SINCE): no difference at it, one elsewhere
+    assert differences({"a.b": 1}, {"a.b": 1, "train.max_paths": 0}) == []
+    assert differences({"a.b": 1}, {"a.b": 1, "train.max_paths": 5}) == [("train.max_paths", 0, 5)]

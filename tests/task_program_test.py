@@ -195,18 +195,19 @@ def test_comparison_heldout_curve_means_the_seeds_at_each_mark():
     from benchmarks.task_comparison import _mean_curve
 
     def run(points):  # (fraction, tokens, seconds, accuracy) per held-out evaluation of one run
-        keys = ("fraction", "tokens", "time_s", "accuracy")
+        keys = ("fraction", "tokens", "time_s", "accuracy", "optimizer_steps")
         return {"heldout_curve": [dict(zip(keys, p)) for p in points]}
 
     runs = [
-        run([(0.0, 0, 0.0, 0.50), (0.5, 100, 60.0, 0.60), (1.0, 210, 120.0, 0.70)]),
-        run([(0.0, 0, 0.0, 0.50), (0.5, 120, 90.0, 0.62), (1.0, 200, 150.0, 0.66)]),
-        run([(0.0, 0, 0.0, 0.50), (1.0, 205, 180.0, 0.68)]),  # a run that has no policy at 50%
+        run([(0.0, 0, 0.0, 0.50, 0), (0.5, 100, 60.0, 0.60, 10), (1.0, 210, 120.0, 0.70, 20)]),
+        run([(0.0, 0, 0.0, 0.50, 0), (0.5, 120, 90.0, 0.62, 14), (1.0, 200, 150.0, 0.66, 22)]),
+        run([(0.0, 0, 0.0, 0.50, 0), (1.0, 205, 180.0, 0.68, 21)]),  # a run that has no policy at 50%
     ]
     zero, half, full = _mean_curve(runs, [0.0, 0.5, 1.0])
     assert zero["seeds"] == 3 and zero["accuracy"] == pytest.approx(50.0) and zero["tokens"] == 0
     assert half["seeds"] == 2 and half["accuracy"] == pytest.approx(61.0)
     assert half["tokens"] == 110 and half["minutes"] == pytest.approx(1.25)
+    assert half["optimizer_steps"] == 12 and full["optimizer_steps"] == 21
     # s = sqrt(2) (62 - 60) / 2 = 1.414, t(0.975, 1) = 12.706: half-width 12.706 * 1.414 / sqrt(2) = 12.706
     assert half["ci95"] == pytest.approx([61.0 - 12.706, 61.0 + 12.706])
     assert full["accuracy"] == pytest.approx(68.0) and full["minutes"] == pytest.approx(2.5)
@@ -214,7 +215,7 @@ def test_comparison_heldout_curve_means_the_seeds_at_each_mark():
 
 
 def test_comparison_interval_and_methods():
-    from benchmarks.task_comparison import ABLATIONS, METHODS, interval
+    from benchmarks.task_comparison import ALL, ISOLATING, METHODS, UNITS, interval
 
     mean, half = interval([1.0, 2.0, 3.0])  # s = 1, t(0.975, 2) = 4.303: 4.303 / sqrt(3)
     assert mean == 2.0 and half == pytest.approx(4.303 / np.sqrt(3))
@@ -222,8 +223,14 @@ def test_comparison_interval_and_methods():
     assert set(METHODS) == {"attnrl", "grpo", "treerl", "random_branching"}
     from attnrl_jax.algo import AlgoConfig
 
-    for preset, _, _ in {**METHODS, **ABLATIONS}.values():
-        AlgoConfig.preset(preset)  # every row names a real preset
+    for preset, _, overrides, unit in ALL.values():
+        AlgoConfig.preset(preset)  # every row names a real preset, a budget unit and real config keys
+        assert unit in UNITS and all(key.count(".") == 1 for key in overrides)
+    # each isolating run differs from AttnRL or TreeRL in one factor
+    assert ISOLATING["attnrl_on_policy"][:2] == ("attnrl", False)
+    assert ISOLATING["treerl_off_policy"][:2] == ("treerl", True)
+    assert ISOLATING["attnrl_equal_optimizer_steps"] == ("attnrl", True, {}, "optimizer_steps")
+    assert ISOLATING["atb_all_branched_equal_paths"] == ("treerl_atb", False, {}, "paths")
 
 
 def test_warm_start_seeds_config_overrides():

@@ -117,6 +117,24 @@ def test_a_run_stopped_by_its_token_budget_resumes_exactly(task_world, tmp_path)
     for r1, r2 in zip(_records(tmp_path / "straight")[1:], _records(split)[1:], strict=True):
         for key in ("accuracy", "num_paths", "update/loss", "update/grad_norm", "total_generated_tokens"):
             assert r1[key] == r2[key], key
+    records = _records(split)  # the other budgets' totals count across the resume
+    assert [r["total_paths"] for r in records] == list(np.cumsum([r["num_paths"] for r in records]))
+    steps = np.cumsum([r["update/optimizer_steps"] for r in records])
+    assert [r["total_optimizer_steps"] for r in records] == list(steps)
+
+
+def test_budget_spent_names_the_first_budget_reached():
+    from ml_collections import ConfigDict
+
+    from attnrl_jax.trainer import budget_spent
+
+    c = ConfigDict({"train": {"max_generated_tokens": 1000, "max_paths": 0, "max_optimizer_steps": 12}})
+    totals = {"generated_tokens": 999, "paths": 10**6, "optimizer_steps": 11}
+    assert budget_spent(c, totals) is None  # max_paths 0 is no limit
+    assert budget_spent(c, dict(totals, optimizer_steps=12)) == "12 of 12 optimizer steps"
+    assert budget_spent(c, dict(totals, generated_tokens=1500)) == "1,500 of 1,000 tokens sampled"
+    c.train.max_paths = 50
+    assert budget_spent(c, totals) == "1,000,000 of 50 training paths"
 
 
 def _cli(world, workdir, steps, extra=()):

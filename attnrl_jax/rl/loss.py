@@ -6,6 +6,10 @@ Per token, with r = exp(clamp(log pi - log pi_old, -20, 20)) and A the token's a
   l_kl = k3 = exp(d) - d - 1 with d = clamp(log pi_ref - log pi, -20, 20), clamped to [-10, 10]
   l    = l_pg + beta l_kl - entropy_coef H
 
+`objective="reinforce"` replaces l_pg by plain REINFORCE, -A log pi: no ratio, no clip (the same gradient as
+the clipped objective's at r = 1, i.e. on the first mini-batch of an on-policy step; a reference for what
+the clip and the ratio do to an update, benchmarks/RESULTS.md).
+
 Losses are returned unreduced as a (sum, denominator) pair, so that micro-batches combine into the exact
 token-mean of the whole batch (sum of sums over sum of token counts). "seq_mean_token_mean" averages
 tokens within each sequence first and counts sequences instead.
@@ -28,6 +32,7 @@ class LossConfig:
     kl_coef: beta of the k3 KL to the reference policy (0.001; 0: no reference needed).
     entropy_coef: weight of the entropy bonus (0).
     aggregation: "token_mean" or "seq_mean_token_mean".
+    objective: "ppo_clip" (the loss above) or "reinforce" (-A log pi, no ratio and no clip).
     temperature: the sampling temperature; the update divides its logits by it, so that the ratio compares
       the policy with the behaviour log-probs the sampler computed at that temperature (1.0 in the paper).
     """
@@ -39,12 +44,15 @@ class LossConfig:
     entropy_coef: float = 0.0
     aggregation: str = "token_mean"
     temperature: float = 1.0
+    objective: str = "ppo_clip"
 
     def __post_init__(self):
         if self.aggregation not in ("token_mean", "seq_mean_token_mean"):
             raise ValueError(
                 f"loss.aggregation must be token_mean or seq_mean_token_mean, got {self.aggregation!r}"
             )
+        if self.objective not in ("ppo_clip", "reinforce"):
+            raise ValueError(f"loss.objective must be ppo_clip or reinforce, got {self.objective!r}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(
                 f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}"
@@ -60,7 +68,10 @@ class LossConfig:
 def policy_loss_terms(
     logp: Array, old_logp: Array, advantages: Array, cfg: LossConfig
 ) -> tuple[Array, Array]:
-    """Per-token clipped policy loss and a 0/1 "clipped" indicator (the clipped branch is active)."""
+    """Per-token clipped policy loss and a 0/1 "clipped" indicator (the clipped branch is active); for the
+    "reinforce" objective -A log pi and no clipping."""
+    if cfg.objective == "reinforce":
+        return -advantages * logp, jnp.zeros_like(logp)
     ratio = jnp.exp(jnp.clip(logp - old_logp, -20.0, 20.0))
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)

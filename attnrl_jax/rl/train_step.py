@@ -221,7 +221,17 @@ def train_step(
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     tokens = jnp.maximum(msum["tokens"], 1.0)
     metrics = {k: v / tokens for k, v in msum.items() if k != "tokens"}
-    metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32), tokens=msum["tokens"])
+    # The step's size relative to the parameters, |delta theta| / |theta|: Adam moves every parameter by
+    # about the learning rate whatever the gradient's scale, so this, not the gradient norm, says how far
+    # one update moves the policy (and compares a learning rate across model sizes).
+    relative = optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-12)
+    metrics.update(
+        loss=loss,
+        grad_norm=grad_norm,
+        relative_update=jnp.where(finite, relative, 0.0),
+        finite=finite.astype(jnp.float32),
+        tokens=msum["tokens"],
+    )
     return new, metrics
 
 

@@ -1,24 +1,34 @@
-"""AttnRL against GRPO, TreeRL-style entropy branching, random branching and the paper's Table 2 ablations on
-a built-in task, at an equal sampling budget, over several seeds:
-`python -m benchmarks.task_comparison --task program [--seeds 0 1 2 3 4] [--ablation-seeds 0 1 2]`.
+"""AttnRL against GRPO, TreeRL-style entropy branching and random branching on a built-in task, at an equal
+budget over several seeds, with the runs that isolate why one method beats another:
+`python -m benchmarks.task_comparison --task program --workers 2`.
 
 One shared preparation (data, tokenizer, warm start and its evaluation; configs/task.py for `--task arith`,
 configs/program.py for `--task program`), then for each method and seed an RL run from the same warm start
-that stops once it has sampled `--budget` tokens, and the held-out evaluation of its policy at
-`--heldout-marks` fractions of the budget (default 25/50/75%: the run stops at each mark, is evaluated and
-resumes exactly) and at the end. The main methods
-(attnrl, grpo, treerl, random_branching) run `--seeds`; the ablation rows (Table 2: ATB with every response
-branched, i.e. treerl_atb, against random branching; AttnRL without difficulty-aware expansion, without the
-attention filter, without the adaptive batch) run `--ablation-seeds`. Prints, per run, the held-out
-accuracy (avg@k) before and after, the steps, tokens and minutes used; per method, the mean gain with a 95%
-interval (Student's t over seeds); held-out accuracy at each mark with its tokens and minutes; and training
-accuracy at equal fractions of the token budget and of the wall-clock. Writes <workdir>/comparison.json and
-comparison.png (held-out and training accuracy against generated tokens and against wall-clock) and the
+that stops at its budget, and the held-out evaluation of its policy at `--heldout-marks` fractions of the
+budget (default 50%: the run stops at the mark, is evaluated and resumes exactly) and at the end.
+
+* The main methods (attnrl, grpo, treerl, random_branching) run `--seeds` (0-4) to `--budget` generated
+  tokens (480,000 on the program task).
+* The isolating runs run `--ablation-seeds` (0-2), each changing one factor: AttnRL on-policy (two sampler
+  rounds, as TreeRL); TreeRL one-step off-policy (AttnRL's pipeline); AttnRL with every response branched
+  (no difficulty-aware expansion) and without the FCI filter; ATB's branch steps with every response
+  branched (TreeRL's tree with AttnRL's criterion) at `--paths-budget` training paths, TreeRL's paths at the
+  token budget, so the branching criteria compare at equal paths; AttnRL at `--steps-budget` optimizer
+  steps, TreeRL's (the paper's axis).
+* `--methods` also takes further Table 2 rows (atb_all_branched at equal tokens, attnrl_fixed_batch).
+
+Prints, per run, the held-out accuracy (avg@k) before and after with the steps, optimizer steps, paths,
+tokens and minutes used; per method, the mean gain with a 95% interval (Student's t over seeds); what the
+budget bought; the update's readings (|dtheta|/|theta|, gradient norm, KL, clip fraction, ratio); seconds per
+step and per generated token (one core each: the paper's Table 3 efficiency, one-step off-policy against two
+rounds); held-out accuracy at each mark with its tokens, optimizer steps and minutes; and training accuracy
+at fractions of the tokens and of the wall-clock. Writes <workdir>/comparison.json and comparison.png
+(held-out and training accuracy against generated tokens, optimizer steps and wall-clock) and the
 machine-readable `--output` (benchmarks/results/task_comparison.json: small, commit it) with the curves
-beside it (.png). Runs resume: a finished run is not repeated. `--workers 2` runs two at a time, each on
-one core (the program task's 32 runs, without marks, took 66 minutes so on a 2-core CPU). A run's
-wall-clock is the sum of its steps' times (evaluations excluded); each resumed stage compiles again in its
-first step, which adds to it.
+beside it (.png). Runs resume: a finished run is not repeated. `--workers 2` runs two at a time, each
+pinned to one core; every run shares one persistent XLA compilation cache (<workdir>/xla_cache). A run's
+wall-clock is the sum of its steps' times (evaluations excluded); a resumed stage's first step loads its
+programs from the cache. `--set KEY=VALUE` and `--lr` change every run (e.g. loss.objective=reinforce).
 """
 
 from __future__ import annotations
@@ -108,16 +118,16 @@ def main() -> None:
     parser.add_argument(
         "--paths-budget",
         type=int,
-        default=7_400,
-        help="training paths per run for the rows budgeted in paths (default: TreeRL's 7,190-7,660 at 480k "
-        "tokens on the program task, benchmarks/RESULTS.md)",
+        default=7_200,
+        help="training paths per run for the rows budgeted in paths (default: TreeRL's and random "
+        "branching's at 480k tokens on the program task: 15 steps of 480 paths, 16 prompts x 6 x (1 + 4))",
     )
     parser.add_argument(
         "--steps-budget",
         type=int,
-        default=124,
-        help="optimizer steps per run for the rows budgeted in optimizer steps (default: TreeRL's 120-128 "
-        "at 480k tokens on the program task)",
+        default=120,
+        help="optimizer steps per run for the rows budgeted in optimizer steps (default: TreeRL's at 480k "
+        "tokens on the program task: 15 steps of 8 mini-batches of at most 64 rows)",
     )
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument(

@@ -214,6 +214,21 @@ def test_comparison_heldout_curve_means_the_seeds_at_each_mark():
     assert _mean_curve(runs, [0.25])[0]["seeds"] == 0
 
 
+def test_comparison_totals_count_paths_and_optimizer_steps_for_older_records():
+    """A run's running totals per step: read from the records that have them, summed from the per-step
+    counts where a run's records predate them (a mark in paths or optimizer steps needs both)."""
+    from benchmarks.task_comparison import _totals
+
+    old = [
+        {"total_generated_tokens": 100, "num_paths": 40, "update/optimizer_steps": 1.0},
+        {"total_generated_tokens": 250, "num_paths": 70, "update/optimizer_steps": 2.0},
+    ]
+    new = [dict(r, total_paths=p, total_optimizer_steps=o) for r, p, o in zip(old, (5, 9), (3, 4))]
+    assert [(t["total_paths"], t["total_optimizer_steps"]) for t in _totals(old)] == [(40, 1.0), (110, 3.0)]
+    assert [(t["total_paths"], t["total_optimizer_steps"]) for t in _totals(new)] == [(5, 3), (9, 4)]
+    assert [t["total_generated_tokens"] for t in _totals(old)] == [100, 250]
+
+
 def test_comparison_interval_and_methods():
     from benchmarks.task_comparison import ALL, ISOLATING, METHODS, UNITS, interval
 

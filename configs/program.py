@@ -38,7 +38,7 @@ def get_config(variant: str = "") -> ConfigDict:
         # RL at 1e-4 rather than the arithmetic task's 3e-4: from the batch-32 warm start (82.6% held-out
         # avg@4) every method lost held-out accuracy in 160k tokens at 3e-4 (AttnRL -11.6/-12.7, GRPO
         # -4.6/-6.9, TreeRL -19.1, random branching -6.5), and held it at 1e-4 (benchmarks/RESULTS.md,
-        # "From the shipped batch-32 warm start").
+        # "From the earlier batch-32 warm start"; why: "Why 3e-4 broke every method", Adam's step size).
         c.optim.lr = 1e-4
     c.data.max_prompt_len = 64  # the longest prompt (10 statements) has 58 tokens
     # Responses of 8-10 steps of 11 tokens, then "</think>", the boxed answer and the end token.

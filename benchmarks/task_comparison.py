@@ -317,10 +317,10 @@ def _print_tables(runs, summary, args, before, k) -> None:
             f"{np.mean([r['optimizer_steps'] for r in rs]):.1f} |"
         )
     print(
-        "\nThe update (mean over seeds of each run's mean over its optimizer steps; |dtheta|/|theta| is the "
-        "step's size relative to the parameters; KL: k3 to the warm start, the run's last quarter):"
+        "\nThe update (mean over seeds of each run's mean over its optimizer steps; step size: |dtheta| / "
+        "|theta|, relative to the parameters; KL: k3 to the warm start, the run's last quarter):"
     )
-    print("| method | lr | |dtheta|/|theta| | grad norm | KL (last quarter) | clip fraction | ratio |")
+    print("| method | lr | step size | grad norm | KL (last quarter) | clip fraction | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for method, m in summary.items():
         u = m["update"]
